@@ -1,0 +1,148 @@
+"""The ``dmr`` command line: ``families``, ``inspect``, ``profile``.
+
+Every subcommand takes ``--json`` for machine-readable output. Errors of the library are printed
+as one line (``error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ._version import __version__
+from .errors import DmrError, MissingDependencyError
+
+__all__ = ["main"]
+
+
+def _need_transformers() -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise MissingDependencyError(
+            "this command needs transformers; install the extra: pip install 'dynamic-moe-router-kit[hf]'"
+        ) from err
+
+
+def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
+    print(json.dumps(payload, indent=2) if args.json else text)
+
+
+def cmd_families(args: argparse.Namespace) -> int:
+    from .hf.families import FAMILIES, MIN_TRANSFORMERS
+
+    rows = [
+        {
+            "family": spec.model_type,
+            "blocks": list(spec.block_classes),
+            "router": spec.router_attr,
+            "scoring": spec.notes,
+            "policy_distribution": spec.scorer.distribution,
+            "weights": spec.renorm_doc(),
+            "shared_experts": list(spec.shared_experts),
+            "experts_layout": "gpt_oss (transposed, interleaved, biases)" if spec.layout.has_bias else "standard",
+        }
+        for spec in FAMILIES.values()
+    ]
+    rows.sort(key=lambda r: r["family"])
+    width = max(len(r["family"]) for r in rows)
+    text = [f"supported families (transformers >= {MIN_TRANSFORMERS}):"]
+    text += [f"  {r['family']:<{width}}  {r['scoring']}; weights {r['weights']}" for r in rows]
+    _emit(args, {"min_transformers": MIN_TRANSFORMERS, "families": rows}, "\n".join(text))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    _need_transformers()
+    from .hf.inspect import inspect_model, load_model_skeleton
+
+    info = inspect_model(load_model_skeleton(args.model))
+    lines = [
+        f"{info['model_class']} ({info['family']}): {info['moe_layers']} MoE layers",
+        f"  scoring: {info['scoring']}",
+        f"  policies read: {info['policy_distribution']}",
+        f"  weights: {info['weights']}",
+        f"  {'layer':>5} {'E':>5} {'k':>3} {'H':>6} {'I':>6}  shared experts",
+    ]
+    for row in info["layers"]:
+        shared = ", ".join(row["shared_experts"]) or "-"
+        lines.append(
+            f"  {row['layer']:>5} {row['num_experts']:>5} {row['native_k']:>3} {row['hidden_size']:>6} "
+            f"{row['expert_intermediate_size']:>6}  {shared}"
+        )
+    _emit(args, info, "\n".join(lines))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    _need_transformers()
+    import torch
+
+    from .hf.patch import patch
+    from .policies import parse_policy
+    from .profiling import profile
+
+    policy = parse_policy(args.policy)
+    if args.model.startswith("tiny:"):
+        from .hf.tiny import tiny_model
+
+        model = tiny_model(args.model.split(":", 1)[1])
+    else:
+        from .hf.inspect import load_model_skeleton
+        from transformers import AutoModelForCausalLM
+
+        load_model_skeleton(args.model)  # typed errors for non-checkpoints and unsupported families
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(args.seed)
+    vocab = model.config.vocab_size
+    input_ids = torch.randint(3, vocab, (args.batch, args.tokens), generator=gen)
+    patch(model, policy, backend=args.backend)
+    with torch.no_grad(), profile(model) as report:
+        model(input_ids)
+    _emit(args, report.to_dict(), report.summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dmr", description="Dynamic per-token expert routing for MoE models.")
+    parser.add_argument("--version", action="version", version=f"dmr {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("families", help="list the supported MoE families")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_families)
+
+    p = sub.add_parser("inspect", help="show the MoE layers of a checkpoint directory or tiny:FAMILY")
+    p.add_argument("model", help="a transformers checkpoint directory, or tiny:FAMILY (e.g. tiny:mixtral)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("profile", help="patch a model, run random tokens through it and print the FLOP table")
+    p.add_argument("model", help="a transformers checkpoint directory, or tiny:FAMILY")
+    p.add_argument(
+        "--policy", default="top_p:p=0.5", help="policy JSON file or NAME:key=value,... (default: top_p:p=0.5)"
+    )
+    p.add_argument("--tokens", type=int, default=64, help="sequence length (default 64)")
+    p.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    p.add_argument("--backend", default="auto", choices=["auto", "loop", "grouped", "cuda"])
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_profile)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dmr`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except DmrError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""One typed error hierarchy for the whole library.
+
+Every error names the problem and the fix. Errors about values the user passed are also
+``ValueError`` subclasses, errors about models are ``TypeError`` or ``RuntimeError`` subclasses,
+so ``except ValueError`` keeps working for callers that do not import this module.
+
+Example:
+    >>> import dynamic_moe_router as dmr
+    >>> try:
+    ...     dmr.TopP(p=1.5)
+    ... except dmr.PolicyError as err:
+    ...     print(err.field)
+    p
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyPatchedError",
+    "BackendUnavailableError",
+    "DmrError",
+    "MissingDependencyError",
+    "NoMoELayersError",
+    "NonFiniteRouterScoresError",
+    "NotPatchedError",
+    "PolicyError",
+    "PolicyFileError",
+    "RoutingInputError",
+    "UnsupportedModelError",
+]
+
+
+class DmrError(Exception):
+    """Base class of every error raised by dynamic-moe-router-kit."""
+
+
+class PolicyError(DmrError, ValueError):
+    """A policy parameter is invalid, or does not fit the layer it is applied to.
+
+    Attributes:
+        field: the name of the offending field (``"p"``, ``"max_k"``, ...).
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class PolicyFileError(DmrError, ValueError):
+    """A policy file is malformed, of an unknown type, or of an unknown version."""
+
+
+class RoutingInputError(DmrError, ValueError):
+    """``route()`` or an experts forward received tensors of the wrong shape, dtype or range."""
+
+
+class NonFiniteRouterScoresError(DmrError, ValueError):
+    """The router produced NaN or infinite scores for some tokens.
+
+    Attributes:
+        layer: the MoE layer index (``None`` outside a patched model).
+        bad_tokens: how many tokens had a non-finite score.
+    """
+
+    def __init__(self, message: str, *, layer: int | None = None, bad_tokens: int = 0) -> None:
+        super().__init__(message)
+        self.layer = layer
+        self.bad_tokens = bad_tokens
+
+
+class UnsupportedModelError(DmrError, TypeError):
+    """The model's family is not supported (the message lists the supported families)."""
+
+
+class NoMoELayersError(UnsupportedModelError):
+    """The model belongs to a supported family but has no MoE layer to patch."""
+
+
+class AlreadyPatchedError(DmrError, RuntimeError):
+    """``patch()`` was called on a model that is already patched."""
+
+
+class NotPatchedError(DmrError, RuntimeError):
+    """``unpatch()`` was called on a model that is not patched."""
+
+
+class BackendUnavailableError(DmrError, RuntimeError):
+    """An explicitly requested experts backend cannot run on this device, dtype or torch build."""
+
+
+class MissingDependencyError(DmrError, ImportError):
+    """An optional dependency is missing; the message names the extra to install."""

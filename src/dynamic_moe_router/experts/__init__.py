@@ -1,0 +1,23 @@
+"""Experts forwards that compute only the kept (token, expert) pairs."""
+
+from ._forward import (
+    BACKENDS,
+    GPT_OSS,
+    STANDARD,
+    ExpertsCounter,
+    ExpertsLayout,
+    choose_cpu_backend,
+    experts_forward,
+    resolve_backend,
+)
+
+__all__ = [
+    "BACKENDS",
+    "GPT_OSS",
+    "STANDARD",
+    "ExpertsCounter",
+    "ExpertsLayout",
+    "choose_cpu_backend",
+    "experts_forward",
+    "resolve_backend",
+]

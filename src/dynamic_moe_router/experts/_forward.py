@@ -1,0 +1,310 @@
+"""An experts forward whose cost follows the kept (token, expert) pairs.
+
+It consumes the routing contract (``ids (T, k_max)`` with sentinel ``E``, ``weights (T, k_max)``)
+and the fused 3-D expert weights of a transformers experts module:
+
+* standard layout: ``gate_up_proj (E, 2I, H)``, ``down_proj (E, H, I)``, ``act_fn(gate) * up``
+  with ``gate, up = chunk(2)`` (mixtral, olmoe, qwen, deepseek, granitemoe, phimoe);
+* gpt_oss layout: ``gate_up_proj (E, H, 2I)`` with gate/up interleaved, biases, and the clamped
+  SwiGLU ``(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)`` with ``g = clamp(gate, max=l)``.
+
+Backends:
+
+* ``"loop"``: one pair of GEMMs per active expert, only over that expert's kept rows. Any device;
+  it reads the per-expert counts on the host.
+* ``"grouped"``: compacts the kept pairs, then ``torch.nn.functional.grouped_mm`` over them
+  (two grouped GEMMs for all experts). Host sync for the number of kept pairs.
+* ``"cuda"``: sync-free grouped GEMM with device-side offsets over a fixed ``T * k_max`` buffer
+  whose sentinel tail the GEMMs skip (CUDA, bf16, SM80+). No host synchronisation.
+* ``"auto"``: ``"cuda"`` on a capable GPU, else the faster of ``"loop"`` and ``"grouped"`` for the
+  shape on CPU (see :func:`choose_cpu_backend`); falls back to ``"loop"`` when grouped GEMM cannot
+  run. An explicitly requested backend that cannot run raises ``BackendUnavailableError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BackendUnavailableError, RoutingInputError
+
+__all__ = [
+    "BACKENDS",
+    "ExpertsCounter",
+    "ExpertsLayout",
+    "choose_cpu_backend",
+    "experts_forward",
+    "resolve_backend",
+]
+
+Backend = Literal["auto", "loop", "grouped", "cuda"]
+BACKENDS: tuple[str, ...] = ("auto", "loop", "grouped", "cuda")
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """How an experts module stores its weights and which activation it applies."""
+
+    transposed: bool = False  # gate_up_proj (E, H, 2I) and down_proj (E, I, H)
+    interleaved: bool = False  # gate and up interleaved along 2I (gate = [..., ::2])
+    has_bias: bool = False  # gate_up_proj_bias (E, 2I), down_proj_bias (E, H)
+    activation: Literal["act_fn", "gpt_oss"] = "act_fn"
+
+
+STANDARD = ExpertsLayout()
+GPT_OSS = ExpertsLayout(transposed=True, interleaved=True, has_bias=True, activation="gpt_oss")
+
+
+@dataclass
+class ExpertsCounter:
+    """Counts the (token, expert) rows actually fed to the expert GEMMs.
+
+    ``executed_pairs`` is exact: it is summed from the row counts of the GEMM inputs. On the
+    sync-free CUDA backend it is accumulated as a device tensor and read on access.
+    """
+
+    calls: int = 0
+    _host: int = 0
+    _device: torch.Tensor | None = field(default=None, repr=False)
+
+    def add(self, n: int | torch.Tensor) -> None:
+        if isinstance(n, torch.Tensor):
+            self._device = n.detach().to(torch.long) if self._device is None else self._device + n.detach()
+        else:
+            self._host += int(n)
+
+    @property
+    def executed_pairs(self) -> int:
+        return self._host + (int(self._device) if self._device is not None else 0)
+
+    def reset(self) -> None:
+        self.calls, self._host, self._device = 0, 0, None
+
+
+# -- weight access ---------------------------------------------------------------------------------
+def _dims(module: torch.nn.Module, layout: ExpertsLayout) -> tuple[int, int, int]:
+    """``(E, H, I)`` of an experts module."""
+    e, a, b = module.gate_up_proj.shape
+    return (e, a, b // 2) if layout.transposed else (e, b, a // 2)
+
+
+def _w1(module: torch.nn.Module, layout: ExpertsLayout) -> torch.Tensor:  # (E, H, 2I) for x @ w
+    w = module.gate_up_proj
+    return w if layout.transposed else w.transpose(1, 2)
+
+
+def _w2(module: torch.nn.Module, layout: ExpertsLayout) -> torch.Tensor:  # (E, I, H) for a @ w
+    w = module.down_proj
+    return w if layout.transposed else w.transpose(1, 2)
+
+
+def _activate(module: torch.nn.Module, h: torch.Tensor, layout: ExpertsLayout) -> torch.Tensor:
+    if layout.interleaved:
+        gate, up = h[..., ::2], h[..., 1::2]
+    else:
+        gate, up = h.chunk(2, dim=-1)
+    if layout.activation == "gpt_oss":
+        limit, alpha = module.limit, module.alpha
+        gate = gate.clamp(min=None, max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    return module.act_fn(gate) * up
+
+
+def _expert_mlp(module: torch.nn.Module, e: int, x: torch.Tensor, layout: ExpertsLayout) -> torch.Tensor:
+    """One expert on its rows ``x (n, H) -> (n, H)``, with the same ops as transformers' eager path."""
+    if layout.transposed:
+        h = x @ module.gate_up_proj[e]
+    else:
+        h = F.linear(x, module.gate_up_proj[e])
+    if layout.has_bias:
+        h = h + module.gate_up_proj_bias[e]
+    a = _activate(module, h, layout)
+    y = a @ module.down_proj[e] if layout.transposed else F.linear(a, module.down_proj[e])
+    if layout.has_bias:
+        y = y + module.down_proj_bias[e]
+    return y
+
+
+# -- backends --------------------------------------------------------------------------------------
+def _kept_pairs_sorted(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions of the kept pairs sorted by expert, and their experts (host-synced sizes)."""
+    flat = ids.reshape(-1)  # (T*k_max,)
+    pos = torch.nonzero(flat < num_experts).squeeze(1)  # (P,)
+    experts = flat[pos]
+    order = torch.argsort(experts, stable=True)
+    return pos[order], experts[order]
+
+
+def _loop(module, hidden, ids, weights, layout, counter):  # type: ignore[no-untyped-def]
+    num_experts = _dims(module, layout)[0]
+    k_max = ids.shape[1]
+    out = torch.zeros_like(hidden)
+    pos, experts = _kept_pairs_sorted(ids, num_experts)
+    if pos.numel() == 0:
+        return out
+    per_expert = torch.bincount(experts, minlength=num_experts).tolist()
+    tokens = pos // k_max
+    w = weights.reshape(-1)[pos]
+    start = 0
+    for e, n in enumerate(per_expert):
+        if n == 0:
+            continue
+        tok = tokens[start : start + n]
+        y = _expert_mlp(module, e, hidden[tok], layout)
+        y = y * w[start : start + n, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+        if counter is not None:
+            counter.add(n)
+        start += n
+    return out
+
+
+def _grouped_gemms(module, x, experts, offs, layout):  # type: ignore[no-untyped-def]
+    h = F.grouped_mm(x, _w1(module, layout), offs=offs)  # (N, 2I)
+    if layout.has_bias:
+        h = h + module.gate_up_proj_bias[experts]
+    a = _activate(module, h, layout)
+    y = F.grouped_mm(a, _w2(module, layout), offs=offs)  # (N, H)
+    if layout.has_bias:
+        y = y + module.down_proj_bias[experts]
+    return y
+
+
+def _grouped(module, hidden, ids, weights, layout, counter):  # type: ignore[no-untyped-def]
+    num_experts = _dims(module, layout)[0]
+    k_max = ids.shape[1]
+    out = torch.zeros_like(hidden)
+    pos, experts = _kept_pairs_sorted(ids, num_experts)
+    n = pos.numel()
+    if n == 0:
+        return out
+    offs = torch.cumsum(torch.bincount(experts, minlength=num_experts), 0).to(torch.int32)
+    tokens = pos // k_max
+    y = _grouped_gemms(module, hidden[tokens], experts, offs, layout)
+    y = y * weights.reshape(-1)[pos, None]
+    out.index_add_(0, tokens, y.to(out.dtype))
+    if counter is not None:
+        counter.add(n)
+    return out
+
+
+def _cuda(module, hidden, ids, weights, layout, counter):  # type: ignore[no-untyped-def]
+    num_experts = _dims(module, layout)[0]
+    k_max = ids.shape[1]
+    out = torch.zeros_like(hidden)
+    flat = ids.reshape(-1)  # (N,) N = T * k_max
+    if flat.numel() == 0:
+        return out
+    order = torch.argsort(flat, stable=True)  # sentinels (== E) sort to the tail
+    experts = flat[order]
+    bounds = torch.arange(num_experts, device=flat.device, dtype=experts.dtype)
+    offs = torch.searchsorted(experts, bounds, right=True).to(torch.int32)  # (E,) device-side, no sync
+    tokens = order // k_max
+    safe_experts = experts.clamp(max=num_experts - 1)
+    y = _grouped_gemms(module, hidden[tokens], safe_experts, offs, layout)
+    valid = (experts < num_experts).unsqueeze(1)
+    w = weights.reshape(-1)[order].unsqueeze(1)
+    y = torch.where(valid, y * w, torch.zeros((), dtype=y.dtype, device=y.device))  # tail rows are garbage
+    out.index_add_(0, tokens, y.to(out.dtype))
+    if counter is not None:
+        counter.add(offs[-1])
+    return out
+
+
+_IMPLS = {"loop": _loop, "grouped": _grouped, "cuda": _cuda}
+
+
+def _grouped_mm_can_run(module: torch.nn.Module, hidden: torch.Tensor, layout: ExpertsLayout) -> str | None:
+    """``None`` if grouped GEMM can run on these tensors, else the reason it cannot."""
+    if not hasattr(F, "grouped_mm"):
+        return f"torch {torch.__version__} has no torch.nn.functional.grouped_mm (needs torch >= 2.10)"
+    dtypes = (torch.bfloat16,) if hidden.is_cuda else (torch.float32, torch.bfloat16)
+    if hidden.dtype not in dtypes or module.gate_up_proj.dtype != hidden.dtype:
+        names = ", ".join(str(d) for d in dtypes)
+        return f"grouped_mm on {hidden.device.type} supports {names}; got {hidden.dtype}"
+    size = hidden.element_size()
+    e, h, i = _dims(module, layout)
+    if (h * size) % 16 or (2 * i * size) % 16 or (i * size) % 16:
+        return f"grouped_mm needs 16-byte aligned rows; H={h}, I={i} in {hidden.dtype} are not"
+    if hidden.is_cuda and torch.cuda.get_device_capability(hidden.device) < (8, 0):
+        return "grouped_mm on CUDA needs compute capability >= 8.0"
+    return None
+
+
+def choose_cpu_backend(num_pairs: int, num_experts: int, intermediate: int) -> str:
+    """The faster CPU backend for a layer shape.
+
+    ``benchmarks/bench_cpu_experts.py`` times both CPU backends at every shape it runs and records
+    which won (see BENCHMARKS.md). On the 2-core CI machine grouped GEMM won or tied at every shape
+    measured (fp32 and bf16, 1 to 4096 tokens, E from 8 to 128), so it is chosen whenever it can
+    run; the loop remains the fallback for shapes grouped GEMM cannot take (unaligned sizes, fp16).
+    The arguments are kept so a machine-specific rule can use them.
+    """
+    del num_pairs, num_experts, intermediate
+    return "grouped"
+
+
+def resolve_backend(
+    backend: str, module: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, layout: ExpertsLayout
+) -> str:
+    """The concrete backend to run; raises ``BackendUnavailableError`` for an impossible explicit one."""
+    if backend not in BACKENDS:
+        raise BackendUnavailableError(f"unknown experts backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "loop":
+        return backend
+    reason = _grouped_mm_can_run(module, hidden, layout)
+    if backend == "cuda" and not hidden.is_cuda:
+        reason = f"the 'cuda' backend needs CUDA tensors; got {hidden.device}"
+    if backend in ("grouped", "cuda"):
+        if reason is not None:
+            raise BackendUnavailableError(f"experts backend {backend!r} cannot run: {reason}; use 'auto' or 'loop'")
+        return backend
+    # auto
+    if reason is not None:
+        return "loop"
+    if hidden.is_cuda:
+        return "cuda"
+    e, _, i = _dims(module, layout)
+    return choose_cpu_backend(ids.numel(), e, i)
+
+
+def experts_forward(
+    module: torch.nn.Module,
+    hidden: torch.Tensor,  # (T, H)
+    ids: torch.Tensor,  # (T, k_max) int, sentinel = E
+    weights: torch.Tensor,  # (T, k_max)
+    *,
+    layout: ExpertsLayout = STANDARD,
+    backend: str = "auto",
+    counter: ExpertsCounter | None = None,
+) -> torch.Tensor:  # (T, H)
+    """Compute the experts of ``module`` on the kept pairs only and combine them per token.
+
+    Example:
+        >>> import torch
+        >>> from transformers import MixtralConfig
+        >>> from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+        >>> from dynamic_moe_router.experts import ExpertsCounter, experts_forward
+        >>> cfg = MixtralConfig(hidden_size=16, intermediate_size=32, num_local_experts=4)
+        >>> experts = MixtralExperts(cfg)
+        >>> _ = torch.nn.init.normal_(experts.gate_up_proj); _ = torch.nn.init.normal_(experts.down_proj)
+        >>> ids = torch.tensor([[0, 2], [1, 4], [4, 4]])  # 4 = sentinel: 3 kept pairs
+        >>> w = torch.tensor([[0.6, 0.4], [1.0, 0.0], [0.0, 0.0]])
+        >>> counter = ExpertsCounter()
+        >>> out = experts_forward(experts, torch.randn(3, 16), ids, w, counter=counter)
+        >>> out.shape, counter.executed_pairs, bool(out[2].abs().sum() == 0)
+        (torch.Size([3, 16]), 3, True)
+    """
+    if hidden.dim() != 2 or ids.dim() != 2 or ids.shape[0] != hidden.shape[0] or weights.shape != ids.shape:
+        raise RoutingInputError(
+            f"experts_forward expects hidden (T, H), ids (T, k) and weights (T, k); got "
+            f"{tuple(hidden.shape)}, {tuple(ids.shape)}, {tuple(weights.shape)}"
+        )
+    chosen = resolve_backend(backend, module, hidden, ids, layout)
+    if counter is not None:
+        counter.calls += 1
+    return _IMPLS[chosen](module, hidden, ids, weights, layout, counter)

@@ -1,0 +1,119 @@
+"""The registry of supported transformers MoE families: plain data, one record per family.
+
+A record says where the router and experts live in the family's MoE block, how the router scores
+(a key into :data:`~dynamic_moe_router.hf.scoring.SCORERS`), whether the family renormalises the
+kept weights, in which dtype it returns them, how its expert weights are laid out, and which
+modules are shared experts (run on every token, never routed).
+
+Example:
+    >>> import dynamic_moe_router as dmr
+    >>> dmr.supported_families()
+    ('deepseek_v3', 'gpt_oss', 'granitemoe', 'mixtral', 'olmoe', 'phimoe', 'qwen2_moe', 'qwen3_moe')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..experts import GPT_OSS, STANDARD, ExpertsLayout
+from .scoring import SCORERS
+
+__all__ = ["FAMILIES", "MIN_TRANSFORMERS", "FamilySpec", "get_family", "supported_families"]
+
+#: Oldest transformers release the registry was checked against (fused 3-D experts, v5 routers).
+MIN_TRANSFORMERS = "5.17.0"
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Facts about one transformers MoE family (see the module docstring)."""
+
+    model_type: str
+    block_classes: tuple[str, ...]
+    router_attr: str
+    scoring: str
+    #: "always": renormalise kept weights; "config": if ``router.norm_topk_prob``; "never"
+    renorm: Literal["always", "config", "never"]
+    #: dtype of the returned weights: fp32 as computed, the logits' dtype, or the hidden states'
+    weights_dtype: Literal["fp32", "logits", "hidden"]
+    #: "model": linear in the model dtype; "cast_fp32": then cast to fp32; "fp32_inputs": in fp32
+    logits_dtype: Literal["model", "cast_fp32", "fp32_inputs"]
+    layout: ExpertsLayout = STANDARD
+    experts_attr: str = "experts"
+    shared_experts: tuple[str, ...] = ()
+    #: the family's real k when it ignores ``num_experts_per_tok`` (phimoe's sparsemixer is top-2)
+    native_k_override: int | None = None
+    #: a router with this attribute set while training uses randomness we do not reproduce
+    training_unsupported: bool = False
+    notes: str = ""
+
+    @property
+    def scorer(self):  # type: ignore[no-untyped-def]
+        return SCORERS[self.scoring]
+
+    def renorm_doc(self) -> str:
+        if self.scoring == "topk_softmax":
+            return "softmax over the kept logits (= renormalised)"
+        return {"always": "renormalised", "config": "renormalised if norm_topk_prob", "never": "raw"}[self.renorm]
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    spec.model_type: spec
+    for spec in (
+        FamilySpec(
+            "mixtral", ("MixtralSparseMoeBlock",), "gate", "softmax", "always", "fp32", "model",
+            notes="softmax -> top-k -> renormalise",
+        ),
+        FamilySpec(
+            "olmoe", ("OlmoeSparseMoeBlock",), "gate", "softmax", "config", "logits", "model",
+            notes="softmax -> top-k; norm_topk_prob (default False)",
+        ),
+        FamilySpec(
+            "qwen2_moe", ("Qwen2MoeSparseMoeBlock",), "gate", "softmax", "config", "logits", "model",
+            shared_experts=("shared_expert", "shared_expert_gate"),
+            notes="softmax -> top-k; sigmoid-gated shared expert",
+        ),
+        FamilySpec(
+            "qwen3_moe", ("Qwen3MoeSparseMoeBlock",), "gate", "softmax", "config", "logits", "model",
+            notes="softmax -> top-k; norm_topk_prob",
+        ),
+        FamilySpec(
+            "deepseek_v3", ("DeepseekV3MoE",), "gate", "sigmoid_group", "config", "fp32", "fp32_inputs",
+            shared_experts=("shared_experts",),
+            notes="sigmoid + selection bias, group-limited top-k, routed_scaling_factor, shared experts",
+        ),
+        FamilySpec(
+            "gpt_oss", ("GptOssMLP",), "router", "topk_softmax", "always", "logits", "model",
+            layout=GPT_OSS,
+            notes="top-k over logits (router bias) -> softmax; clamped SwiGLU with biases",
+        ),
+        FamilySpec(
+            "granitemoe", ("GraniteMoeMoE",), "router", "topk_softmax", "always", "hidden", "cast_fp32",
+            notes="top-k over logits -> softmax",
+        ),
+        FamilySpec(
+            "phimoe", ("PhimoeSparseMoeBlock",), "router", "sparsemixer", "never", "logits", "model",
+            native_k_override=2, training_unsupported=True,
+            notes="sparsemixer (always top-2 at inference)",
+        ),
+    )
+}  # fmt: skip
+
+
+def supported_families() -> tuple[str, ...]:
+    """The ``model_type`` names that :func:`dynamic_moe_router.patch` supports, sorted."""
+    return tuple(sorted(FAMILIES))
+
+
+def get_family(model_type: str) -> FamilySpec:
+    """The :class:`FamilySpec` of ``model_type``; raises ``UnsupportedModelError`` listing the families."""
+    from ..errors import UnsupportedModelError
+
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not a supported MoE family; supported: "
+            f"{', '.join(supported_families())}. Open an issue to request it."
+        ) from None

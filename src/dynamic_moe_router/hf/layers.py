@@ -1,0 +1,111 @@
+"""Finding the MoE layers of a transformers model and reading their facts from the modules."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import NoMoELayersError, UnsupportedModelError
+from .families import FamilySpec, get_family, supported_families
+
+__all__ = ["MoELayer", "find_moe_layers", "model_family", "unwrap"]
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """One MoE block of a model, with the facts read off its modules."""
+
+    index: int  # decoder layer index (model.layers[index])
+    name: str  # module path of the block
+    block: torch.nn.Module
+    router: torch.nn.Module
+    experts: torch.nn.Module
+    num_experts: int
+    native_k: int
+    hidden_size: int
+    intermediate_size: int
+    shared: tuple[torch.nn.Module, ...]
+
+    @property
+    def flops_per_pair(self) -> int:
+        """Matmul FLOPs of one (token, expert) pair: ``2*H*2I + 2*I*H = 6*H*I``."""
+        return 6 * self.hidden_size * self.intermediate_size
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module to patch: the original module under ``torch.compile``'s wrapper."""
+    return getattr(model, "_orig_mod", model)
+
+
+def model_family(model: torch.nn.Module) -> FamilySpec:
+    """The family record of ``model``; raises ``UnsupportedModelError`` for anything else."""
+    if not isinstance(model, torch.nn.Module):
+        raise UnsupportedModelError(
+            f"expected a transformers model (torch.nn.Module), got {type(model).__name__}; supported "
+            f"families: {', '.join(supported_families())}"
+        )
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no config.model_type, so its family is unknown; pass a transformers "
+            f"model of a supported family: {', '.join(supported_families())}"
+        )
+    return get_family(model_type)
+
+
+def _looks_like_moe(module: torch.nn.Module) -> bool:
+    experts = getattr(module, "experts", None)
+    w = getattr(experts, "gate_up_proj", None)
+    return isinstance(w, torch.Tensor) and w.dim() == 3
+
+
+def find_moe_layers(
+    model: torch.nn.Module, spec: FamilySpec | None = None
+) -> tuple[list[MoELayer], list[str]]:
+    """MoE layers of ``model`` in order, and the paths of MoE-like blocks the family record does not know.
+
+    Raises:
+        NoMoELayersError: when the model has no MoE block of its family.
+    """
+    model = unwrap(model)
+    spec = spec or model_family(model)
+    layers: list[MoELayer] = []
+    unknown: list[str] = []
+    for position, (name, module) in enumerate(model.named_modules()):
+        if type(module).__name__ not in spec.block_classes:
+            if _looks_like_moe(module):
+                unknown.append(name)
+            continue
+        router = getattr(module, spec.router_attr)
+        experts = getattr(module, spec.experts_attr)
+        num_experts, hidden = router.weight.shape
+        w1 = experts.gate_up_proj
+        inter = (w1.shape[2] if spec.layout.transposed else w1.shape[1]) // 2
+        native_k = spec.native_k_override or int(router.top_k)
+        match = _LAYER_RE.search(name)
+        shared = tuple(getattr(module, a) for a in spec.shared_experts if getattr(module, a, None) is not None)
+        layers.append(
+            MoELayer(
+                index=int(match.group(1)) if match else position,
+                name=name,
+                block=module,
+                router=router,
+                experts=experts,
+                num_experts=int(num_experts),
+                native_k=native_k,
+                hidden_size=int(hidden),
+                intermediate_size=int(inter),
+                shared=shared,
+            )
+        )
+    if not layers:
+        raise NoMoELayersError(
+            f"{type(model).__name__} ({spec.model_type}) has no {'/'.join(spec.block_classes)} block to patch "
+            f"(is num_experts 0, or are all layers dense?); nothing would change, so nothing was patched"
+        )
+    return layers, unknown

@@ -1,0 +1,344 @@
+"""``patch`` / ``unpatch`` / ``patched``: per-instance, atomic, reversible dynamic routing.
+
+Patching replaces the ``forward`` of each MoE block's *router instance* and *experts instance*
+(never a class), so:
+
+* the module tree, parameter names and ``state_dict`` are unchanged;
+* router forward hooks (``output_router_logits``, auxiliary losses) still see the router's logits;
+* accelerate's device hooks keep working: where a module carries one, its ``_old_forward`` is
+  replaced instead, so the hook still moves weights around our forward;
+* ``unpatch`` restores exactly the instance attributes that were there before.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import AlreadyPatchedError, NotPatchedError, PolicyError, UnsupportedModelError
+from ..experts import BACKENDS, ExpertsCounter, experts_forward, resolve_backend
+from ..policies import RoutingPolicy, StaticTopK
+from ..routing import _check_finite, finish, select
+from .families import FamilySpec
+from .layers import MoELayer, find_moe_layers, model_family, unwrap
+
+__all__ = ["PatchHandle", "PatchOptions", "get_patch", "patch", "patched", "unpatch"]
+
+_HANDLE_ATTR = "_dmr_patch_handle"
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    """Options of a patch (see :func:`patch`)."""
+
+    renormalize: bool | None = None
+    backend: str = "auto"
+    validate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.renormalize is not None and not isinstance(self.renormalize, bool):
+            raise PolicyError(f"renormalize must be None, True or False, got {self.renormalize!r}", field="renormalize")
+        if self.backend not in BACKENDS:
+            raise PolicyError(f"backend must be one of {BACKENDS}, got {self.backend!r}", field="backend")
+        if not isinstance(self.validate, bool):
+            raise PolicyError(f"validate must be True or False, got {self.validate!r}", field="validate")
+
+
+class DynamicRouter:
+    """Replacement router forward: the family's scoring, then the policy, then the family's weights."""
+
+    def __init__(self, layer: MoELayer, spec: FamilySpec, policy: RoutingPolicy, options: PatchOptions) -> None:
+        self.layer = layer
+        self.spec = spec
+        self.options = options
+        self.set_policy(policy)
+
+    def set_policy(self, policy: RoutingPolicy) -> None:
+        layer_policy = policy.for_layer(self.layer.index)
+        layer_policy.k_range(self.layer.native_k, self.layer.num_experts)  # raises PolicyError early
+        self.policy = policy
+
+    @property
+    def renormalize(self) -> bool:
+        if self.options.renormalize is not None:
+            return self.options.renormalize
+        if self.spec.renorm == "config":
+            return bool(getattr(self.layer.router, "norm_topk_prob", False))
+        return self.spec.renorm == "always"
+
+    def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+        layer, router = self.layer, self.layer.router
+        if self.spec.training_unsupported and router.training:
+            raise RuntimeError(
+                f"{self.spec.model_type} routing in training mode is stochastic and is not reproduced by "
+                "dynamic-moe-router-kit; call model.eval() before running a patched model"
+            )
+        h = hidden_states.reshape(-1, layer.hidden_size)  # (T, H)
+        sc = self.spec.scorer.scores(router, h, self.spec.logits_dtype)
+        if self.options.validate and h.shape[0]:
+            _check_finite("logits", sc.logits, layer.index, allow_neg_inf=False)
+        sel = select(
+            sc.select, self.policy, native_k=layer.native_k, probs=sc.probs, layer=layer.index, validate=False
+        )
+        weights = self.spec.scorer.weights(router, sc, sel, self.renormalize, h.dtype, self.spec.weights_dtype)
+        routing = finish(sel, weights)
+        return sc.logits, routing.weights, routing.ids
+
+
+class DynamicExperts:
+    """Replacement experts forward: computes the kept pairs only and counts them."""
+
+    def __init__(self, layer: MoELayer, spec: FamilySpec, options: PatchOptions) -> None:
+        self.layer = layer
+        self.layout = spec.layout
+        self.backend = options.backend
+        self.counter = ExpertsCounter()
+
+    def __call__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):  # type: ignore[no-untyped-def]
+        return experts_forward(
+            self.layer.experts,
+            hidden_states,
+            top_k_index,
+            top_k_weights,
+            layout=self.layout,
+            backend=self.backend,
+            counter=self.counter,
+        )
+
+
+def _forward_slot(module: torch.nn.Module) -> str:
+    """``_old_forward`` under an accelerate hook (the hook calls it), else ``forward``."""
+    return "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
+
+
+def _install(module: torch.nn.Module, fn: Any) -> tuple[str, Any]:
+    slot = _forward_slot(module)
+    saved = (slot, module.__dict__.get(slot, _MISSING))
+    setattr(module, slot, fn)
+    return saved
+
+
+def _restore(module: torch.nn.Module, saved: tuple[str, Any]) -> None:
+    slot, old = saved
+    if old is _MISSING:
+        module.__dict__.pop(slot, None)
+    else:
+        setattr(module, slot, old)
+
+
+class PatchHandle:
+    """What :func:`patch` returns: the patch's state, statistics and undo.
+
+    Attributes:
+        family: the model's ``model_type``.
+        layers: the patched :class:`~dynamic_moe_router.hf.layers.MoELayer` records.
+        skipped: paths of MoE-like blocks left unpatched (only with ``strict=False``).
+    """
+
+    def __init__(self, model, spec, layers, policy, options, skipped):  # type: ignore[no-untyped-def]
+        self._model = model
+        self.spec = spec
+        self.family = spec.model_type
+        self.layers: list[MoELayer] = layers
+        self.options: PatchOptions = options
+        self.skipped: list[str] = skipped
+        self.policy: RoutingPolicy = policy
+        self.routers = [DynamicRouter(layer, spec, policy, options) for layer in layers]
+        self.experts = [DynamicExperts(layer, spec, options) for layer in layers]
+        self._saved: list[tuple[torch.nn.Module, tuple[str, Any]]] = []
+        self.active = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _apply(self) -> None:
+        try:
+            for layer, router, experts in zip(self.layers, self.routers, self.experts):
+                self._saved.append((layer.router, _install(layer.router, router)))
+                self._saved.append((layer.experts, _install(layer.experts, experts)))
+            setattr(self._model, _HANDLE_ATTR, self)
+        except BaseException:
+            self._undo()
+            raise
+        self.active = True
+
+    def _undo(self) -> None:
+        while self._saved:
+            module, saved = self._saved.pop()
+            _restore(module, saved)
+        self._model.__dict__.pop(_HANDLE_ATTR, None)
+        self.active = False
+
+    def unpatch(self) -> None:
+        """Restore the model exactly as it was before :func:`patch`."""
+        if not self.active:
+            raise NotPatchedError("this patch was already undone; nothing to unpatch")
+        self._undo()
+
+    def set_policy(self, policy: RoutingPolicy) -> None:
+        """Switch every layer to ``policy``, validated first for all layers (all or nothing)."""
+        _validate_policy(policy, self.layers)
+        for router in self.routers:
+            router.set_policy(policy)
+        self.policy = policy
+
+    # -- statistics -----------------------------------------------------------------------------
+    def executed_pairs(self) -> int:
+        """(token, expert) pairs computed by the patched experts since patching (or the last reset)."""
+        return sum(e.counter.executed_pairs for e in self.experts)
+
+    def reset_counters(self) -> None:
+        for e in self.experts:
+            e.counter.reset()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "undone"
+        return (
+            f"PatchHandle(family={self.family!r}, layers={[layer.index for layer in self.layers]}, "
+            f"policy={self.policy!r}, {state})"
+        )
+
+
+def _validate_policy(policy: RoutingPolicy, layers: list[MoELayer]) -> None:
+    if not isinstance(policy, RoutingPolicy):
+        raise PolicyError(
+            f"policy must be a RoutingPolicy (e.g. dmr.TopP(p=0.6)), got {type(policy).__name__}", field="policy"
+        )
+    indices = [layer.index for layer in layers]
+    stray = sorted(set(policy.layers()) - set(indices))
+    if stray:
+        raise PolicyError(
+            f"per_layer overrides name layers {stray} that have no MoE block; the MoE layers are {indices}",
+            field="overrides",
+        )
+    for layer in layers:
+        try:
+            policy.for_layer(layer.index).k_range(layer.native_k, layer.num_experts)
+        except PolicyError as err:
+            raise PolicyError(f"MoE layer {layer.index} (E={layer.num_experts}, native k={layer.native_k}): {err}",
+                              field=err.field) from err
+
+
+def _check_backend(options: PatchOptions, layers: list[MoELayer], spec: FamilySpec) -> None:
+    if options.backend == "auto":
+        return
+    for layer in layers:
+        w = layer.experts.gate_up_proj
+        probe = torch.empty(0, layer.hidden_size, dtype=w.dtype, device=w.device)
+        ids = torch.empty(0, layer.native_k, dtype=torch.long, device=w.device)
+        resolve_backend(options.backend, layer.experts, probe, ids, spec.layout)
+
+
+def get_patch(model: torch.nn.Module) -> PatchHandle | None:
+    """The active :class:`PatchHandle` of ``model``, or ``None`` if it is not patched."""
+    return unwrap(model).__dict__.get(_HANDLE_ATTR)
+
+
+def patch(
+    model: torch.nn.Module,
+    policy: RoutingPolicy | None = None,
+    *,
+    strict: bool = True,
+    replace: bool = False,
+    renormalize: bool | None = None,
+    backend: str = "auto",
+    validate: bool = True,
+) -> PatchHandle:
+    """Give every MoE layer of ``model`` dynamic routing with ``policy`` (in place, per instance).
+
+    Args:
+        model: a transformers model of a supported family (see :func:`supported_families`).
+        policy: the routing policy; default ``StaticTopK()`` (the model's own routing).
+        strict: when True (default) every MoE-like block must be one the family record knows;
+            when False unknown blocks are left alone, listed in ``handle.skipped`` and warned about.
+        replace: allow patching an already patched model (its patch is undone first). Without it,
+            patching twice raises :class:`~dynamic_moe_router.AlreadyPatchedError`.
+        renormalize: override the family's weight rule: True renormalises the kept weights, False
+            keeps the raw probabilities; None (default) follows the family (see the families table).
+        backend: experts backend: ``"auto"``, ``"loop"``, ``"grouped"`` or ``"cuda"``.
+        validate: raise :class:`~dynamic_moe_router.NonFiniteRouterScoresError` when a router
+            produces NaN or infinite logits (costs a host sync per layer).
+
+    Returns:
+        A :class:`PatchHandle`; ``handle.unpatch()`` or :func:`unpatch` undoes the patch.
+
+    Raises:
+        UnsupportedModelError, NoMoELayersError, PolicyError, AlreadyPatchedError,
+        BackendUnavailableError. Nothing is changed when any of them is raised.
+
+    Example:
+        >>> import torch, dynamic_moe_router as dmr
+        >>> from dynamic_moe_router.hf.tiny import tiny_model
+        >>> model = tiny_model("mixtral")
+        >>> ids = torch.tensor([[5, 6, 7, 8]])
+        >>> before = model(ids).logits
+        >>> handle = dmr.patch(model, dmr.StaticTopK())
+        >>> torch.allclose(model(ids).logits, before, atol=1e-5)
+        True
+        >>> dmr.unpatch(model)
+    """
+    target = unwrap(model)
+    spec = model_family(target)
+    options = PatchOptions(renormalize=renormalize, backend=backend, validate=validate)
+    policy = StaticTopK() if policy is None else policy
+    existing = get_patch(target)
+    if existing is not None and not replace:
+        raise AlreadyPatchedError(
+            f"this {spec.model_type} model is already patched with {existing.policy!r}; call "
+            "dmr.unpatch(model) first, use handle.set_policy(policy), or pass replace=True"
+        )
+    layers, unknown = find_moe_layers(target, spec)
+    if unknown:
+        if strict:
+            raise UnsupportedModelError(
+                f"{spec.model_type}: MoE-like blocks {unknown} are not of the family's block classes "
+                f"{spec.block_classes}; nothing was patched. Pass strict=False to patch the known layers only."
+            )
+        warnings.warn(f"dynamic-moe-router: leaving unknown MoE-like blocks unpatched: {unknown}", stacklevel=2)
+    _validate_policy(policy, layers)
+    _check_backend(options, layers, spec)
+    handle = PatchHandle(target, spec, layers, policy, options, unknown)
+    if existing is not None:
+        existing.unpatch()
+    try:
+        handle._apply()
+    except BaseException:
+        if existing is not None:
+            existing._apply()
+        raise
+    return handle
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Undo :func:`patch`: outputs and ``state_dict`` are exactly those of the unpatched model."""
+    handle = get_patch(model)
+    if handle is None:
+        raise NotPatchedError(f"{type(unwrap(model)).__name__} is not patched by dynamic-moe-router; nothing to undo")
+    handle.unpatch()
+
+
+@contextmanager
+def patched(model: torch.nn.Module, policy: RoutingPolicy | None = None, **kwargs: Any) -> Iterator[PatchHandle]:
+    """Context manager: :func:`patch` on entry, :func:`unpatch` on exit (also on error).
+
+    Example:
+        >>> import torch, dynamic_moe_router as dmr
+        >>> from dynamic_moe_router.hf.tiny import tiny_model
+        >>> model = tiny_model("olmoe")
+        >>> with dmr.patched(model, dmr.TopP(p=0.5)) as handle:
+        ...     _ = model(torch.tensor([[3, 4, 5]]))
+        ...     handle.executed_pairs() < 3 * 4 * 2  # fewer than T * native_k * layers
+        True
+        >>> dmr.get_patch(model) is None
+        True
+    """
+    handle = patch(model, policy, **kwargs)
+    try:
+        yield handle
+    finally:
+        if handle.active:
+            handle.unpatch()

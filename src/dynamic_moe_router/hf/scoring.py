@@ -1,0 +1,169 @@
+"""Per-family router scoring, reproduced exactly, plus the distribution each policy reads.
+
+Every scorer turns a router module and its input ``h (T, H)`` into :class:`RouterScores`:
+
+* ``logits``: exactly what the original router returns as its first output (so
+  ``output_router_logits`` and auxiliary losses are unchanged);
+* ``select (T, E)``: what the family ranks candidates by (``-inf`` = excluded by the family);
+* ``probs (T, E)``: the probability distribution policies read (documented per family below).
+
+and computes combine weights for the kept prefix of the ranking with the family's own rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..routing import Selection, combine_weights
+
+__all__ = ["SCORERS", "RouterScores", "Scorer"]
+
+
+@dataclass(frozen=True)
+class RouterScores:
+    logits: torch.Tensor  # (T, E) as the original router returns them
+    select: torch.Tensor  # (T, E) ranking scores
+    probs: torch.Tensor  # (T, E) fp32 distribution for the policy
+
+
+class Scorer:
+    """Base scorer: subclasses define :meth:`scores` and :meth:`weights`."""
+
+    name = ""
+    #: how the distribution the policies read is defined, for docs and ``dmr inspect``
+    distribution = ""
+
+    def scores(self, router: torch.nn.Module, h: torch.Tensor, logits_dtype: str) -> RouterScores:
+        raise NotImplementedError
+
+    def weights(
+        self,
+        router: torch.nn.Module,
+        sc: RouterScores,
+        sel: Selection,
+        renormalize: bool,
+        hidden_dtype: torch.dtype,
+        weights_dtype: str,
+    ) -> torch.Tensor:  # (T, k_max)
+        raise NotImplementedError
+
+
+def _linear_logits(router: torch.nn.Module, h: torch.Tensor, logits_dtype: str) -> torch.Tensor:
+    bias = getattr(router, "bias", None)
+    if logits_dtype == "fp32_inputs":  # deepseek_v3: the linear itself runs in fp32
+        return F.linear(h.type(torch.float32), router.weight.type(torch.float32))
+    logits = F.linear(h, router.weight, bias)
+    return logits.float() if logits_dtype == "cast_fp32" else logits
+
+
+def _cast(w: torch.Tensor, weights_dtype: str, logits: torch.Tensor, hidden_dtype: torch.dtype) -> torch.Tensor:
+    if weights_dtype == "logits":
+        return w.to(logits.dtype)
+    if weights_dtype == "hidden":
+        return w.to(hidden_dtype)
+    return w  # "fp32": left as computed
+
+
+class SoftmaxScorer(Scorer):
+    """softmax over all experts, then top-k (mixtral, olmoe, qwen2_moe, qwen3_moe)."""
+
+    name = "softmax"
+    distribution = "the router softmax over all E experts"
+
+    def scores(self, router, h, logits_dtype):  # type: ignore[override]
+        logits = _linear_logits(router, h, logits_dtype)  # (T, E)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (T, E)
+        return RouterScores(logits=logits, select=probs, probs=probs)
+
+    def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):  # type: ignore[override]
+        ranked = sc.probs.gather(1, sel.ranked_ids)  # (T, k_max)
+        w = combine_weights(ranked, sel.keep, "sum" if renormalize else "none")
+        return _cast(w, weights_dtype, sc.logits, hidden_dtype)
+
+
+class SigmoidGroupScorer(Scorer):
+    """DeepSeek-V3: sigmoid scores, a selection-only bias, group-limited top-k, scaling."""
+
+    name = "sigmoid_group"
+    distribution = (
+        "the sigmoid scores (without the selection bias) of the experts in the token's selected groups, "
+        "divided by their sum; experts of unselected groups get 0"
+    )
+
+    def scores(self, router, h, logits_dtype):  # type: ignore[override]
+        logits = _linear_logits(router, h, logits_dtype)  # (T, E) fp32
+        s = logits.sigmoid()
+        choice = s + router.e_score_correction_bias  # (T, E)
+        num_experts, n_group = router.num_experts, router.num_group
+        group_scores = choice.view(-1, n_group, num_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)  # (T, G)
+        allowed = group_mask.unsqueeze(-1).expand(-1, n_group, num_experts // n_group).reshape(-1, num_experts)
+        select = choice.masked_fill(~allowed.bool(), float("-inf"))
+        masked = s * allowed
+        probs = masked / masked.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(masked.dtype).tiny)
+        return RouterScores(logits=logits, select=select, probs=probs)
+
+    def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):  # type: ignore[override]
+        s = sc.logits.sigmoid()
+        ranked = s.gather(1, sel.ranked_ids)
+        w = combine_weights(ranked, sel.keep, "sum" if renormalize else "none", router.routed_scaling_factor)
+        return _cast(w, weights_dtype, sc.logits, hidden_dtype)
+
+
+class TopKSoftmaxScorer(Scorer):
+    """top-k over the logits, then a softmax over the kept logits (gpt_oss, granitemoe)."""
+
+    name = "topk_softmax"
+    distribution = "the softmax of the router logits over all E experts (the family itself never forms it)"
+
+    def scores(self, router, h, logits_dtype):  # type: ignore[override]
+        logits = _linear_logits(router, h, logits_dtype)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        return RouterScores(logits=logits, select=logits, probs=probs)
+
+    def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):  # type: ignore[override]
+        if renormalize:  # the family's own rule: softmax over the kept logits
+            w = combine_weights(sc.logits.gather(1, sel.ranked_ids), sel.keep, "softmax")
+        else:  # raw probabilities of the full softmax
+            w = combine_weights(sc.probs.gather(1, sel.ranked_ids), sel.keep, "none")
+        return _cast(w, weights_dtype, sc.logits, hidden_dtype)
+
+
+class SparseMixerScorer(Scorer):
+    """PhiMoE's sparsemixer (inference form), generalised from its 2 slots to any k.
+
+    Slot ``i`` (the ``i``-th best logit ``m_i``) gets the softmax, evaluated at its expert, over the
+    experts not ranked before it whose logit ``l_j`` satisfies ``(m_i - l_j) / max(|l_j|, m_i) <=
+    2 * router_jitter_noise``. For slots 0 and 1 this is exactly the family's formula; a slot's
+    weight does not depend on which later slots are kept, so the family does not renormalise.
+    """
+
+    name = "sparsemixer"
+    distribution = "the softmax of the router logits over all E experts"
+
+    def scores(self, router, h, logits_dtype):  # type: ignore[override]
+        logits = _linear_logits(router, h, logits_dtype)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        return RouterScores(logits=logits, select=logits, probs=probs)
+
+    def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):  # type: ignore[override]
+        logits, ranked = sc.logits, sel.ranked_ids  # (T, E), (T, K)
+        num_experts = logits.shape[-1]
+        top = logits.gather(1, ranked)  # (T, K) = m_i
+        factor = logits.abs().unsqueeze(1).clamp(min=top.unsqueeze(2))  # (T, K, E)
+        too_far = ((top.unsqueeze(2) - logits.unsqueeze(1)) / factor) > (2 * router.router_jitter_noise)
+        one_hot = F.one_hot(ranked, num_experts).to(torch.int32)  # (T, K, E)
+        earlier = (torch.cumsum(one_hot, dim=1) - one_hot).bool()  # experts ranked before slot i
+        masked = logits.unsqueeze(1).masked_fill(too_far | earlier, float("-inf"))  # (T, K, E)
+        slot_w = torch.softmax(masked, dim=-1).gather(2, ranked.unsqueeze(2)).squeeze(2)  # (T, K)
+        w = combine_weights(slot_w, sel.keep, "sum" if renormalize else "none")
+        return _cast(w, weights_dtype, sc.logits, hidden_dtype)
+
+
+SCORERS: dict[str, Scorer] = {
+    s.name: s for s in (SoftmaxScorer(), SigmoidGroupScorer(), TopKSoftmaxScorer(), SparseMixerScorer())
+}

@@ -1,0 +1,22 @@
+"""Routing policies: frozen, validated dataclasses with a versioned JSON form."""
+
+from ._base import POLICY_REGISTRY, RoutingPolicy, register_policy
+from ._builtin import EntropyAdaptive, RelativeThreshold, StaticTopK, TopP
+from ._io import load_policy, parse_policy, policy_from_dict, policy_to_dict, save_policy
+from ._per_layer import PerLayer
+
+__all__ = [
+    "POLICY_REGISTRY",
+    "EntropyAdaptive",
+    "PerLayer",
+    "RelativeThreshold",
+    "RoutingPolicy",
+    "StaticTopK",
+    "TopP",
+    "load_policy",
+    "parse_policy",
+    "policy_from_dict",
+    "policy_to_dict",
+    "register_policy",
+    "save_policy",
+]

@@ -1,0 +1,146 @@
+"""The policy base class, the policy registry and shared validation helpers.
+
+A policy answers one question per token: how many of the family's own ranked expert candidates
+to keep. It never re-ranks them. Policies are frozen dataclasses, so they are safe to share
+between layers, threads and saved files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from ..errors import PolicyError
+
+__all__ = ["POLICY_REGISTRY", "RoutingPolicy", "register_policy"]
+
+
+class RoutingPolicy:
+    """Base class of every routing policy.
+
+    Subclasses are frozen dataclasses registered with :func:`register_policy`. They implement
+    :meth:`k_range` (the bounds of k for a layer) and :meth:`keep_counts` (k per token).
+    """
+
+    #: Stable name used in policy files and on the command line (``"top_p"``).
+    type_name: ClassVar[str] = ""
+    #: Version of the policy's file schema; bumped when fields change meaning.
+    version: ClassVar[int] = 1
+
+    # -- the contract -------------------------------------------------------------------------
+    def k_range(self, native_k: int, num_experts: int) -> tuple[int, int]:
+        """Return ``(min_k, max_k)`` for a layer with ``num_experts`` experts and native top-k.
+
+        Raises:
+            PolicyError: if the policy's bounds do not fit the layer.
+        """
+        raise NotImplementedError
+
+    def keep_counts(
+        self,
+        ranked_probs: torch.Tensor,  # (T, k_max): the policy distribution at the ranked candidates
+        probs: torch.Tensor,  # (T, E): the full policy distribution
+        k_min: int,
+        k_max: int,
+    ) -> torch.Tensor:  # (T,) int64 in [k_min, k_max]
+        """Number of leading ranked candidates each token keeps."""
+        raise NotImplementedError
+
+    def for_layer(self, layer: int | None) -> RoutingPolicy:
+        """The policy that applies to MoE layer ``layer`` (itself, except for :class:`PerLayer`)."""
+        return self
+
+    def layers(self) -> tuple[int, ...]:
+        """Layer indices this policy names explicitly (only :class:`PerLayer` names any)."""
+        return ()
+
+    # -- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict stamped with the policy type and schema version."""
+        from ._io import policy_to_dict
+
+        return policy_to_dict(self)
+
+    def save(self, path: str) -> None:
+        """Write the policy as JSON to ``path`` (atomically: no half-written file on failure)."""
+        from ._io import save_policy
+
+        save_policy(self, path)
+
+    def describe(self) -> str:
+        """A short human-readable description, e.g. ``top_p(p=0.6, min_k=1, max_k=native)``."""
+        parts = []
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            parts.append(f"{f.name}={'native' if value is None else value}")
+        return f"{self.type_name}({', '.join(parts)})"
+
+
+POLICY_REGISTRY: dict[str, type[RoutingPolicy]] = {}
+
+P = TypeVar("P", bound=type[RoutingPolicy])
+
+
+def register_policy(type_name: str, version: int = 1) -> Callable[[P], P]:
+    """Class decorator that registers a policy under ``type_name`` for files and the CLI.
+
+    Example:
+        >>> from dynamic_moe_router.policies import POLICY_REGISTRY
+        >>> sorted(POLICY_REGISTRY)[:3]
+        ['entropy', 'per_layer', 'relative_threshold']
+    """
+
+    def decorator(cls: P) -> P:
+        if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+            raise TypeError(f"policy {cls.__name__} must be a frozen dataclass")
+        if type_name in POLICY_REGISTRY and POLICY_REGISTRY[type_name] is not cls:
+            raise ValueError(f"policy type name {type_name!r} is already registered")
+        cls.type_name = type_name
+        cls.version = version
+        POLICY_REGISTRY[type_name] = cls
+        return cls
+
+    return decorator
+
+
+# -- validation helpers used by the concrete policies -------------------------------------------
+def check_int(name: str, value: Any, *, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PolicyError(f"{name} must be an integer, got {value!r} ({type(value).__name__})", field=name)
+    if value < minimum:
+        raise PolicyError(f"{name} must be >= {minimum}, got {value}", field=name)
+
+
+def check_float(name: str, value: Any, *, low: float, high: float, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PolicyError(f"{name} must be a number, got {value!r} ({type(value).__name__})", field=name)
+    v = float(value)
+    if math.isnan(v) or v > high or v < low or (low_open and v == low):
+        bracket = "(" if low_open else "["
+        raise PolicyError(f"{name} must be in {bracket}{low}, {high}], got {value}", field=name)
+
+
+def resolve_bounds(
+    policy: RoutingPolicy, min_k: int, max_k: int | None, native_k: int, num_experts: int
+) -> tuple[int, int]:
+    """Shared ``k_range`` logic: ``max_k=None`` means the native k; ``max_k`` may exceed it up to E."""
+    k_max = native_k if max_k is None else max_k
+    if k_max > num_experts:
+        raise PolicyError(
+            f"{policy.type_name}: max_k={k_max} exceeds the layer's number of experts E={num_experts}; "
+            f"use max_k <= {num_experts}",
+            field="max_k",
+        )
+    if min_k > k_max:
+        what = f"the native k={native_k} (max_k=None)" if max_k is None else f"max_k={max_k}"
+        raise PolicyError(
+            f"{policy.type_name}: min_k={min_k} is larger than {what}; lower min_k or raise max_k",
+            field="min_k",
+        )
+    return min_k, k_max

@@ -1,0 +1,223 @@
+"""The routing contract and :func:`route`, the pure function every backend shares.
+
+Contract (a :class:`Routing`), for ``T`` tokens, ``E`` experts and a policy whose largest k is
+``k_max``:
+
+* ``ids (T, k_max)`` int64: the kept experts of each token in the family's rank order, then the
+  sentinel ``E`` (= ``num_experts``) in every unused slot. Kept ids are unique and in ``[0, E)``.
+* ``weights (T, k_max)``: the combine weight of each kept expert, exactly ``0`` at sentinel slots.
+* ``counts (T,)`` int64: the number of kept experts per token, ``0 <= counts <= k_max``.
+
+Slots ``[0, counts[t])`` of token ``t`` are kept, the rest are sentinels: kept slots always form a
+prefix. An experts forward computes exactly ``counts.sum()`` (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .errors import NonFiniteRouterScoresError, RoutingInputError
+from .policies import RoutingPolicy
+
+__all__ = ["Normalize", "Routing", "Selection", "combine_weights", "finish", "route", "select"]
+
+Normalize = Literal["none", "sum", "softmax"]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Fixed-width routing decisions with a sentinel for unused slots (see the module docstring)."""
+
+    ids: torch.Tensor  # (T, k_max) int64, sentinel = num_experts
+    weights: torch.Tensor  # (T, k_max), 0 at sentinels
+    counts: torch.Tensor  # (T,) int64
+    num_experts: int
+
+    @property
+    def sentinel(self) -> int:
+        """The id that marks an unused slot (equal to ``num_experts``)."""
+        return self.num_experts
+
+    @property
+    def k_max(self) -> int:
+        return int(self.ids.shape[-1])
+
+    @property
+    def kept(self) -> torch.Tensor:  # (T, k_max) bool
+        """Mask of the kept slots."""
+        return self.ids < self.num_experts
+
+    def kept_pairs(self) -> int:
+        """Number of (token, expert) pairs an experts forward must compute (a host sync)."""
+        return int(self.counts.sum())
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Intermediate result of :func:`select`: ranked candidates and which of them are kept."""
+
+    ranked_ids: torch.Tensor  # (T, k_max) int64, the family's ranking (no sentinel yet)
+    keep: torch.Tensor  # (T, k_max) bool, a prefix of each row
+    counts: torch.Tensor  # (T,) int64
+    num_experts: int
+
+
+def _check_2d(name: str, x: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise RoutingInputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise RoutingInputError(f"{name} must be 2-D (tokens, experts), got shape {tuple(x.shape)}")
+    if shape is not None and tuple(x.shape) != shape:
+        raise RoutingInputError(f"{name} must have the shape of scores {shape}, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise RoutingInputError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def _check_finite(name: str, x: torch.Tensor, layer: int | None, *, allow_neg_inf: bool) -> None:
+    bad = torch.isnan(x) if allow_neg_inf else ~torch.isfinite(x)
+    if allow_neg_inf:
+        bad = bad | torch.isposinf(x)
+    n_bad = int(bad.any(dim=-1).sum())
+    if n_bad:
+        where = f" in MoE layer {layer}" if layer is not None else ""
+        raise NonFiniteRouterScoresError(
+            f"router {name}{where} contain NaN or infinite values for {n_bad} of {x.shape[0]} tokens; "
+            "the model's activations overflowed or its inputs are corrupt (try fp32 or bf16 instead of "
+            "fp16, and check the inputs). Pass validate=False to skip this check (such tokens then get "
+            "unspecified experts, without touching other tokens).",
+            layer=layer,
+            bad_tokens=n_bad,
+        )
+
+
+def select(
+    scores: torch.Tensor,
+    policy: RoutingPolicy,
+    *,
+    native_k: int,
+    probs: torch.Tensor | None = None,
+    layer: int | None = None,
+    validate: bool = True,
+) -> Selection:
+    """Rank each token's candidates by ``scores`` and let ``policy`` choose how many to keep.
+
+    ``scores`` may hold ``-inf`` for candidates the family excluded (group-limited routing); such a
+    candidate is never kept, even if ``min_k`` asks for it.
+    """
+    _check_2d("scores", scores)
+    num_tokens, num_experts = scores.shape
+    if probs is None:
+        probs = scores
+    else:
+        _check_2d("probs", probs, (num_tokens, num_experts))
+    if isinstance(native_k, bool) or not isinstance(native_k, int) or not 1 <= native_k <= num_experts:
+        raise RoutingInputError(f"native_k must be an int in [1, {num_experts}], got {native_k!r}")
+    layer_policy = policy.for_layer(layer)
+    k_min, k_max = layer_policy.k_range(native_k, num_experts)
+    if validate and num_tokens:
+        _check_finite("scores", scores, layer, allow_neg_inf=True)
+        _check_finite("probabilities", probs, layer, allow_neg_inf=False)
+
+    top_scores, ranked_ids = torch.topk(scores, k_max, dim=-1)  # (T, k_max), sorted descending
+    if probs is scores:
+        ranked_probs = top_scores
+    else:
+        ranked_probs = probs.gather(1, ranked_ids)  # (T, k_max)
+    ranked_probs = ranked_probs.float()
+    counts = layer_policy.keep_counts(ranked_probs, probs.float(), k_min, k_max)  # (T,)
+    available = torch.isfinite(top_scores).sum(dim=-1)  # candidates the family did not exclude
+    counts = torch.minimum(counts, available)
+    slots = torch.arange(k_max, device=scores.device)
+    keep = slots.unsqueeze(0) < counts.unsqueeze(1)  # (T, k_max)
+    return Selection(ranked_ids=ranked_ids, keep=keep, counts=counts, num_experts=num_experts)
+
+
+def combine_weights(
+    ranked_gate: torch.Tensor,  # (T, k_max): weight source at the ranked candidates
+    keep: torch.Tensor,  # (T, k_max) bool
+    normalize: Normalize = "none",
+    scaling: float = 1.0,
+) -> torch.Tensor:  # (T, k_max), zero where not kept
+    """Combine weights of the kept candidates.
+
+    * ``"none"``: the gate values as they are (families that do not renormalise);
+    * ``"sum"``: divided by their sum over the kept candidates (renormalising families);
+    * ``"softmax"``: a softmax over the kept candidates, ``ranked_gate`` being logits
+      (top-k-then-softmax families such as gpt_oss and granitemoe).
+
+    A token with nothing kept gets all-zero weights. ``scaling`` multiplies the result.
+    """
+    if normalize == "softmax":
+        masked = ranked_gate.masked_fill(~keep, float("-inf"))  # no host sync: a no-op when all kept
+        weights = torch.softmax(masked, dim=-1, dtype=ranked_gate.dtype)
+        weights = torch.where(keep, weights, torch.zeros_like(weights))  # rows with nothing kept: NaN -> 0
+    else:
+        weights = torch.where(keep, ranked_gate, torch.zeros_like(ranked_gate))
+        if normalize == "sum":
+            denom = weights.sum(dim=-1, keepdim=True)
+            weights = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+        elif normalize != "none":
+            raise RoutingInputError(f"normalize must be 'none', 'sum' or 'softmax', got {normalize!r}")
+    return weights * scaling
+
+
+def route(
+    scores: torch.Tensor,
+    policy: RoutingPolicy,
+    *,
+    native_k: int,
+    probs: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    normalize: Normalize = "none",
+    scaling: float = 1.0,
+    layer: int | None = None,
+    validate: bool = True,
+) -> Routing:
+    """Route ``T`` tokens over ``E`` experts with a dynamic ``policy``.
+
+    Args:
+        scores: ``(T, E)`` the family's selection scores; candidates are ranked by them
+            (``torch.topk`` order). ``-inf`` marks a candidate the family excluded.
+        policy: any :class:`~dynamic_moe_router.RoutingPolicy`; a ``PerLayer`` is resolved with
+            ``layer``.
+        native_k: the model's own top-k (``StaticTopK()`` and ``max_k=None`` use it).
+        probs: ``(T, E)`` the probability distribution the policy reads (defaults to ``scores``,
+            which must then be probabilities, e.g. a softmax).
+        gate: ``(T, E)`` the source of the combine weights (defaults to ``probs``).
+        normalize: how kept weights are normalised: ``"none"``, ``"sum"`` or ``"softmax"``
+            (see :func:`combine_weights`).
+        scaling: a factor applied to every weight (DeepSeek's ``routed_scaling_factor``).
+        layer: the MoE layer index, for ``PerLayer`` and error messages.
+        validate: check that scores and probabilities are finite (a host sync); on failure
+            :class:`~dynamic_moe_router.NonFiniteRouterScoresError` names the layer.
+
+    Returns:
+        A :class:`Routing`: ``ids (T, k_max)`` with sentinel ``E``, ``weights (T, k_max)`` zero
+        at sentinels, ``counts (T,)``.
+
+    Example:
+        >>> import torch, dynamic_moe_router as dmr
+        >>> probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.9, 0.05, 0.03, 0.02]])
+        >>> r = dmr.route(probs, dmr.TopP(p=0.7), native_k=2, normalize="sum")
+        >>> r.ids.tolist(), r.counts.tolist()
+        ([[0, 1], [0, 4]], [2, 1])
+        >>> [[round(w, 3) for w in row] for row in r.weights.tolist()]
+        [[0.625, 0.375], [1.0, 0.0]]
+    """
+    sel = select(scores, policy, native_k=native_k, probs=probs, layer=layer, validate=validate)
+    source = (scores if probs is None else probs) if gate is None else gate
+    if gate is not None:
+        _check_2d("gate", gate, tuple(scores.shape))
+    ranked_gate = source.gather(1, sel.ranked_ids)  # (T, k_max)
+    weights = combine_weights(ranked_gate, sel.keep, normalize, scaling)
+    return finish(sel, weights)
+
+
+def finish(sel: Selection, weights: torch.Tensor) -> Routing:
+    """Apply the sentinel to dropped slots and package a :class:`Routing`."""
+    sentinel = torch.full_like(sel.ranked_ids, sel.num_experts)
+    ids = torch.where(sel.keep, sel.ranked_ids, sentinel)
+    return Routing(ids=ids, weights=weights, counts=sel.counts, num_experts=sel.num_experts)
