@@ -25,6 +25,7 @@ from .errors import (
     PolicyError,
     PolicyFileError,
     RoutingInputError,
+    UnsupportedModeError,
     UnsupportedModelError,
 )
 from .experts import ExpertsCounter, ExpertsLayout, experts_forward
@@ -65,6 +66,7 @@ __all__ = [
     "RoutingPolicy",
     "StaticTopK",
     "TopP",
+    "UnsupportedModeError",
     "UnsupportedModelError",
     "__version__",
     "experts_forward",

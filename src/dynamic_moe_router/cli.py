@@ -43,7 +43,9 @@ def cmd_families(args: argparse.Namespace) -> int:
             "policy_distribution": spec.scorer.distribution,
             "weights": spec.renorm_doc(),
             "shared_experts": list(spec.shared_experts),
-            "experts_layout": "gpt_oss (transposed, interleaved, biases)" if spec.layout.has_bias else "standard",
+            "experts_layout": "gpt_oss (transposed, interleaved, biases)"
+            if spec.layout.has_bias
+            else "standard",
         }
         for spec in FAMILIES.values()
     ]
@@ -91,8 +93,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
         model = tiny_model(args.model.split(":", 1)[1])
     else:
-        from .hf.inspect import load_model_skeleton
         from transformers import AutoModelForCausalLM
+
+        from .hf.inspect import load_model_skeleton
 
         load_model_skeleton(args.model)  # typed errors for non-checkpoints and unsupported families
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
@@ -107,7 +110,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dmr", description="Dynamic per-token expert routing for MoE models.")
+    parser = argparse.ArgumentParser(
+        prog="dmr", description="Dynamic per-token expert routing for MoE models."
+    )
     parser.add_argument("--version", action="version", version=f"dmr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -123,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="patch a model, run random tokens through it and print the FLOP table")
     p.add_argument("model", help="a transformers checkpoint directory, or tiny:FAMILY")
     p.add_argument(
-        "--policy", default="top_p:p=0.5", help="policy JSON file or NAME:key=value,... (default: top_p:p=0.5)"
+        "--policy",
+        default="top_p:p=0.5",
+        help="policy JSON file or NAME:key=value,... (default: top_p:p=0.5)",
     )
     p.add_argument("--tokens", type=int, default=64, help="sequence length (default 64)")
     p.add_argument("--batch", type=int, default=2, help="batch size (default 2)")

@@ -26,6 +26,7 @@ __all__ = [
     "PolicyError",
     "PolicyFileError",
     "RoutingInputError",
+    "UnsupportedModeError",
     "UnsupportedModelError",
 ]
 
@@ -86,6 +87,10 @@ class NotPatchedError(DmrError, RuntimeError):
 
 class BackendUnavailableError(DmrError, RuntimeError):
     """An explicitly requested experts backend cannot run on this device, dtype or torch build."""
+
+
+class UnsupportedModeError(DmrError, RuntimeError):
+    """The patched model is run in a mode the library does not reproduce (e.g. phimoe in training)."""
 
 
 class MissingDependencyError(DmrError, ImportError):

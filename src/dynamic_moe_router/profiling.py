@@ -107,7 +107,9 @@ class ProfileReport:
             "dense_flops_measured": self.dense_measured,
             "total_flops": routed + dense,
             "native_total_flops": native_routed + dense,
-            "total_flop_reduction": (native_routed - routed) / (native_routed + dense) if native_routed else 0.0,
+            "total_flop_reduction": (native_routed - routed) / (native_routed + dense)
+            if native_routed
+            else 0.0,
             "k_histogram": hist,
             "layers": per_layer,
         }
@@ -117,7 +119,8 @@ class ProfileReport:
         d = self.to_dict()
         lines = [
             f"family: {d['family']}   policy: {d['policy']}   tokens: {d['tokens']}",
-            f"{'layer':>5} {'E':>4} {'k*':>3} {'mean k':>7} {'executed':>10} {'native':>10} {'routed FLOP cut':>16}",
+            f"{'layer':>5} {'E':>4} {'k*':>3} {'mean k':>7} {'executed':>10} {'native':>10} "
+            f"{'routed FLOP cut':>16}",
         ]
         for row in d["layers"]:
             lines.append(
@@ -129,8 +132,8 @@ class ProfileReport:
             f"k histogram (tokens x layers): {hist}",
             f"routed-expert FLOPs: {d['routed_flops']:.4g} of native {d['native_routed_flops']:.4g} "
             f"-> {d['routed_flop_reduction']:.1%} fewer",
-            f"shared-expert FLOPs: {d['shared_expert_flops']:.4g}   attention FLOPs: {d['attention_flops']:.4g}   "
-            f"other dense FLOPs: {d['other_flops']:.4g}",
+            f"shared-expert FLOPs: {d['shared_expert_flops']:.4g}   "
+            f"attention FLOPs: {d['attention_flops']:.4g}   other dense FLOPs: {d['other_flops']:.4g}",
             f"whole model: {d['total_flops']:.4g} of native {d['native_total_flops']:.4g} "
             f"-> {d['total_flop_reduction']:.1%} fewer",
         ]
@@ -194,7 +197,11 @@ def profile(model: torch.nn.Module, *, count_dense: bool = True) -> Iterator[Pro
     def make_hook(st: LayerStats, num_experts: int):  # type: ignore[no-untyped-def]
         def hook(module, args, kwargs):  # type: ignore[no-untyped-def]
             hidden = args[0] if args else kwargs["hidden_states"]
-            ids = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if "index" in k or "indices" in k)
+            ids = (
+                args[1]
+                if len(args) > 1
+                else next(v for k, v in kwargs.items() if "index" in k or "indices" in k)
+            )
             counts = (ids < num_experts).sum(dim=-1)  # (T,)
             hist = torch.bincount(counts, minlength=ids.shape[-1] + 1).tolist()
             if len(st.k_histogram) < len(hist):
@@ -207,12 +214,12 @@ def profile(model: torch.nn.Module, *, count_dense: bool = True) -> Iterator[Pro
         return hook
 
     with ExitStack() as stack:
-        for layer, st in zip(layers, stats):
+        for layer, st in zip(layers, stats, strict=False):
             h = layer.experts.register_forward_pre_hook(make_hook(st, layer.num_experts), with_kwargs=True)
             stack.callback(h.remove)
         counter = stack.enter_context(_flop_counter()) if count_dense else None
         yield report
-    for st, c, s in zip(stats, counters, start):
+    for st, c, s in zip(stats, counters, start, strict=False):
         st.executed_pairs = c.executed_pairs - s if c is not None else st.kept_pairs
     if counter is not None:
         _split_dense(report, root, layers, counter.get_flop_counts())

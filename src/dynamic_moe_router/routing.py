@@ -1,4 +1,4 @@
-"""The routing contract and :func:`route`, the pure function every backend shares.
+"""The routing contract and :func:`~dynamic_moe_router.route`, the pure function every backend shares.
 
 Contract (a :class:`Routing`), for ``T`` tokens, ``E`` experts and a policy whose largest k is
 ``k_max``:
@@ -188,7 +188,7 @@ def route(
             which must then be probabilities, e.g. a softmax).
         gate: ``(T, E)`` the source of the combine weights (defaults to ``probs``).
         normalize: how kept weights are normalised: ``"none"``, ``"sum"`` or ``"softmax"``
-            (see :func:`combine_weights`).
+            (see :func:`~dynamic_moe_router.routing.combine_weights`).
         scaling: a factor applied to every weight (DeepSeek's ``routed_scaling_factor``).
         layer: the MoE layer index, for ``PerLayer`` and error messages.
         validate: check that scores and probabilities are finite (a host sync); on failure

@@ -227,7 +227,7 @@ def _grouped_mm_can_run(module: torch.nn.Module, hidden: torch.Tensor, layout: E
         names = ", ".join(str(d) for d in dtypes)
         return f"grouped_mm on {hidden.device.type} supports {names}; got {hidden.dtype}"
     size = hidden.element_size()
-    e, h, i = _dims(module, layout)
+    _, h, i = _dims(module, layout)
     if (h * size) % 16 or (2 * i * size) % 16 or (i * size) % 16:
         return f"grouped_mm needs 16-byte aligned rows; H={h}, I={i} in {hidden.dtype} are not"
     if hidden.is_cuda and torch.cuda.get_device_capability(hidden.device) < (8, 0):
@@ -261,7 +261,9 @@ def resolve_backend(
         reason = f"the 'cuda' backend needs CUDA tensors; got {hidden.device}"
     if backend in ("grouped", "cuda"):
         if reason is not None:
-            raise BackendUnavailableError(f"experts backend {backend!r} cannot run: {reason}; use 'auto' or 'loop'")
+            raise BackendUnavailableError(
+                f"experts backend {backend!r} cannot run: {reason}; use 'auto' or 'loop'"
+            )
         return backend
     # auto
     if reason is not None:

@@ -19,7 +19,14 @@ from typing import Literal
 from ..experts import GPT_OSS, STANDARD, ExpertsLayout
 from .scoring import SCORERS
 
-__all__ = ["FAMILIES", "MIN_TRANSFORMERS", "FamilySpec", "get_family", "supported_families"]
+__all__ = [
+    "FAMILIES",
+    "MIN_TRANSFORMERS",
+    "FamilySpec",
+    "families_markdown",
+    "get_family",
+    "supported_families",
+]
 
 #: Oldest transformers release the registry was checked against (fused 3-D experts, v5 routers).
 MIN_TRANSFORMERS = "5.17.0"
@@ -33,11 +40,14 @@ class FamilySpec:
     block_classes: tuple[str, ...]
     router_attr: str
     scoring: str
-    #: "always": renormalise kept weights; "config": if ``router.norm_topk_prob``; "never"
+    #: kept weights renormalised always (``"always"``), if ``router.norm_topk_prob``
+    #: (``"config"``), or never (``"never"``)
     renorm: Literal["always", "config", "never"]
-    #: dtype of the returned weights: fp32 as computed, the logits' dtype, or the hidden states'
+    #: dtype of the returned weights, fp32 as computed (``"fp32"``), the logits'
+    #: (``"logits"``) or the hidden states' (``"hidden"``)
     weights_dtype: Literal["fp32", "logits", "hidden"]
-    #: "model": linear in the model dtype; "cast_fp32": then cast to fp32; "fp32_inputs": in fp32
+    #: router linear in the model dtype (``"model"``), then cast to fp32 (``"cast_fp32"``),
+    #: or run in fp32 (``"fp32_inputs"``)
     logits_dtype: Literal["model", "cast_fp32", "fp32_inputs"]
     layout: ExpertsLayout = STANDARD
     experts_attr: str = "experts"
@@ -46,7 +56,20 @@ class FamilySpec:
     native_k_override: int | None = None
     #: a router with this attribute set while training uses randomness we do not reproduce
     training_unsupported: bool = False
+    #: order of the router's outputs, by the first transformers release that uses it
+    router_outputs: tuple[tuple[str, tuple[str, str, str]], ...] = (("0", ("logits", "weights", "ids")),)
     notes: str = ""
+
+    def router_output_order(self, transformers_version: str) -> tuple[str, str, str]:
+        """The order in which this family's router returns (logits, weights, ids) in a release."""
+        from packaging.version import Version
+
+        current = Version(transformers_version)
+        order = self.router_outputs[0][1]
+        for since, candidate in self.router_outputs:
+            if current >= Version(since):
+                order = candidate
+        return order
 
     @property
     def scorer(self):  # type: ignore[no-untyped-def]
@@ -55,7 +78,9 @@ class FamilySpec:
     def renorm_doc(self) -> str:
         if self.scoring == "topk_softmax":
             return "softmax over the kept logits (= renormalised)"
-        return {"always": "renormalised", "config": "renormalised if norm_topk_prob", "never": "raw"}[self.renorm]
+        return {"always": "renormalised", "config": "renormalised if norm_topk_prob", "never": "raw"}[
+            self.renorm
+        ]
 
 
 FAMILIES: dict[str, FamilySpec] = {
@@ -90,6 +115,7 @@ FAMILIES: dict[str, FamilySpec] = {
         ),
         FamilySpec(
             "granitemoe", ("GraniteMoeMoE",), "router", "topk_softmax", "always", "hidden", "cast_fp32",
+            router_outputs=(("0", ("ids", "weights", "logits")), ("5.21.0", ("logits", "weights", "ids"))),
             notes="top-k over logits -> softmax",
         ),
         FamilySpec(
@@ -117,3 +143,19 @@ def get_family(model_type: str) -> FamilySpec:
             f"model_type {model_type!r} is not a supported MoE family; supported: "
             f"{', '.join(supported_families())}. Open an issue to request it."
         ) from None
+
+
+def families_markdown() -> str:
+    """The supported-families table as Markdown, generated from :data:`FAMILIES` (README and docs)."""
+    rows = [
+        "| family | MoE block | scoring | policies read | kept weights | shared experts |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in supported_families():
+        spec = FAMILIES[name]
+        shared = ", ".join(f"`{s}`" for s in spec.shared_experts) or "-"
+        rows.append(
+            f"| `{name}` | `{'/'.join(spec.block_classes)}` | {spec.notes} | {spec.scorer.distribution} | "
+            f"{spec.renorm_doc()} | {shared} |"
+        )
+    return "\n".join(rows)

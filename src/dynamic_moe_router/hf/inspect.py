@@ -24,7 +24,9 @@ def load_model_skeleton(source: str) -> torch.nn.Module:
 
         return tiny_model(source.split(":", 1)[1])
     if not os.path.isdir(source):
-        raise UnsupportedModelError(f"{source!r} is neither a model directory nor tiny:FAMILY (e.g. tiny:mixtral)")
+        raise UnsupportedModelError(
+            f"{source!r} is neither a model directory nor tiny:FAMILY (e.g. tiny:mixtral)"
+        )
     if not os.path.isfile(os.path.join(source, "config.json")):
         raise UnsupportedModelError(f"{source!r} has no config.json, so it is not a transformers checkpoint")
     config = AutoConfig.from_pretrained(source)
@@ -59,7 +61,9 @@ def inspect_model(model: torch.nn.Module) -> dict[str, Any]:
                 "expert_intermediate_size": layer.intermediate_size,
                 "flops_per_pair": layer.flops_per_pair,
                 "renormalises": (spec.renorm == "always" or bool(norm)) if spec.renorm != "never" else False,
-                "shared_experts": [a for a in spec.shared_experts if getattr(layer.block, a, None) is not None],
+                "shared_experts": [
+                    a for a in spec.shared_experts if getattr(layer.block, a, None) is not None
+                ],
             }
         )
     return {

@@ -32,7 +32,7 @@ class MoELayer:
 
     @property
     def flops_per_pair(self) -> int:
-        """Matmul FLOPs of one (token, expert) pair: ``2*H*2I + 2*I*H = 6*H*I``."""
+        """Matmul FLOPs of one (token, expert) pair, ``2*H*2I + 2*I*H = 6*H*I``."""
         return 6 * self.hidden_size * self.intermediate_size
 
 
@@ -88,7 +88,9 @@ def find_moe_layers(
         inter = (w1.shape[2] if spec.layout.transposed else w1.shape[1]) // 2
         native_k = spec.native_k_override or int(router.top_k)
         match = _LAYER_RE.search(name)
-        shared = tuple(getattr(module, a) for a in spec.shared_experts if getattr(module, a, None) is not None)
+        shared = tuple(
+            getattr(module, a) for a in spec.shared_experts if getattr(module, a, None) is not None
+        )
         layers.append(
             MoELayer(
                 index=int(match.group(1)) if match else position,
@@ -105,7 +107,8 @@ def find_moe_layers(
         )
     if not layers:
         raise NoMoELayersError(
-            f"{type(model).__name__} ({spec.model_type}) has no {'/'.join(spec.block_classes)} block to patch "
-            f"(is num_experts 0, or are all layers dense?); nothing would change, so nothing was patched"
+            f"{type(model).__name__} ({spec.model_type}) has no {'/'.join(spec.block_classes)} block "
+            "to patch (is num_experts 0, or are all layers dense?); nothing would change, so nothing was "
+            "patched"
         )
     return layers, unknown

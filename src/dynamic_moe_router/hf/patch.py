@@ -20,7 +20,13 @@ from typing import Any
 
 import torch
 
-from ..errors import AlreadyPatchedError, NotPatchedError, PolicyError, UnsupportedModelError
+from ..errors import (
+    AlreadyPatchedError,
+    NotPatchedError,
+    PolicyError,
+    UnsupportedModeError,
+    UnsupportedModelError,
+)
 from ..experts import BACKENDS, ExpertsCounter, experts_forward, resolve_backend
 from ..policies import RoutingPolicy, StaticTopK
 from ..routing import _check_finite, finish, select
@@ -35,7 +41,7 @@ _MISSING = object()
 
 @dataclass(frozen=True)
 class PatchOptions:
-    """Options of a patch (see :func:`patch`)."""
+    """Options of a patch (see :func:`~dynamic_moe_router.patch`)."""
 
     renormalize: bool | None = None
     backend: str = "auto"
@@ -43,7 +49,9 @@ class PatchOptions:
 
     def __post_init__(self) -> None:
         if self.renormalize is not None and not isinstance(self.renormalize, bool):
-            raise PolicyError(f"renormalize must be None, True or False, got {self.renormalize!r}", field="renormalize")
+            raise PolicyError(
+                f"renormalize must be None, True or False, got {self.renormalize!r}", field="renormalize"
+            )
         if self.backend not in BACKENDS:
             raise PolicyError(f"backend must be one of {BACKENDS}, got {self.backend!r}", field="backend")
         if not isinstance(self.validate, bool):
@@ -53,10 +61,15 @@ class PatchOptions:
 class DynamicRouter:
     """Replacement router forward: the family's scoring, then the policy, then the family's weights."""
 
-    def __init__(self, layer: MoELayer, spec: FamilySpec, policy: RoutingPolicy, options: PatchOptions) -> None:
+    def __init__(
+        self, layer: MoELayer, spec: FamilySpec, policy: RoutingPolicy, options: PatchOptions
+    ) -> None:
+        import transformers
+
         self.layer = layer
         self.spec = spec
         self.options = options
+        self.output_order = spec.router_output_order(transformers.__version__)
         self.set_policy(policy)
 
     def set_policy(self, policy: RoutingPolicy) -> None:
@@ -75,7 +88,7 @@ class DynamicRouter:
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
         layer, router = self.layer, self.layer.router
         if self.spec.training_unsupported and router.training:
-            raise RuntimeError(
+            raise UnsupportedModeError(
                 f"{self.spec.model_type} routing in training mode is stochastic and is not reproduced by "
                 "dynamic-moe-router-kit; call model.eval() before running a patched model"
             )
@@ -86,9 +99,12 @@ class DynamicRouter:
         sel = select(
             sc.select, self.policy, native_k=layer.native_k, probs=sc.probs, layer=layer.index, validate=False
         )
-        weights = self.spec.scorer.weights(router, sc, sel, self.renormalize, h.dtype, self.spec.weights_dtype)
+        weights = self.spec.scorer.weights(
+            router, sc, sel, self.renormalize, h.dtype, self.spec.weights_dtype
+        )
         routing = finish(sel, weights)
-        return sc.logits, routing.weights, routing.ids
+        outputs = {"logits": sc.logits, "weights": routing.weights, "ids": routing.ids}
+        return tuple(outputs[name] for name in self.output_order)
 
 
 class DynamicExperts:
@@ -157,7 +173,7 @@ class PatchHandle:
     # -- lifecycle ------------------------------------------------------------------------------
     def _apply(self) -> None:
         try:
-            for layer, router, experts in zip(self.layers, self.routers, self.experts):
+            for layer, router, experts in zip(self.layers, self.routers, self.experts, strict=False):
                 self._saved.append((layer.router, _install(layer.router, router)))
                 self._saved.append((layer.experts, _install(layer.experts, experts)))
             setattr(self._model, _HANDLE_ATTR, self)
@@ -206,7 +222,8 @@ class PatchHandle:
 def _validate_policy(policy: RoutingPolicy, layers: list[MoELayer]) -> None:
     if not isinstance(policy, RoutingPolicy):
         raise PolicyError(
-            f"policy must be a RoutingPolicy (e.g. dmr.TopP(p=0.6)), got {type(policy).__name__}", field="policy"
+            f"policy must be a RoutingPolicy (e.g. dmr.TopP(p=0.6)), got {type(policy).__name__}",
+            field="policy",
         )
     indices = [layer.index for layer in layers]
     stray = sorted(set(policy.layers()) - set(indices))
@@ -219,8 +236,10 @@ def _validate_policy(policy: RoutingPolicy, layers: list[MoELayer]) -> None:
         try:
             policy.for_layer(layer.index).k_range(layer.native_k, layer.num_experts)
         except PolicyError as err:
-            raise PolicyError(f"MoE layer {layer.index} (E={layer.num_experts}, native k={layer.native_k}): {err}",
-                              field=err.field) from err
+            raise PolicyError(
+                f"MoE layer {layer.index} (E={layer.num_experts}, native k={layer.native_k}): {err}",
+                field=err.field,
+            ) from err
 
 
 def _check_backend(options: PatchOptions, layers: list[MoELayer], spec: FamilySpec) -> None:
@@ -267,8 +286,13 @@ def patch(
         A :class:`PatchHandle`; ``handle.unpatch()`` or :func:`unpatch` undoes the patch.
 
     Raises:
-        UnsupportedModelError, NoMoELayersError, PolicyError, AlreadyPatchedError,
-        BackendUnavailableError. Nothing is changed when any of them is raised.
+        UnsupportedModelError: the model is not of a supported family, or has unknown MoE blocks.
+        NoMoELayersError: the model has no MoE layer.
+        PolicyError: the policy or an option does not fit the model's layers.
+        AlreadyPatchedError: the model is already patched and ``replace`` is False.
+        BackendUnavailableError: the requested ``backend`` cannot run on the model's device or dtype.
+
+    Nothing is changed when any of them is raised.
 
     Example:
         >>> import torch, dynamic_moe_router as dmr
@@ -296,9 +320,12 @@ def patch(
         if strict:
             raise UnsupportedModelError(
                 f"{spec.model_type}: MoE-like blocks {unknown} are not of the family's block classes "
-                f"{spec.block_classes}; nothing was patched. Pass strict=False to patch the known layers only."
+                f"{spec.block_classes}; nothing was patched. Pass strict=False to patch the known layers "
+                "only."
             )
-        warnings.warn(f"dynamic-moe-router: leaving unknown MoE-like blocks unpatched: {unknown}", stacklevel=2)
+        warnings.warn(
+            f"dynamic-moe-router: leaving unknown MoE-like blocks unpatched: {unknown}", stacklevel=2
+        )
     _validate_policy(policy, layers)
     _check_backend(options, layers, spec)
     handle = PatchHandle(target, spec, layers, policy, options, unknown)
@@ -317,12 +344,16 @@ def unpatch(model: torch.nn.Module) -> None:
     """Undo :func:`patch`: outputs and ``state_dict`` are exactly those of the unpatched model."""
     handle = get_patch(model)
     if handle is None:
-        raise NotPatchedError(f"{type(unwrap(model)).__name__} is not patched by dynamic-moe-router; nothing to undo")
+        raise NotPatchedError(
+            f"{type(unwrap(model)).__name__} is not patched by dynamic-moe-router; nothing to undo"
+        )
     handle.unpatch()
 
 
 @contextmanager
-def patched(model: torch.nn.Module, policy: RoutingPolicy | None = None, **kwargs: Any) -> Iterator[PatchHandle]:
+def patched(
+    model: torch.nn.Module, policy: RoutingPolicy | None = None, **kwargs: Any
+) -> Iterator[PatchHandle]:
     """Context manager: :func:`patch` on entry, :func:`unpatch` on exit (also on error).
 
     Example:

@@ -59,7 +59,9 @@ def _linear_logits(router: torch.nn.Module, h: torch.Tensor, logits_dtype: str) 
     return logits.float() if logits_dtype == "cast_fp32" else logits
 
 
-def _cast(w: torch.Tensor, weights_dtype: str, logits: torch.Tensor, hidden_dtype: torch.dtype) -> torch.Tensor:
+def _cast(
+    w: torch.Tensor, weights_dtype: str, logits: torch.Tensor, hidden_dtype: torch.dtype
+) -> torch.Tensor:
     if weights_dtype == "logits":
         return w.to(logits.dtype)
     if weights_dtype == "hidden":
@@ -101,7 +103,9 @@ class SigmoidGroupScorer(Scorer):
         group_scores = choice.view(-1, n_group, num_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
         group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)  # (T, G)
-        allowed = group_mask.unsqueeze(-1).expand(-1, n_group, num_experts // n_group).reshape(-1, num_experts)
+        allowed = (
+            group_mask.unsqueeze(-1).expand(-1, n_group, num_experts // n_group).reshape(-1, num_experts)
+        )
         select = choice.masked_fill(~allowed.bool(), float("-inf"))
         masked = s * allowed
         probs = masked / masked.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(masked.dtype).tiny)

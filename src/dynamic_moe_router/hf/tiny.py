@@ -113,7 +113,10 @@ def tiny_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2 or name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "router" in name or "gate." in name else 0.1))
+                p.copy_(
+                    torch.randn(p.shape, generator=gen)
+                    * (0.5 if "router" in name or "gate." in name else 0.1)
+                )
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.rand(b.shape, generator=gen) * 0.2)

@@ -66,7 +66,15 @@ def policy_from_dict(obj: Any, *, where: str = "policy") -> RoutingPolicy:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(data) - names
     if unknown:
-        raise PolicyFileError(f"{where}: unknown fields {sorted(unknown)} for {type_name}; known: {sorted(names)}")
+        raise PolicyFileError(
+            f"{where}: unknown fields {sorted(unknown)} for {type_name}; known: {sorted(names)}"
+        )
+    missing = names - set(data)
+    if missing:
+        raise PolicyFileError(
+            f"{where}: missing fields {sorted(missing)} for {type_name} (policy files list every field; "
+            "re-save the policy with policy.save(path))"
+        )
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         if name == "default":
@@ -104,7 +112,7 @@ def save_policy(policy: RoutingPolicy, path: str | os.PathLike[str]) -> None:
 
 
 def load_policy(path: str | os.PathLike[str]) -> RoutingPolicy:
-    """Read a policy written by :meth:`RoutingPolicy.save` (or ``dmr calibrate``).
+    """Read a policy written by :meth:`RoutingPolicy.save`.
 
     Example:
         >>> import tempfile, os, dynamic_moe_router as dmr
@@ -152,9 +160,13 @@ def parse_policy(spec: str) -> RoutingPolicy:
         try:
             kwargs[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
-            raise PolicyFileError(f"policy spec {spec!r}: value {raw!r} of {key!r} is not a number/null") from None
+            raise PolicyFileError(
+                f"policy spec {spec!r}: value {raw!r} of {key!r} is not a number/null"
+            ) from None
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(kwargs) - names
     if unknown:
-        raise PolicyFileError(f"policy spec {spec!r}: unknown fields {sorted(unknown)}; known: {sorted(names)}")
+        raise PolicyFileError(
+            f"policy spec {spec!r}: unknown fields {sorted(unknown)}; known: {sorted(names)}"
+        )
     return cls(**kwargs)

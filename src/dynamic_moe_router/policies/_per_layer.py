@@ -47,7 +47,8 @@ class PerLayer(RoutingPolicy):
         for key, pol in self.overrides.items():
             if isinstance(key, bool) or not isinstance(key, int) or key < 0:
                 raise PolicyError(
-                    f"per_layer: override keys must be layer indices (int >= 0), got {key!r}", field="overrides"
+                    f"per_layer: override keys must be layer indices (int >= 0), got {key!r}",
+                    field="overrides",
                 )
             if not isinstance(pol, RoutingPolicy) or isinstance(pol, PerLayer):
                 raise PolicyError(
@@ -84,7 +85,9 @@ class PerLayer(RoutingPolicy):
         )
 
     def keep_counts(self, ranked_probs, probs, k_min, k_max):  # type: ignore[override]
-        raise PolicyError("per_layer: resolve the layer first with policy.for_layer(layer)", field="overrides")
+        raise PolicyError(
+            "per_layer: resolve the layer first with policy.for_layer(layer)", field="overrides"
+        )
 
     def describe(self) -> str:
         inner = ", ".join(f"{k}: {v.describe()}" for k, v in self.overrides.items())
