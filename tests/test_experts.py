@@ -182,3 +182,24 @@ def test_gradients_flow_like_the_reference():  # type: ignore[no-untyped-def]
     out = experts_forward(module, hidden, ids, weights, backend="loop")
     out.sum().backward()
     assert hidden.grad is not None and weights.grad is not None and module.gate_up_proj.grad is not None
+
+
+def test_cpu_backend_rule_follows_the_benchmark_crossover():  # type: ignore[no-untyped-def]
+    from dynamic_moe_router.experts import choose_cpu_backend
+
+    assert choose_cpu_backend(num_pairs=512 * 8, num_experts=64, intermediate=256) == "grouped"
+    assert choose_cpu_backend(num_pairs=2048 * 8, num_experts=64, intermediate=256) == "loop"
+    assert choose_cpu_backend(num_pairs=1 * 2, num_experts=8, intermediate=1792) == "grouped"
+    module = mixtral_experts(8, 16, 8)
+    big_ids, _ = random_routing(1024, 8, 2)
+    assert resolve_backend("auto", module, torch.randn(1024, 16), big_ids, STANDARD) == "loop"
+
+
+def test_misaligned_data_pointer_is_refused_by_grouped():  # type: ignore[no-untyped-def]
+    module = mixtral_experts(4, 16, 8)
+    storage = torch.randn(3 * 16 + 1)
+    hidden = storage[1:].view(3, 16)  # data pointer 4 bytes past an aligned address
+    ids, weights = random_routing(3, 4, 2)
+    assert resolve_backend("auto", module, hidden, ids, STANDARD) == "loop"
+    with pytest.raises(dmr.BackendUnavailableError, match="aligned data pointers"):
+        experts_forward(module, hidden, ids, weights, backend="grouped")

@@ -154,3 +154,37 @@ def test_patched_context_unpatches_on_error():  # type: ignore[no-untyped-def]
     with pytest.raises(ZeroDivisionError), dmr.patched(model, dmr.TopP(p=0.5)):
         1 / 0  # noqa: B018
     assert dmr.get_patch(model) is None
+
+
+def test_failure_while_applying_rolls_everything_back(monkeypatch):  # type: ignore[no-untyped-def]
+    import dynamic_moe_router.hf.patching as patch_module
+
+    model = tiny_model("qwen2_moe")
+    x = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        ref = model(x).logits
+    before = snapshot(model)
+    real_install = patch_module._install
+    calls = []
+
+    def flaky_install(module, fn):  # type: ignore[no-untyped-def]
+        calls.append(module)
+        if len(calls) == 3:  # after the first layer's router and experts were replaced
+            raise RuntimeError("simulated failure")
+        return real_install(module, fn)
+
+    monkeypatch.setattr(patch_module, "_install", flaky_install)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        dmr.patch(model, dmr.TopP(p=0.5))
+    assert snapshot(model) == before and dmr.get_patch(model) is None
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref)
+
+
+def test_replace_with_an_invalid_policy_keeps_the_old_patch():  # type: ignore[no-untyped-def]
+    model = tiny_model("mixtral")
+    handle = dmr.patch(model, dmr.TopP(p=0.5))
+    with pytest.raises(dmr.PolicyError):
+        dmr.patch(model, dmr.StaticTopK(k=99), replace=True)
+    assert dmr.get_patch(model) is handle and handle.active
+    dmr.unpatch(model)

@@ -83,7 +83,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     _need_transformers()
     import torch
 
-    from .hf.patch import patch
+    from .hf.patching import patch
     from .policies import parse_policy
     from .profiling import profile
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .hf.layers import MoELayer, find_moe_layers, model_family, unwrap
-from .hf.patch import get_patch
+from .hf.patching import get_patch
 
 __all__ = ["LayerStats", "ProfileReport", "profile"]
 

@@ -2,7 +2,7 @@
 
 from .families import FAMILIES, MIN_TRANSFORMERS, FamilySpec, get_family, supported_families
 from .layers import MoELayer, find_moe_layers
-from .patch import PatchHandle, PatchOptions, get_patch, patch, patched, unpatch
+from .patching import PatchHandle, PatchOptions, get_patch, patch, patched, unpatch
 
 __all__ = [
     "FAMILIES",

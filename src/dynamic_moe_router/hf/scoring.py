@@ -137,7 +137,7 @@ class TopKSoftmaxScorer(Scorer):
         return _cast(w, weights_dtype, sc.logits, hidden_dtype)
 
 
-class SparseMixerScorer(Scorer):
+class SparseMixerScorer(TopKSoftmaxScorer):
     """PhiMoE's sparsemixer (inference form), generalised from its 2 slots to any k.
 
     Slot ``i`` (the ``i``-th best logit ``m_i``) gets the softmax, evaluated at its expert, over the
@@ -148,11 +148,6 @@ class SparseMixerScorer(Scorer):
 
     name = "sparsemixer"
     distribution = "the softmax of the router logits over all E experts"
-
-    def scores(self, router, h, logits_dtype):  # type: ignore[override]
-        logits = _linear_logits(router, h, logits_dtype)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        return RouterScores(logits=logits, select=logits, probs=probs)
 
     def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):  # type: ignore[override]
         logits, ranked = sc.logits, sel.ranked_ids  # (T, E), (T, K)

@@ -117,6 +117,12 @@ def check_int(name: str, value: Any, *, minimum: int, allow_none: bool = False) 
         raise PolicyError(f"{name} must be >= {minimum}, got {value}", field=name)
 
 
+def check_bounds(min_k: Any, max_k: Any) -> None:
+    """``min_k >= 0`` and ``max_k`` either ``None`` (the native k) or ``>= 1``."""
+    check_int("min_k", min_k, minimum=0)
+    check_int("max_k", max_k, minimum=1, allow_none=True)
+
+
 def check_float(name: str, value: Any, *, low: float, high: float, low_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise PolicyError(f"{name} must be a number, got {value!r} ({type(value).__name__})", field=name)

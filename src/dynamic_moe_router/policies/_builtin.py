@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PolicyError
-from ._base import RoutingPolicy, check_float, check_int, register_policy, resolve_bounds
+from ._base import RoutingPolicy, check_bounds, check_float, check_int, register_policy, resolve_bounds
 
 __all__ = ["EntropyAdaptive", "RelativeThreshold", "StaticTopK", "TopP"]
 
@@ -79,8 +79,7 @@ class TopP(RoutingPolicy):
 
     def __post_init__(self) -> None:
         check_float("p", self.p, low=0.0, high=1.0, low_open=True)
-        check_int("min_k", self.min_k, minimum=0)
-        check_int("max_k", self.max_k, minimum=1, allow_none=True)
+        check_bounds(self.min_k, self.max_k)
 
     def k_range(self, native_k: int, num_experts: int) -> tuple[int, int]:
         return resolve_bounds(self, self.min_k, self.max_k, native_k, num_experts)
@@ -115,8 +114,7 @@ class RelativeThreshold(RoutingPolicy):
 
     def __post_init__(self) -> None:
         check_float("beta", self.beta, low=0.0, high=1.0)
-        check_int("min_k", self.min_k, minimum=0)
-        check_int("max_k", self.max_k, minimum=1, allow_none=True)
+        check_bounds(self.min_k, self.max_k)
 
     def k_range(self, native_k: int, num_experts: int) -> tuple[int, int]:
         return resolve_bounds(self, self.min_k, self.max_k, native_k, num_experts)
@@ -153,8 +151,7 @@ class EntropyAdaptive(RoutingPolicy):
     high: float = 1.0
 
     def __post_init__(self) -> None:
-        check_int("min_k", self.min_k, minimum=0)
-        check_int("max_k", self.max_k, minimum=1, allow_none=True)
+        check_bounds(self.min_k, self.max_k)
         check_float("low", self.low, low=0.0, high=1.0)
         check_float("high", self.high, low=0.0, high=1.0)
         if not self.low < self.high:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from .._atomic import write_text_atomic
 from .._version import __version__
 from ..errors import PolicyError, PolicyFileError
 from ._base import POLICY_REGISTRY, RoutingPolicy
@@ -99,16 +99,7 @@ def policy_from_dict(obj: Any, *, where: str = "policy") -> RoutingPolicy:
 
 def save_policy(policy: RoutingPolicy, path: str | os.PathLike[str]) -> None:
     """Write ``policy`` to ``path`` as JSON, atomically (temporary file, then rename)."""
-    target = Path(path)
-    text = json.dumps(policy_to_dict(policy), indent=2, sort_keys=True) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(policy_to_dict(policy), indent=2, sort_keys=True) + "\n")
 
 
 def load_policy(path: str | os.PathLike[str]) -> RoutingPolicy:

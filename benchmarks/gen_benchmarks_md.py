@@ -1,0 +1,427 @@
+"""Render ``benchmarks/results/*.json`` into ``BENCHMARKS.md``.
+
+Every number in the generated file comes from the result files; nothing is typed by hand. A missing,
+unreadable or unknown result file is skipped with a note in the output.
+
+Usage::
+
+    python benchmarks/gen_benchmarks_md.py                     # writes BENCHMARKS.md at the repo root
+    python benchmarks/gen_benchmarks_md.py --out /tmp/B.md     # elsewhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dynamic_moe_router._atomic import write_text_atomic
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+DEFAULT_OUT = ROOT / "BENCHMARKS.md"
+COMMAND = "python benchmarks/gen_benchmarks_md.py"
+
+FOLLOWS = 1.05  # time ratio / pair ratio at or below this: time follows the pairs
+PARTLY = 1.20  # up to this: time follows the pairs in part
+NO_SAVING = 0.95  # a time ratio at or above this: (almost) no saving
+BEYOND = 0.92  # time ratio / pair ratio below this: the time fell more than the pairs
+NOISY = 0.05  # a library median whose 95% CI half-width exceeds this (relative) marks the cell noisy
+LIB_VARIANTS = ("loop/static", "loop/dynamic", "grouped/static", "grouped/dynamic")
+
+
+# -- formatting --------------------------------------------------------------------------------------
+def _ms(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def _r(x: float | None, nd: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _classify(time_ratio: float, pair_ratio: float) -> str:
+    """A clause saying how the time ratio relates to the pair ratio."""
+    x = time_ratio / pair_ratio
+    if time_ratio >= NO_SAVING:
+        return "there is (almost) no saving"
+    if x < BEYOND:
+        return "the time falls more than the pairs"
+    if x <= FOLLOWS:
+        return "the time follows the pairs"
+    if x <= PARTLY:
+        return "the time follows the pairs only in part"
+    return "the saving is much smaller than the share of pairs dropped"
+
+
+def _tokens(ts: list[int]) -> str:
+    return f"{', '.join(map(str, ts))} token{'' if ts == [1] else 's'}"
+
+
+# -- CPU experts section -----------------------------------------------------------------------------
+def _winner_cell(cell: dict[str, Any]) -> str:
+    ws, wd = cell["winner_static"], cell["winner_dynamic"]
+    return ws if ws == wd else f"{ws} / {wd}"
+
+
+def _ci(timing: dict[str, Any]) -> float:
+    """Relative 95% CI half-width of a median (stored, or from the quartiles and the rounds)."""
+    if "median_ci95_rel" in timing:
+        return float(timing["median_ci95_rel"])
+    iqr = timing["p75_s"] - timing["p25_s"]
+    return 1.58 * iqr / max(timing["rounds"], 1) ** 0.5 / timing["median_s"]
+
+
+def _noisy(cell: dict[str, Any]) -> bool:
+    return any(_ci(cell["timings"][v]) > NOISY for v in LIB_VARIANTS if v in cell["timings"])
+
+
+def _unreliable(cell: dict[str, Any]) -> bool:
+    """Contended cells are left out of the per-shape statements; noisy ones are only marked."""
+    return bool(cell["contention"]["busy"])
+
+
+def _marks(cell: dict[str, Any]) -> str:
+    return ("†" if cell["contention"]["busy"] else "") + ("‡" if _noisy(cell) else "")
+
+
+def _busy(cell: dict[str, Any]) -> str:
+    words = (["†, contended"] if cell["contention"]["busy"] else []) + (["‡, noisy"] if _noisy(cell) else [])
+    return f" ({'; '.join(words)})" if words else ""
+
+
+def _shape_sentences(shape: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    out: list[str] = []
+    calm = [c for c in rows if not _unreliable(c)]
+    last = rows[-1]
+    pr = last["routing"]["pair_ratio"]
+    rl, rg = last["time_ratio_loop"], last["time_ratio_grouped"]
+    best = min(("loop", rl), ("grouped", rg), key=lambda t: t[1])
+    out.append(
+        f"At {last['tokens']} tokens{_busy(last)} the dynamic routing keeps {pr:.2f} of the pairs and the "
+        f"time falls to {rl:.2f} (loop) / {rg:.2f} (grouped) of static: with {best[0]}, "
+        f"{_classify(best[1], pr)} (time ratio / pair ratio {best[1] / pr:.2f})."
+    )
+    first = rows[0]
+    if first["tokens"] != last["tokens"]:
+        fpr = first["routing"]["pair_ratio"]
+        frl, frg = first["time_ratio_loop"], first["time_ratio_grouped"]
+        fb = min(frl, frg)
+        out.append(
+            f"At {first['tokens']} token{'s' if first['tokens'] != 1 else ''}{_busy(first)} the pair "
+            f"ratio is {fpr:.2f} and the time ratio {frl:.2f} (loop) / {frg:.2f} (grouped): "
+            f"{_classify(fb, fpr)}."
+        )
+    follows = [
+        c["tokens"]
+        for c in calm
+        if min(c["time_ratio_loop"], c["time_ratio_grouped"]) / c["routing"]["pair_ratio"] <= FOLLOWS
+    ]
+    reliable = " uncontended" if len(calm) < len(rows) else ""
+    if follows:
+        among = "Among the uncontended cells, the time" if reliable else "The time"
+        out.append(
+            f"{among} falls at least as much as the pairs (best backend's "
+            f"time ratio / pair ratio at most {FOLLOWS:.2f}) at {_tokens(follows)}."
+        )
+    else:
+        out.append(
+            f"At no{reliable} token count does the time fall as much as the pairs (best backend's time "
+            f"ratio / pair ratio at most {FOLLOWS:.2f})."
+        )
+    mid = [c for c in calm if 1 < c["tokens"] < last["tokens"]]
+    if mid:
+        worst = max(mid, key=lambda c: min(c["time_ratio_loop"], c["time_ratio_grouped"]))
+        touched = (worst["routing"]["experts_touched_static"], worst["routing"]["experts_touched_dynamic"])
+        out.append(
+            f"The smallest saving between those ends is at {worst['tokens']} tokens (best time ratio "
+            f"{min(worst['time_ratio_loop'], worst['time_ratio_grouped']):.2f} for pair ratio "
+            f"{worst['routing']['pair_ratio']:.2f}), where the batch touches {touched[0]} of the "
+            f"{shape['E']} experts with static routing and {touched[1]} with dynamic routing."
+        )
+    wins = {w: 0 for w in ("grouped", "loop", "tie")}
+    for c in rows:
+        for which in ("static", "dynamic"):
+            wins[c[f"winner_{which}"]] += 1
+    loop_at = sorted({c["tokens"] for c in rows for w in ("static", "dynamic") if c[f"winner_{w}"] == "loop"})
+    text = (
+        f"Backends: grouped was faster in {wins['grouped']} of {2 * len(rows)} comparisons, loop in "
+        f"{wins['loop']}, {wins['tie']} tied (within the tie tolerance)"
+    )
+    text += f"; loop won at {_tokens(loop_at)}." if loop_at else "; loop never won."
+    out.append(text)
+    hf = [c for c in calm if c["ms"].get("hf_grouped_mm/static") and c["ms"].get("grouped/static")]
+    if hf:
+        rel = [c["ms"]["grouped/static"] / c["ms"]["hf_grouped_mm/static"] for c in hf]
+        out.append(
+            "The library's grouped static forward took "
+            f"{min(rel):.2f}-{max(rel):.2f}x the time of transformers' grouped_mm forward on the same "
+            "routing."
+        )
+    bad = [c["tokens"] for c in rows if _unreliable(c)]
+    if bad:
+        out.append(
+            f"The cells at {_tokens(bad)} ran on a contended machine (†): the statements about the "
+            "token counts at which the time follows the pairs, the smallest saving and transformers "
+            "leave them out."
+        )
+    return out
+
+
+def render_cpu_experts(data: dict[str, Any], path: Path) -> list[str]:
+    m, st = data.get("machine", {}), data.get("settings", {})
+    cells: list[dict[str, Any]] = data.get("cells", [])
+    summary = data.get("summary", {})
+    lines = ["## CPU: one MoE experts layer", ""]
+    lines.append(
+        f"Source: `{_rel(path)}`, created {data.get('created_utc', '?')} by `{data.get('command', '?')}`"
+        + (" (quick run)" if data.get("quick") else "")
+        + f" in {data.get('wall_s', 0.0):.0f} s."
+    )
+    lines.append("")
+    lines.append(
+        f"Machine: {m.get('cpu_model') or m.get('processor') or 'unknown CPU'} ({m.get('machine', '?')}, "
+        f"{m.get('cpu_count', '?')} logical CPUs, ISA level {m.get('torch_cpu_capability', '?')}), "
+        f"torch {m.get('torch', '?')} with {m.get('torch_threads', '?')} threads, transformers "
+        f"{m.get('transformers', '?')}, dynamic_moe_router {m.get('dynamic_moe_router', '?')}, "
+        f"Python {m.get('python', '?')}."
+    )
+    lines.append("")
+    lines.append(
+        f"Method: one experts layer in {st.get('dtype', '?')} under `torch.no_grad()`. Router logits are "
+        "Gaussian with a per-token confidence and a per-expert bias; their scale is calibrated per shape "
+        f"for a mean normalised softmax entropy of {st.get('target_normalised_entropy', '?')} (measured "
+        "per cell, shown per shape below). Static: `dmr.StaticTopK()`; dynamic: `dmr.TopP(p)` with `p` "
+        f"searched on the same logits for a pair ratio of {st.get('target_pair_ratio', '?')}; both with "
+        f'`normalize="{st.get("normalize", "?")}"`. Backends `loop` and `grouped` are '
+        "`dynamic_moe_router.experts.experts_forward`; *HF eager* and *HF grouped_mm* are the transformers "
+        "experts module itself on the static routing"
+        + {
+            True: " (its grouped_mm path ran torch's `grouped_mm` kernel, not transformers' fallback loop)",
+            False: " (its grouped_mm path fell back to transformers' per-expert loop on this machine)",
+        }.get(st.get("transformers_grouped_mm_uses_torch_kernel"), "")
+        + ". Times are medians of interleaved rounds "
+        f"(at least {st.get('min_rounds', '?')}, after {st.get('warmup', '?')} warm-up calls each)."
+    )
+    lines.append("")
+    lines.append(
+        "Columns: *pair ratio* = dynamic / static (token, expert) pairs; *experts* = distinct experts "
+        "the batch touches, static → dynamic; *ms* = static / dynamic milliseconds; *ratio* = dynamic / "
+        "static time; *÷pairs* = ratio / pair ratio (1.00: time follows the pairs exactly; above 1: "
+        "less saving than pairs dropped); *faster* = faster library backend for static / dynamic routing "
+        f"(*tie* within {summary.get('tie_tolerance', 0.03) * 100:.0f}%)."
+    )
+    lines.append("")
+    checks = summary.get("all_checks_pass")
+    if checks is not None:
+        lines.append(
+            "Correctness checks (every static forward matches transformers eager, both dynamic backends "
+            "agree, `ExpertsCounter` counts exactly the kept pairs): "
+            + ("all passed." if checks else "**some failed, see the JSON `check` fields**.")
+        )
+        lines.append("")
+    cont = data.get("contention", {})
+    if cont.get("contended_cells"):
+        lines.append(
+            f"**Contention:** {cont['contended_cells']} of {len(cells)} cells ran while other processes "
+            f"used at least {st.get('quiet_threshold_cores', '?')} cores on average (up to "
+            f"{cont.get('max_others_cores', 0.0):.2f}); they are marked † and their times are not reliable."
+        )
+        lines.append("")
+    noisy = sum(_noisy(c) for c in cells)
+    if noisy:
+        lines.append(
+            f"**Noise:** in {noisy} of {len(cells)} cells the 95% confidence interval of at least one "
+            f"library median is wider than ±{NOISY * 100:.0f}% (interquartile range and number of rounds); "
+            "they are marked ‡ and their ratios carry that much more uncertainty."
+        )
+        lines.append("")
+
+    # overview
+    per_shape = summary.get("per_shape", {})
+    if per_shape:
+        lines += [
+            "### Overview (largest token count per shape)",
+            "",
+            "| shape | tokens | pair ratio | loop ratio | grouped ratio "
+            "| faster backend (static / dynamic) |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for name, s in per_shape.items():
+            ws, wd = s["winner_static"], s["winner_dynamic"]
+            lines.append(
+                f"| {name} | {s['largest_tokens']} | {s['pair_ratio']:.3f} | {s['time_ratio_loop']:.3f} | "
+                f"{s['time_ratio_grouped']:.3f} | {ws if ws == wd else f'{ws} / {wd}'} |"
+            )
+        lines.append("")
+        wins = summary.get("loop_wins", [])
+        if wins:
+            where = "; ".join(
+                f"{w['shape']} {_tokens([w['tokens']])} {w['routing']} ({w['loop_ms']:.2f} vs "
+                f"{w['grouped_ms']:.2f} ms{', contended' if w.get('contended') else ''})"
+                for w in wins
+            )
+            lines.append(
+                f"The loop backend beat grouped GEMM by more than the tie tolerance in {len(wins)} "
+                f"comparison(s): {where}."
+            )
+        else:
+            lines.append("The loop backend never beat grouped GEMM by more than the tie tolerance.")
+        picked = [c for c in cells if "choose_cpu_backend" in c]
+        if picked:
+            good = [
+                c
+                for c in picked
+                if c["choose_cpu_backend"] == c["winner_static"] or c["winner_static"] == "tie"
+            ]
+            misses = "; ".join(
+                f"{c['shape']} {_tokens([c['tokens']])} (picked {c['choose_cpu_backend']}, "
+                f"faster {c['winner_static']})"
+                for c in picked
+                if c not in good
+            )
+            lines.append("")
+            lines.append(
+                f"`auto` (`choose_cpu_backend`) picked the faster static backend, or one within the tie "
+                f"tolerance, in {len(good)} of {len(picked)} cells"
+                + (f"; not in: {misses}." if misses else ".")
+            )
+        lines.append("")
+
+    shapes = data.get("shapes", [])
+    for shape in shapes:
+        rows = sorted((c for c in cells if c["shape"] == shape["name"]), key=lambda c: c["tokens"])
+        if not rows:
+            continue
+        ent = [c["routing"]["normalised_entropy_mean"] for c in rows]
+        lines.append(
+            f"### {shape['name']}: E={shape['E']}, k={shape['k']}, H={shape['H']}, I={shape['I']} "
+            f"({shape.get('experts_class', '?')})"
+        )
+        lines.append("")
+        lines.append(
+            f"{shape.get('mflop_per_pair', 0.0):.2f} MFLOP per pair, {shape.get('weights_mib', 0.0):.0f} MiB "
+            f"of expert weights; logit scale {shape.get('sigma', 0.0):.2f}, measured mean normalised "
+            f"entropy {min(ent):.2f}-{max(ent):.2f} across the token counts; top-p `p` "
+            f"{min(c['routing']['top_p'] for c in rows):.3f}-{max(c['routing']['top_p'] for c in rows):.3f}."
+        )
+        lines.append("")
+        lines += [
+            "| tokens | pair ratio | experts | loop ms | loop ratio | ÷pairs | grouped ms | grouped ratio "
+            "| ÷pairs | HF eager ms | HF grouped_mm ms | faster |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for c in rows:
+            r, ms = c["routing"], c["ms"]
+            mark = f" {_marks(c)}" if _marks(c) else ""
+            lines.append(
+                f"| {c['tokens']}{mark} | {r['pair_ratio']:.3f} ({r['pairs_dynamic']}/{r['pairs_static']}) | "
+                f"{r['experts_touched_static']} → {r['experts_touched_dynamic']} | "
+                f"{_ms(ms['loop/static'])} / {_ms(ms['loop/dynamic'])} | {c['time_ratio_loop']:.3f} | "
+                f"{c['time_over_pair_ratio_loop']:.2f} | "
+                f"{_ms(ms['grouped/static'])} / {_ms(ms['grouped/dynamic'])} | "
+                f"{c['time_ratio_grouped']:.3f} | "
+                f"{c['time_over_pair_ratio_grouped']:.2f} | {_ms(ms.get('hf_eager/static'))} | "
+                f"{_ms(ms.get('hf_grouped_mm/static'))} | {_winner_cell(c)} |"
+            )
+        lines.append("")
+        lines.append(" ".join(_shape_sentences(shape, rows)))
+        lines.append("")
+    if not shapes:
+        lines += ["_The result file holds no shapes._", ""]
+    return lines
+
+
+RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = {
+    "cpu_experts": ("CPU: one MoE experts layer", render_cpu_experts),
+}
+
+
+# -- driver ------------------------------------------------------------------------------------------
+def load_results(results: Path) -> tuple[dict[str, list[tuple[Path, dict[str, Any]]]], list[str]]:
+    found: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    notes: list[str] = []
+    files = sorted(results.glob("*.json")) if results.is_dir() else []
+    for path in files:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            notes.append(f"`{_rel(path)}` was skipped: it could not be read ({type(err).__name__}).")
+            continue
+        kind = data.get("benchmark") if isinstance(data, dict) else None
+        if kind not in RENDERERS:
+            notes.append(f"`{_rel(path)}` was skipped: unknown benchmark kind {kind!r}.")
+            continue
+        found.setdefault(kind, []).append((path, data))
+    return found, notes
+
+
+def render(results: Path) -> str:
+    found, notes = load_results(results)
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated file: do not edit by hand. -->",
+        f"This file is generated by `{COMMAND}` from the result files in `{_rel(results)}/`; every "
+        "number in it comes from those files. To refresh it, rerun the benchmarks (for the CPU "
+        "experts layer: `python benchmarks/bench_cpu_experts.py`, or `--quick` for a short run) and "
+        "then the generator.",
+        "",
+    ]
+    for kind, (title, renderer) in RENDERERS.items():
+        entries = found.get(kind, [])
+        if not entries:
+            lines += [
+                f"## {title}",
+                "",
+                f"_Skipped: no `{kind}` result file in `{_rel(results)}/`._",
+                "",
+            ]
+            continue
+        # full runs before quick runs, newest first within each
+        ordered = sorted(entries, key=lambda e: str(e[1].get("created_utc", "")), reverse=True)
+        ordered.sort(key=lambda e: bool(e[1].get("quick")))
+        for i, (path, data) in enumerate(ordered):
+            try:
+                section = renderer(data, path)
+            except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+                notes.append(
+                    f"`{_rel(path)}` was skipped: it lacks expected fields ({type(err).__name__}: {err})."
+                )
+                continue
+            if i > 0:
+                section[0] = f"{section[0]} ({_rel(path)})"
+            lines += section
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Render benchmarks/results/*.json into BENCHMARKS.md.")
+    ap.add_argument("--results", type=Path, default=RESULTS, help=f"result folder (default {RESULTS})")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output file (default {DEFAULT_OUT})")
+    args = ap.parse_args(argv)
+    write_text_atomic(args.out, render(args.results))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
