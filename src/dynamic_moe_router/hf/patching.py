@@ -85,7 +85,7 @@ class DynamicRouter:
             return bool(getattr(self.layer.router, "norm_topk_prob", False))
         return self.spec.renorm == "always"
 
-    def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+    def __call__(self, hidden_states: torch.Tensor):  # type: ignore[no-untyped-def]
         layer, router = self.layer, self.layer.router
         if self.spec.training_unsupported and router.training:
             raise UnsupportedModeError(
