@@ -17,6 +17,7 @@ from ._version import __version__
 from .errors import (
     AlreadyPatchedError,
     BackendUnavailableError,
+    DataNotFoundError,
     DmrError,
     MissingDependencyError,
     NoMoELayersError,
@@ -47,6 +48,7 @@ from .routing import Routing, route
 __all__ = [
     "AlreadyPatchedError",
     "BackendUnavailableError",
+    "DataNotFoundError",
     "DmrError",
     "EntropyAdaptive",
     "ExpertsCounter",

@@ -18,6 +18,7 @@ from __future__ import annotations
 __all__ = [
     "AlreadyPatchedError",
     "BackendUnavailableError",
+    "DataNotFoundError",
     "DmrError",
     "MissingDependencyError",
     "NoMoELayersError",
@@ -91,6 +92,10 @@ class BackendUnavailableError(DmrError, RuntimeError):
 
 class UnsupportedModeError(DmrError, RuntimeError):
     """The patched model is run in a mode the library does not reproduce (e.g. phimoe in training)."""
+
+
+class DataNotFoundError(DmrError, FileNotFoundError):
+    """A data folder or file is missing or unreadable; the message names the path and ``DMR_DATA``."""
 
 
 class MissingDependencyError(DmrError, ImportError):
