@@ -1,4 +1,4 @@
-"""The ``dmr`` command line: ``families``, ``inspect``, ``profile``.
+"""The ``dmr`` command line: ``families``, ``inspect``, ``profile``, ``eval``.
 
 Every subcommand takes ``--json`` for machine-readable output. Errors of the library are printed
 as one line (``error: ...``) with exit status 2.
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._version import __version__
-from .errors import DmrError, MissingDependencyError
+from .errors import DmrError, MissingDependencyError, PolicyFileError
 
 __all__ = ["main"]
 
@@ -109,6 +109,59 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    _need_transformers()
+    from ._atomic import write_text_atomic
+    from .eval import TASKS, evaluate, load_checkpoint
+    from .policies import parse_policy
+
+    policy = parse_policy(args.policy) if args.policy else None
+    if args.tasks is None:
+        tasks = [] if args.text else list(TASKS)
+    else:
+        tasks = [t for t in args.tasks.split(",") if t and t != "none"]
+        if tasks == ["all"]:
+            tasks = list(TASKS)
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise PolicyFileError(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}, all or none")
+    corpora = list(args.text) if args.text else (args.corpus or ["gutenberg_test", "wikitext2_test"])
+    model, tokenizer = load_checkpoint(args.model)
+    result = evaluate(
+        model,
+        tokenizer,
+        policy=policy,
+        corpora=corpora,
+        tasks=tasks,
+        limit=args.limit,
+        max_tokens=args.max_tokens,
+        context=args.context,
+        stride=args.stride,
+        batch_size=args.batch_size,
+    )
+    result["model"] = str(args.model)
+    if args.out:
+        write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    lines = [f"model: {args.model}   policy: {result['flops']['policy']}"]
+    for name, res in result["perplexity"].items():
+        lo, hi = res["ppl_ci95"]
+        lines.append(
+            f"  perplexity {name}: {res['ppl']:.3f} (95% CI {lo:.3f}-{hi:.3f}, {res['tokens']:,} tokens)"
+        )
+    for name, res in result["tasks"].items():
+        extra = f", acc_norm {res['acc_norm']:.4f}" if "acc_norm" in res else ""
+        lines.append(
+            f"  {name}: acc {res['acc']:.4f} +- {res['acc_stderr']:.4f}{extra} ({res['items']} items)"
+        )
+    f = result["flops"]
+    lines.append(
+        f"  routed-expert FLOPs: {f['routed_flop_reduction']:.1%} fewer than native; whole model: "
+        f"{f['total_flop_reduction']:.1%} fewer (mean k {f['mean_k']:.3f})"
+    )
+    _emit(args, result, "\n".join(lines))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dmr", description="Dynamic per-token expert routing for MoE models."
@@ -138,6 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "loop", "grouped", "cuda"])
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a checkpoint, with FLOP accounting")
+    p.add_argument(
+        "--model", required=True, help="a local transformers checkpoint directory (with tokenizer)"
+    )
+    p.add_argument("--policy", help="policy JSON file or NAME:key=value,... (default: the native routing)")
+    p.add_argument("--text", nargs="+", help="plain text or JSONL (field 'text') files: perplexity only")
+    p.add_argument("--corpus", nargs="+", choices=["gutenberg_test", "wikitext2_test"], help="shared corpora")
+    p.add_argument("--tasks", help="comma-separated tasks, 'all' or 'none' (default: all, none with --text)")
+    p.add_argument("--limit", type=int, help="first N items per task (per paradigm for BLiMP)")
+    p.add_argument("--max-tokens", type=int, help="score at most N tokens per corpus")
+    p.add_argument("--context", type=int, default=512, help="perplexity window (default 512)")
+    p.add_argument("--stride", type=int, help="perplexity window stride (default: the context)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", help="also write the JSON result to this file (atomically)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
