@@ -26,6 +26,7 @@ from .errors import (
     PolicyError,
     PolicyFileError,
     RoutingInputError,
+    TargetUnreachableError,
     UnsupportedModeError,
     UnsupportedModelError,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "RoutingInputError",
     "RoutingPolicy",
     "StaticTopK",
+    "TargetUnreachableError",
     "TopP",
     "UnsupportedModeError",
     "UnsupportedModelError",

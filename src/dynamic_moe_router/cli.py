@@ -1,4 +1,4 @@
-"""The ``dmr`` command line: ``families``, ``inspect``, ``profile``, ``eval``.
+"""The ``dmr`` command line: ``families``, ``inspect``, ``profile``, ``eval``, ``calibrate``.
 
 Every subcommand takes ``--json`` for machine-readable output. Errors of the library are printed
 as one line (``error: ...``) with exit status 2.
@@ -162,6 +162,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    _need_transformers()
+    from ._atomic import write_text_atomic
+    from .calibrate import calibrate
+    from .eval import load_checkpoint
+
+    model, tokenizer = load_checkpoint(args.model)
+    result = calibrate(
+        model,
+        tokenizer,
+        args.target_reduction,
+        family=args.family,
+        tokens=args.tokens,
+        per_layer=not args.global_only,
+    )
+    result.policy.save(args.out)
+    report = result.to_dict()
+    report.update(model=str(args.model), out=str(args.out), calibration_tokens=args.tokens)
+    if args.report:
+        write_text_atomic(args.report, json.dumps(report, indent=2) + "\n")
+    text = (
+        f"{result.family}{' (per layer)' if result.per_layer else ''}: {result.policy.describe()}\n"
+        f"  routed-FLOP reduction {result.reduction:.1%} (target {args.target_reduction:.1%}), valid NLL "
+        f"{result.nll:.4f} vs native {result.native_nll:.4f} "
+        f"({report['relative_ppl_change']:+.2%} perplexity)\n"
+        f"  policy written to {args.out}"
+    )
+    _emit(args, report, text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dmr", description="Dynamic per-token expert routing for MoE models."
@@ -208,6 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the JSON result to this file (atomically)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "calibrate", help="find the policy that meets a routed-FLOP reduction with the least loss"
+    )
+    p.add_argument(
+        "--model", required=True, help="a local transformers checkpoint directory (with tokenizer)"
+    )
+    p.add_argument("--target-reduction", type=float, required=True, help="routed-FLOP reduction, e.g. 0.35")
+    p.add_argument("--family", choices=["top_p", "relative_threshold", "entropy"], help="default: try all")
+    p.add_argument("--out", required=True, help="policy JSON to write (dmr.load_policy, --policy read it)")
+    p.add_argument("--tokens", type=int, default=8192, help="calibration tokens from the valid split")
+    p.add_argument("--global-only", action="store_true", help="skip the per-layer refinement")
+    p.add_argument("--report", help="also write the calibration report (every measurement) as JSON")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_calibrate)
     return parser
 
 

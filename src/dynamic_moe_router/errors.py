@@ -27,6 +27,7 @@ __all__ = [
     "PolicyError",
     "PolicyFileError",
     "RoutingInputError",
+    "TargetUnreachableError",
     "UnsupportedModeError",
     "UnsupportedModelError",
 ]
@@ -92,6 +93,10 @@ class BackendUnavailableError(DmrError, RuntimeError):
 
 class UnsupportedModeError(DmrError, RuntimeError):
     """The patched model is run in a mode the library does not reproduce (e.g. phimoe in training)."""
+
+
+class TargetUnreachableError(DmrError, ValueError):
+    """No policy family reaches the requested routed-FLOP reduction on this model."""
 
 
 class DataNotFoundError(DmrError, FileNotFoundError):

@@ -1,0 +1,252 @@
+"""``calibrate``: the policy that meets a routed-FLOP reduction with the least loss increase.
+
+Calibration runs on held-out text (the Gutenberg valid split by default) and measures, for each
+candidate policy, the routed-FLOP reduction against the native top-k and the mean token NLL.
+
+1. **Global parameter.** Each policy family has one knob that trades FLOPs for quality:
+   ``top_p`` (``theta = 1 - p``), ``relative_threshold`` (``theta = beta``) and ``entropy``
+   (``theta = low``, with ``high = min(1, low + 0.3)``); the reduction grows with ``theta``.
+   Bisection towards the least aggressive ``theta`` whose reduction reaches the target; of the
+   probes that reach it, the one with the lowest NLL is kept.
+2. **Per-layer budgets.** The NLL increase of each layer alone at the global ``theta`` measures its
+   sensitivity. Layers are then shifted away from the global ``theta`` in proportion to their
+   standardised insensitivity (``theta_l = theta + lambda * 0.1 * z_l + offset``), the common
+   ``offset`` bisected again to meet the target, for a few ``lambda``; the per-layer policy
+   (:class:`~dynamic_moe_router.PerLayer`) is kept only if its measured NLL is lower than the
+   global one's.
+
+Without a family, every family is calibrated and the one with the least NLL increase wins. A target
+that no family reaches raises :class:`~dynamic_moe_router.errors.TargetUnreachableError`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import PolicyError, TargetUnreachableError
+from .hf.layers import find_moe_layers
+from .hf.patching import patched
+from .policies import EntropyAdaptive, PerLayer, RelativeThreshold, RoutingPolicy, StaticTopK, TopP
+from .profiling import profile
+
+__all__ = ["KNOBS", "CalibrationResult", "Knob", "calibrate", "calibration_windows"]
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A policy family's one-parameter knob: ``make(theta)``, reduction increasing in ``theta``."""
+
+    name: str
+    low: float
+    high: float
+    make: Callable[[float], RoutingPolicy]
+
+
+KNOBS: dict[str, Knob] = {
+    k.name: k
+    for k in (
+        Knob("top_p", 0.0, 0.99, lambda t: TopP(p=round(1.0 - t, 6))),
+        Knob("relative_threshold", 0.0, 1.0, lambda t: RelativeThreshold(beta=round(t, 6))),
+        Knob(
+            "entropy", 0.0, 0.95, lambda t: EntropyAdaptive(low=round(t, 6), high=round(min(1.0, t + 0.3), 6))
+        ),
+    )
+}
+
+
+@dataclass
+class CalibrationResult:
+    """The chosen policy, its measured reduction and NLL, and every measurement made."""
+
+    policy: RoutingPolicy
+    family: str
+    reduction: float
+    nll: float
+    native_nll: float
+    per_layer: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def nll_increase(self) -> float:
+        return self.nll - self.native_nll
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "policy": self.policy.to_dict(),
+            "reduction": self.reduction,
+            "nll": self.nll,
+            "native_nll": self.native_nll,
+            "nll_increase": self.nll_increase,
+            "relative_ppl_change": math.exp(self.nll_increase) - 1.0,
+            "per_layer": self.per_layer,
+            "measurements": self.history,
+        }
+
+
+def calibration_windows(tokenizer, documents: Sequence[str], tokens: int, context: int = 512) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """``(N, context + 1)`` non-overlapping windows covering the first ``tokens`` tokens."""
+    ids: list[int] = []
+    for chunk in tokenizer(list(documents), add_special_tokens=False, verbose=False)["input_ids"]:
+        ids.extend(chunk)
+        ids.append(tokenizer.eos_token_id)
+        if len(ids) > tokens + 1:
+            break
+    ids = ids[: tokens + 1]
+    n = (len(ids) - 1) // context
+    if n == 0:
+        raise PolicyError(f"calibration needs at least {context + 1} tokens; got {len(ids)}", field="tokens")
+    return torch.tensor([ids[i * context : i * context + context + 1] for i in range(n)], dtype=torch.long)
+
+
+class _Meter:
+    """Measures (routed-FLOP reduction, mean NLL) of a policy on fixed windows."""
+
+    def __init__(self, model, windows: torch.Tensor, batch_size: int) -> None:  # type: ignore[no-untyped-def]
+        self.model, self.windows, self.batch_size = model, windows, batch_size
+        self.history: list[dict[str, Any]] = []
+
+    @torch.no_grad()
+    def __call__(self, policy: RoutingPolicy | None, **note: Any) -> tuple[float, float]:
+        total, count = 0.0, 0
+        ctx = patched(self.model, policy) if policy is not None else None
+        if ctx is not None:
+            ctx.__enter__()
+        try:
+            with profile(self.model, count_dense=False) as report:
+                for start in range(0, len(self.windows), self.batch_size):
+                    batch = self.windows[start : start + self.batch_size]
+                    logits = self.model(batch[:, :-1]).logits.float()
+                    nll = torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                    )
+                    total += float(nll)
+                    count += batch[:, 1:].numel()
+        finally:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+        reduction = report.to_dict()["routed_flop_reduction"]
+        mean = total / count
+        self.history.append(
+            {
+                "policy": None if policy is None else policy.describe(),
+                "reduction": reduction,
+                "nll": mean,
+                **note,
+            }
+        )
+        return reduction, mean
+
+
+def _bisect(measure: Callable[[float], tuple[float, float]], lo: float, hi: float, target: float, iters: int):  # type: ignore[no-untyped-def]
+    """Bisect towards the smallest ``x`` in ``[lo, hi]`` whose reduction reaches ``target``.
+
+    Returns ``(x, reduction, nll)`` of the probe with the lowest NLL among those that reached the
+    target (usually the last), or ``(None, reduction, nll)`` of ``hi`` when even ``hi`` falls short.
+    """
+    red_hi, nll_hi = measure(hi)
+    if red_hi < target:
+        return None, red_hi, nll_hi
+    best = (hi, red_hi, nll_hi)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        red, nll = measure(mid)
+        if red >= target:
+            hi = mid
+            if nll < best[2]:
+                best = (mid, red, nll)
+        else:
+            lo = mid
+    return best
+
+
+def calibrate(
+    model,  # type: ignore[no-untyped-def]
+    tokenizer,
+    target_reduction: float,
+    *,
+    documents: Sequence[str] | None = None,
+    family: str | None = None,
+    tokens: int = 8192,
+    context: int = 512,
+    per_layer: bool = True,
+    iterations: int = 8,
+    batch_size: int = 8,
+) -> CalibrationResult:
+    """Find the policy reaching ``target_reduction`` of routed-expert FLOPs with the least NLL increase.
+
+    ``documents`` default to the Gutenberg valid split (tune on valid, report on test).
+    """
+    if not isinstance(target_reduction, (int, float)) or not 0.0 < target_reduction < 1.0:
+        raise PolicyError(
+            f"target_reduction must be in (0, 1), got {target_reduction!r}", field="target_reduction"
+        )
+    if family is not None and family not in KNOBS:
+        raise PolicyError(f"unknown policy family {family!r}; choose from {', '.join(KNOBS)}", field="family")
+    if documents is None:
+        from .data import data_file, read_jsonl
+
+        documents = [r["text"] for r in read_jsonl(data_file("gutenberg/valid.jsonl"))]
+    windows = calibration_windows(tokenizer, documents, tokens, context)
+    meter = _Meter(model, windows, batch_size)
+    layers = [layer.index for layer in find_moe_layers(model)[0]]
+    _, native_nll = meter(None, stage="native")
+
+    candidates: list[CalibrationResult] = []
+    reachable: dict[str, float] = {}
+    for name in [family] if family else list(KNOBS):
+        knob = KNOBS[name]
+        theta, red, nll = _bisect(
+            lambda t, k=knob: meter(k.make(t), stage="global", family=k.name, theta=t),
+            knob.low, knob.high, target_reduction, iterations,
+        )  # fmt: skip
+        reachable[name] = red
+        if theta is None:
+            continue
+        best = CalibrationResult(knob.make(theta), name, red, nll, native_nll, False)
+        if per_layer and len(layers) > 1:
+            best = _refine_per_layer(
+                meter, knob, theta, layers, target_reduction, native_nll, best, iterations
+            )
+        candidates.append(best)
+    if not candidates:
+        best_seen = ", ".join(f"{k}: {v:.1%}" for k, v in reachable.items())
+        raise TargetUnreachableError(
+            f"no policy family reaches a {target_reduction:.1%} routed-FLOP reduction on this model "
+            f"(most aggressive setting of each: {best_seen}); lower the target"
+        )
+    result = min(candidates, key=lambda c: c.nll)
+    result.history = meter.history
+    return result
+
+
+def _refine_per_layer(meter, knob, theta, layers, target, native_nll, best, iterations):  # type: ignore[no-untyped-def]
+    sensitivity = []
+    for layer in layers:
+        alone = PerLayer(StaticTopK(), {layer: knob.make(theta)})  # every other layer native
+        _, nll = meter(alone, stage="sensitivity", layer=layer)
+        sensitivity.append(nll - native_nll)
+    mean = statistics.fmean(sensitivity)
+    spread = statistics.pstdev(sensitivity) or 1.0
+    z = [(mean - s) / spread for s in sensitivity]  # > 0: less sensitive than average
+
+    def make(lam: float, offset: float) -> RoutingPolicy:
+        thetas = [min(knob.high, max(knob.low, theta + lam * 0.1 * zl + offset)) for zl in z]
+        return PerLayer(
+            knob.make(theta), {layer: knob.make(t) for layer, t in zip(layers, thetas, strict=True)}
+        )
+
+    for lam in (0.5, 1.0, 2.0):
+        offset, red, nll = _bisect(
+            lambda o, lam=lam: meter(make(lam, o), stage="per_layer", family=knob.name, lam=lam, offset=o),
+            -0.3, 0.3, target, iterations,
+        )  # fmt: skip
+        if offset is not None and nll < best.nll:
+            best = CalibrationResult(make(lam, offset), knob.name, red, nll, native_nll, True)
+    return best
