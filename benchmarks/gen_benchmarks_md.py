@@ -12,6 +12,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Callable
@@ -348,7 +349,119 @@ def render_cpu_experts(data: dict[str, Any], path: Path) -> list[str]:
     return lines
 
 
+DYNAMIC = ("top_p", "relative_threshold", "entropy", "lu_median", "calibrated")
+
+
+def _meets(row: dict[str, Any], reduction: float) -> bool:
+    return (
+        row["routed_flop_reduction"] >= reduction
+        and row["ppl_rel_change"] <= 0.01
+        and row["blimp_delta"] >= -0.01
+        and row["lambada_delta"] >= -0.01
+    )
+
+
+def _name(row: dict[str, Any]) -> str:
+    return f"{row['family']} {row['label']}"
+
+
+def render_quality_flops(data: dict[str, Any], path: Path) -> list[str]:
+    s = data["settings"]
+    lines = [
+        "## Quality and routed FLOPs: reference models",
+        "",
+        f"Source: `{_rel(path)}`, written by `dmr bench --out-dir {_rel(path.parent)}` in {data['wall_s']:.0f} s "
+        f"on {data['machine']['processor']} ({data['machine']['threads']} threads), torch "
+        f"{data['versions']['torch']}.",
+        "",
+        f"Quality is measured on test data: perplexity on the first {s['ppl_tokens']:,} tokens of the "
+        f"Gutenberg test split (windows of 512), BLiMP (the first {s['blimp_limit']} pairs of each of its 67 "
+        f"paradigms) and LAMBADA (the first {s['lambada_limit']} passages). Calibration and the per-layer "
+        f"baselines use the first {s['calibration_tokens']:,} tokens of the valid split. *routed* is the "
+        "routed-expert FLOP reduction against the native top-k, *whole* the same saving over all the model's "
+        "FLOPs (attention, routers, embeddings and head included); BLiMP and LAMBADA changes are in accuracy "
+        "points with their paired standard errors.",
+        "",
+        "![Pareto plot](benchmarks/results/pareto.png)",
+        "",
+    ]
+    for model in data["models"]:
+        rows = model["rows"]
+        native = rows[0]
+        lines += [
+            f"### {Path(model['model']).name} ({model['family']}, {model['moe_layers']} MoE layers, "
+            f"top-{model['native_k']})",
+            "",
+            "| family | point | routed | whole | mean k | perplexity | change | BLiMP | change | LAMBADA | change |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['family']} | {r['label']} | {r['routed_flop_reduction']:.1%} | {r['total_flop_reduction']:.1%} "
+                f"| {r['mean_k']:.2f} | {r['ppl']:.2f} | {r['ppl_rel_change']:+.2%} | {r['blimp_acc']:.3f} "
+                f"| {100 * r['blimp_delta']:+.1f} ± {100 * r['blimp_delta_se']:.1f} | {r['lambada_acc']:.3f} "
+                f"| {100 * r['lambada_delta']:+.1f} ± {100 * r['lambada_delta_se']:.1f} |"
+            )
+        lines.append("")
+        for target in (0.30, 0.35):
+            ok = [r for r in rows if r["family"] != "native" and _meets(r, target)]
+            reach = [r for r in rows if r["routed_flop_reduction"] >= target]
+            if ok:
+                lines.append(
+                    f"- **{target:.0%} target met** (routed reduction >= {target:.0%}, perplexity +1% or less, "
+                    f"BLiMP and LAMBADA down 1 point or less) by: " + ", ".join(_name(r) for r in ok) + "."
+                )
+            elif reach:
+                best = min(reach, key=lambda r: r["ppl_rel_change"])
+                lines.append(
+                    f"- **{target:.0%} target not met**: no policy reaching {target:.0%} fewer routed FLOPs keeps "
+                    f"perplexity within +1% and both accuracies within 1 point. The closest is {_name(best)} "
+                    f"({best['routed_flop_reduction']:.1%} fewer, perplexity {best['ppl_rel_change']:+.2%}, BLiMP "
+                    f"{100 * best['blimp_delta']:+.1f}, LAMBADA {100 * best['lambada_delta']:+.1f} points)."
+                )
+            else:
+                lines.append(f"- **{target:.0%} target not met**: no measured point reaches {target:.0%}.")
+        for st in [r for r in rows if r["family"] == "static"]:
+            x = st["routed_flop_reduction"]
+            options = []
+            for family in DYNAMIC:
+                pts = sorted(
+                    (
+                        (r["routed_flop_reduction"], r["ppl_rel_change"])
+                        for r in rows
+                        if r["family"] == family
+                    ),
+                )
+                for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+                    if x0 <= x <= x1 and x1 > x0:
+                        options.append((y0 + (y1 - y0) * (x - x0) / (x1 - x0), f"{family} (interpolated)"))
+                        break
+                else:
+                    options += [(y, f"{family}") for xr, y in pts if abs(xr - x) <= 0.01]
+            if not options:
+                lines.append(
+                    f"- At the routed FLOPs of static {st['label']} ({x:.1%} fewer), no dynamic family was measured "
+                    "on both sides of that point."
+                )
+                continue
+            best_y, best_name = min(options)
+            verdict = "better than" if best_y < st["ppl_rel_change"] else "no better than"
+            lines.append(
+                f"- At equal routed FLOPs with static {st['label']} ({x:.1%} fewer, perplexity "
+                f"{st['ppl_rel_change']:+.2%}), the best dynamic policy is {best_name} at perplexity "
+                f"{best_y:+.2%}: {verdict} the static baseline."
+            )
+        if native["lambada_acc"] < 0.1:
+            lines.append(
+                f"- Native LAMBADA accuracy is only {native['lambada_acc']:.3f} on these small models, so its "
+                "changes are mostly noise; perplexity and BLiMP carry the signal."
+            )
+        lines.append("")
+    return lines
+
+
 RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = {
+    "quality_flops": ("Quality and routed FLOPs: reference models", render_quality_flops),
     "cpu_experts": ("CPU: one MoE experts layer", render_cpu_experts),
 }
 
@@ -364,7 +477,7 @@ def load_results(results: Path) -> tuple[dict[str, list[tuple[Path, dict[str, An
         except (OSError, json.JSONDecodeError) as err:
             notes.append(f"`{_rel(path)}` was skipped: it could not be read ({type(err).__name__}).")
             continue
-        kind = data.get("benchmark") if isinstance(data, dict) else None
+        kind = (data.get("benchmark") or data.get("kind")) if isinstance(data, dict) else None
         if kind not in RENDERERS:
             notes.append(f"`{_rel(path)}` was skipped: unknown benchmark kind {kind!r}.")
             continue
@@ -379,9 +492,9 @@ def render(results: Path) -> str:
         "",
         "<!-- Generated file: do not edit by hand. -->",
         f"This file is generated by `{COMMAND}` from the result files in `{_rel(results)}/`; every "
-        "number in it comes from those files. To refresh it, rerun the benchmarks (for the CPU "
-        "experts layer: `python benchmarks/bench_cpu_experts.py`, or `--quick` for a short run) and "
-        "then the generator.",
+        "number in it comes from those files. To refresh it, rerun the benchmarks (quality and routed "
+        "FLOPs: `dmr bench --out-dir benchmarks/results`; the CPU experts layer: "
+        "`python benchmarks/bench_cpu_experts.py`, or `--quick` for a short run) and then the generator.",
         "",
     ]
     for kind, (title, renderer) in RENDERERS.items():

@@ -30,4 +30,4 @@ def test_python_examples_run(index, tmp_path, monkeypatch, capsys):  # type: ign
 
 def test_the_first_command_is_the_main_job():  # type: ignore[no-untyped-def]
     first = re.search(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S).group(1)
-    assert "pip install" in first and "dmr profile" in first
+    assert "pip install" in first and first.strip().endswith("dmr bench")

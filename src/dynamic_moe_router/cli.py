@@ -193,6 +193,33 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    _need_transformers()
+    from pathlib import Path
+
+    from .bench import BenchSettings, run_bench, summary_table
+
+    models = [Path(m) for m in args.models] if args.models else _bundled_models()
+    settings = BenchSettings(
+        ppl_tokens=args.ppl_tokens, blimp_limit=args.blimp_limit, lambada_limit=args.lambada_limit
+    )
+    payload = run_bench(models, Path(args.out_dir), settings, log=(lambda *_: None) if args.json else print)
+    _emit(args, payload, summary_table(payload) + f"\nwrote {args.out_dir}/quality_flops.json and pareto.png")
+    return 0
+
+
+def _bundled_models() -> list:  # type: ignore[type-arg]
+    from pathlib import Path
+
+    for root in (Path.cwd(), *Path(__file__).resolve().parents):
+        if (root / "models" / "ref-mixtral" / "config.json").is_file():
+            return [root / "models" / "ref-mixtral", root / "models" / "ref-olmoe"]
+    raise MissingDependencyError(
+        "the bundled reference models (models/ref-mixtral, models/ref-olmoe) were not found; run dmr bench "
+        "from the repository or pass --models DIR ..."
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dmr", description="Dynamic per-token expert routing for MoE models."
@@ -254,6 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="also write the calibration report (every measurement) as JSON")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("bench", help="quality / routed-FLOP sweep of every policy family (the main job)")
+    p.add_argument(
+        "--models", nargs="+", help="checkpoint directories (default: the bundled reference models)"
+    )
+    p.add_argument("--out-dir", default="dmr-bench", help="where quality_flops.json and pareto.png go")
+    p.add_argument("--ppl-tokens", type=int, default=16384, help="Gutenberg test tokens for perplexity")
+    p.add_argument("--blimp-limit", type=int, default=5, help="BLiMP pairs per paradigm (1000 = all)")
+    p.add_argument("--lambada-limit", type=int, default=150, help="LAMBADA passages (5153 = all)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

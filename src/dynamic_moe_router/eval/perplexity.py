@@ -69,9 +69,11 @@ def perplexity(
     if not 0 < stride <= context:
         raise ValueError(f"stride must be in (0, context={context}], got {stride}")
     ids: list[int] = []
-    for chunk in tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]:
-        ids.extend(chunk)
+    for doc in documents:  # one by one, so a token budget stops the tokenising early
+        ids.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])
         ids.append(tokenizer.eos_token_id)
+        if max_tokens is not None and len(ids) > max_tokens:
+            break
     if max_tokens is not None:
         ids = ids[: max_tokens + 1]
     tokens = torch.tensor(ids, dtype=torch.long)

@@ -143,6 +143,7 @@ def evaluate_task(  # type: ignore[no-untyped-def]
             norm = [x / max(1, len(req[1])) for x, req in zip(ll, item.requests, strict=True)]
             acc_norm.append(float(max(range(len(norm)), key=norm.__getitem__) == item.gold))
     out["acc"], out["acc_stderr"] = _mean_se(acc)
+    out["item_scores"] = acc  # per-item 0/1, for paired comparisons between policies
     if acc_norm:
         out["acc_norm"], out["acc_norm_stderr"] = _mean_se(acc_norm)
     if lls:

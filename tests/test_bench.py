@@ -1,0 +1,53 @@
+"""dmr bench on a data slice: the JSON schema, the plot and the BENCHMARKS.md section."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import dynamic_moe_router as dmr
+from dynamic_moe_router.bench import BenchSettings, run_bench, summary_table
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_KEYS = {
+    "family", "label", "policy", "routed_flop_reduction", "total_flop_reduction", "mean_k", "ppl", "ppl_ci95",
+    "ppl_rel_change", "blimp_acc", "blimp_delta", "blimp_delta_se", "lambada_acc", "lambada_delta",
+    "lambada_delta_se", "wall_s",
+}  # fmt: skip
+
+
+def test_bench_on_a_slice(tmp_path):  # type: ignore[no-untyped-def]
+    settings = BenchSettings(ppl_tokens=512, blimp_limit=1, lambada_limit=4, calibration_tokens=1024)
+    payload = run_bench([ROOT / "models" / "ref-olmoe"], tmp_path, settings, log=lambda *_: None)
+    saved = json.loads((tmp_path / "quality_flops.json").read_text())
+    assert saved == json.loads(json.dumps(payload))
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
+    (model,) = saved["models"]
+    rows = model["rows"]
+    assert rows[0]["family"] == "native" and rows[0]["routed_flop_reduction"] == 0.0
+    families = {r["family"] for r in rows}
+    assert families == {
+        "native",
+        "static",
+        "lu_median",
+        "top_p",
+        "relative_threshold",
+        "entropy",
+        "calibrated",
+    }
+    for r in rows:
+        assert set(r) == ROW_KEYS
+        if r["policy"] is not None:
+            assert dmr.policies.policy_from_dict(r["policy"])  # every point is a loadable policy
+    uniform = {r["label"]: r for r in rows if r["label"].startswith("uniform")}
+    assert uniform["uniform k=2"]["routed_flop_reduction"] == 0.5  # exact for static top-k
+    calibrated = next(r for r in rows if r["family"] == "calibrated")
+    assert calibrated["routed_flop_reduction"] > 0
+    assert model["data"]["blimp"]["items"] == 67 and model["data"]["lambada"]["items"] == 4
+    assert "native top-k" in summary_table(payload)
+    spec = importlib.util.spec_from_file_location("gen", ROOT / "benchmarks" / "gen_benchmarks_md.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    section = "\n".join(gen.render_quality_flops(saved, tmp_path / "quality_flops.json"))
+    assert "30% target" in section and "35% target" in section and "ref-olmoe" in section
