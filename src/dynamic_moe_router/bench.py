@@ -33,7 +33,7 @@ from ._atomic import write_text_atomic
 from ._version import __version__
 from .calibrate import calibrate, calibration_windows
 from .data import data_file, read_jsonl
-from .eval import load_checkpoint
+from .eval import evaluate, load_checkpoint
 from .hf.layers import find_moe_layers
 from .hf.patching import patched
 from .policies import EntropyAdaptive, PerLayer, RelativeThreshold, RoutingPolicy, StaticTopK, TopP
@@ -143,7 +143,17 @@ def _bench_model(path: Path, settings: BenchSettings, log) -> dict[str, Any]:  #
     dense = 0
     for n, (family, label, policy) in enumerate(_track(points, f"{path.name}"), 1):
         start = time.time()
-        res = _evaluate_point(model, tokenizer, policy, settings)
+        res = evaluate(
+            model,
+            tokenizer,
+            policy=policy,
+            corpora=["gutenberg_test"],
+            tasks=["blimp", "lambada"],
+            limit={"blimp": settings.blimp_limit, "lambada": settings.lambada_limit},
+            max_tokens=settings.ppl_tokens,
+            batch_size=settings.batch_size,
+            count_dense=policy is None,  # dense FLOPs do not depend on the policy: measured once
+        )
         if native is None:
             native = res
             f = res["flops"]
@@ -201,37 +211,6 @@ def _bench_model(path: Path, settings: BenchSettings, log) -> dict[str, Any]:  #
             "calibration": {"file": "gutenberg/valid.jsonl", "tokens": settings.calibration_tokens},
         },
         "rows": rows,
-    }
-
-
-def _evaluate_point(
-    model, tokenizer, policy: RoutingPolicy | None, settings: BenchSettings
-) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    from .eval.perplexity import corpus_documents, perplexity
-    from .eval.tasks import evaluate_task
-    from .profiling import profile
-
-    docs, path = corpus_documents("gutenberg_test")
-    ctx = patched(model, policy) if policy is not None else None
-    if ctx is not None:
-        ctx.__enter__()
-    try:
-        with torch.no_grad(), profile(model, count_dense=policy is None) as report:
-            ppl = perplexity(
-                model, tokenizer, docs, max_tokens=settings.ppl_tokens, batch_size=settings.batch_size
-            )
-            ppl["file"] = path
-            blimp = evaluate_task(model, tokenizer, "blimp", limit=settings.blimp_limit, batch_size=64)
-            lambada = evaluate_task(
-                model, tokenizer, "lambada", limit=settings.lambada_limit, batch_size=settings.batch_size
-            )
-    finally:
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
-    return {
-        "perplexity": {"gutenberg_test": ppl},
-        "tasks": {"blimp": blimp, "lambada": lambada},
-        "flops": report.to_dict(),
     }
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,22 +116,16 @@ class _Meter:
     @torch.no_grad()
     def __call__(self, policy: RoutingPolicy | None, **note: Any) -> tuple[float, float]:
         total, count = 0.0, 0
-        ctx = patched(self.model, policy) if policy is not None else None
-        if ctx is not None:
-            ctx.__enter__()
-        try:
-            with profile(self.model, count_dense=False) as report:
-                for start in range(0, len(self.windows), self.batch_size):
-                    batch = self.windows[start : start + self.batch_size]
-                    logits = self.model(batch[:, :-1]).logits.float()
-                    nll = torch.nn.functional.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-                    )
-                    total += float(nll)
-                    count += batch[:, 1:].numel()
-        finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
+        routing = patched(self.model, policy) if policy is not None else nullcontext()
+        with routing, profile(self.model, count_dense=False) as report:
+            for start in range(0, len(self.windows), self.batch_size):
+                batch = self.windows[start : start + self.batch_size]
+                logits = self.model(batch[:, :-1]).logits.float()
+                nll = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                )
+                total += float(nll)
+                count += batch[:, 1:].numel()
         reduction = report.to_dict()["routed_flop_reduction"]
         mean = total / count
         self.history.append(

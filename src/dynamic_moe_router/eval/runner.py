@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ def evaluate(
     policy: RoutingPolicy | None = None,
     corpora: Sequence[str] = ("gutenberg_test", "wikitext2_test"),
     tasks: Sequence[str] = tuple(TASKS),
-    limit: int | None = None,
+    limit: int | Mapping[str, int] | None = None,
     max_tokens: int | None = None,
     context: int = 512,
     stride: int | None = None,
@@ -58,7 +58,8 @@ def evaluate(
     """Evaluate ``model`` under ``policy`` (``None``: the model as it is, e.g. native routing).
 
     Returns perplexity per corpus, metrics per task, the FLOP accounting of the whole run
-    (:func:`dynamic_moe_router.profile`) and the data files and counts used.
+    (:func:`dynamic_moe_router.profile`) and the data files and counts used. ``limit`` is one item
+    limit for every task, or a mapping from task name to its limit (tasks not in it: no limit).
     """
     start = time.time()
     result: dict[str, Any] = {
@@ -66,7 +67,7 @@ def evaluate(
         "perplexity": {},
         "tasks": {},
         "settings": {
-            "limit": limit,
+            "limit": dict(limit) if isinstance(limit, Mapping) else limit,
             "max_tokens": max_tokens,
             "context": context,
             "stride": stride or context,
@@ -88,7 +89,10 @@ def evaluate(
             res.update(file=path, documents=len(docs))
             result["perplexity"][corpus] = res
         for task in tasks:
-            result["tasks"][task] = evaluate_task(model, tokenizer, task, limit=limit, batch_size=batch_size)
+            task_limit = limit.get(task) if isinstance(limit, Mapping) else limit
+            result["tasks"][task] = evaluate_task(
+                model, tokenizer, task, limit=task_limit, batch_size=batch_size
+            )
     flops = report.to_dict()
     flops.pop("layers")
     result["flops"] = flops
