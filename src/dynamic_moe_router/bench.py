@@ -137,6 +137,7 @@ def _paired_delta(a: list[float], b: list[float]) -> tuple[float, float]:
 
 def _bench_model(path: Path, settings: BenchSettings, log) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     model, tokenizer = load_checkpoint(path)
+    layers = find_moe_layers(model)[0]
     points = _points(model, tokenizer, settings, log)
     rows: list[dict[str, Any]] = []
     native: dict[str, Any] | None = None
@@ -195,8 +196,8 @@ def _bench_model(path: Path, settings: BenchSettings, log) -> dict[str, Any]:  #
     return {
         "model": str(path),
         "family": model.config.model_type,
-        "moe_layers": len(find_moe_layers(model)[0]),
-        "native_k": find_moe_layers(model)[0][0].native_k,
+        "moe_layers": len(layers),
+        "native_k": layers[0].native_k,
         "data": {
             "perplexity": {
                 "file": native["perplexity"]["gutenberg_test"]["file"],

@@ -94,8 +94,8 @@ def evaluate(
                 model, tokenizer, task, limit=task_limit, batch_size=batch_size
             )
     flops = report.to_dict()
-    flops.pop("layers")
+    per_layer = flops.pop("layers")
     result["flops"] = flops
-    result["flops_per_layer"] = report.to_dict()["layers"]
+    result["flops_per_layer"] = per_layer
     result["wall_s"] = round(time.time() - start, 1)
     return result
