@@ -131,13 +131,19 @@ def test_odd_sizes_fall_back_to_loop_and_explicit_grouped_raises():  # type: ign
     assert counter.executed_pairs == int((ids < 257).sum())
 
 
-def test_explicit_cuda_backend_on_cpu_raises():  # type: ignore[no-untyped-def]
+def test_explicit_cuda_backend_on_cpu_raises(monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter would run Triton on CPU
     module = mixtral_experts(4, 16, 8)
     ids, weights = random_routing(3, 4, 2)
     with pytest.raises(dmr.BackendUnavailableError, match="needs CUDA tensors"):
         experts_forward(module, torch.randn(3, 16), ids, weights, backend="cuda")
-    with pytest.raises(dmr.BackendUnavailableError, match="unknown experts backend"):
+    with pytest.raises(
+        dmr.BackendUnavailableError,
+        match=r"'triton' cannot run: (Triton is not installed|Triton kernels need CUDA)",
+    ):
         experts_forward(module, torch.randn(3, 16), ids, weights, backend="triton")
+    with pytest.raises(dmr.BackendUnavailableError, match="unknown experts backend"):
+        experts_forward(module, torch.randn(3, 16), ids, weights, backend="tensorrt")
 
 
 def test_fp16_auto_falls_back_and_grouped_raises():  # type: ignore[no-untyped-def]
@@ -203,3 +209,10 @@ def test_misaligned_data_pointer_is_refused_by_grouped():  # type: ignore[no-unt
     assert resolve_backend("auto", module, hidden, ids, STANDARD) == "loop"
     with pytest.raises(dmr.BackendUnavailableError, match="aligned data pointers"):
         experts_forward(module, hidden, ids, weights, backend="grouped")
+
+
+def test_cli_offers_every_backend():  # type: ignore[no-untyped-def]
+    from dynamic_moe_router.cli import CLI_BACKENDS
+    from dynamic_moe_router.experts import BACKENDS
+
+    assert CLI_BACKENDS == BACKENDS

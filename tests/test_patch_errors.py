@@ -65,7 +65,7 @@ def test_not_a_policy():  # type: ignore[no-untyped-def]
     ("kwargs", "match"),
     [
         ({"renormalize": "yes"}, "renormalize must be"),
-        ({"backend": "triton"}, "backend must be one of"),
+        ({"backend": "tensorrt"}, "backend must be one of"),
         ({"validate": 1}, "validate must be"),
     ],
 )

@@ -15,6 +15,10 @@ from typing import Any
 from ._version import __version__
 from .errors import DmrError, MissingDependencyError, PolicyFileError
 
+#: experts backends offered by ``--backend`` (kept equal to ``experts.BACKENDS`` by a test; a literal
+#: so that building the parser does not import torch)
+CLI_BACKENDS = ("auto", "loop", "grouped", "cuda", "triton")
+
 __all__ = ["main"]
 
 
@@ -246,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=64, help="sequence length (default 64)")
     p.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
-    p.add_argument("--backend", default="auto", choices=["auto", "loop", "grouped", "cuda"])
+    p.add_argument("--backend", default="auto", choices=list(CLI_BACKENDS))
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_profile)
 

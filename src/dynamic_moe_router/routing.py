@@ -19,7 +19,8 @@ from typing import Literal
 
 import torch
 
-from .errors import NonFiniteRouterScoresError, RoutingInputError
+from . import spec
+from .errors import RoutingInputError
 from .policies import RoutingPolicy
 
 __all__ = ["Normalize", "Routing", "Selection", "combine_weights", "finish", "route", "select"]
@@ -68,12 +69,7 @@ class Selection:
 def _check_2d(name: str, x: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
     if not isinstance(x, torch.Tensor):
         raise RoutingInputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise RoutingInputError(f"{name} must be 2-D (tokens, experts), got shape {tuple(x.shape)}")
-    if shape is not None and tuple(x.shape) != shape:
-        raise RoutingInputError(f"{name} must have the shape of scores {shape}, got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise RoutingInputError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    spec.check_matrix(name, tuple(x.shape), floating=x.is_floating_point(), dtype=x.dtype, scores_shape=shape)
 
 
 def _check_finite(name: str, x: torch.Tensor, layer: int | None, *, allow_neg_inf: bool) -> None:
@@ -82,15 +78,7 @@ def _check_finite(name: str, x: torch.Tensor, layer: int | None, *, allow_neg_in
         bad = bad | torch.isposinf(x)
     n_bad = int(bad.any(dim=-1).sum())
     if n_bad:
-        where = f" in MoE layer {layer}" if layer is not None else ""
-        raise NonFiniteRouterScoresError(
-            f"router {name}{where} contain NaN or infinite values for {n_bad} of {x.shape[0]} tokens; "
-            "the model's activations overflowed or its inputs are corrupt (try fp32 or bf16 instead of "
-            "fp16, and check the inputs). Pass validate=False to skip this check (such tokens then get "
-            "unspecified experts, without touching other tokens).",
-            layer=layer,
-            bad_tokens=n_bad,
-        )
+        raise spec.non_finite_error(name, layer, n_bad, x.shape[0])
 
 
 def select(
@@ -105,34 +93,21 @@ def select(
     """Rank each token's candidates by ``scores`` and let ``policy`` choose how many to keep.
 
     ``scores`` may hold ``-inf`` for candidates the family excluded (group-limited routing); such a
-    candidate is never kept, even if ``min_k`` asks for it.
+    candidate is never kept, even if ``min_k`` asks for it. The math is
+    :func:`dynamic_moe_router.spec.select` with :data:`~dynamic_moe_router.spec.TORCH_OPS`.
     """
     _check_2d("scores", scores)
     num_tokens, num_experts = scores.shape
-    if probs is None:
-        probs = scores
-    else:
+    if probs is not None:
         _check_2d("probs", probs, (num_tokens, num_experts))
-    if isinstance(native_k, bool) or not isinstance(native_k, int) or not 1 <= native_k <= num_experts:
-        raise RoutingInputError(f"native_k must be an int in [1, {num_experts}], got {native_k!r}")
+    spec.check_native_k(native_k, num_experts)
     layer_policy = policy.for_layer(layer)
-    k_min, k_max = layer_policy.k_range(native_k, num_experts)
+    layer_policy.k_range(native_k, num_experts)  # a PolicyError before the host checks
     if validate and num_tokens:
         _check_finite("scores", scores, layer, allow_neg_inf=True)
-        _check_finite("probabilities", probs, layer, allow_neg_inf=False)
-
-    top_scores, ranked_ids = torch.topk(scores, k_max, dim=-1)  # (T, k_max), sorted descending
-    if probs is scores:
-        ranked_probs = top_scores
-    else:
-        ranked_probs = probs.gather(1, ranked_ids)  # (T, k_max)
-    ranked_probs = ranked_probs.float()
-    counts = layer_policy.keep_counts(ranked_probs, probs.float(), k_min, k_max)  # (T,)
-    available = torch.isfinite(top_scores).sum(dim=-1)  # candidates the family did not exclude
-    counts = torch.minimum(counts, available)
-    slots = torch.arange(k_max, device=scores.device)
-    keep = slots.unsqueeze(0) < counts.unsqueeze(1)  # (T, k_max)
-    return Selection(ranked_ids=ranked_ids, keep=keep, counts=counts, num_experts=num_experts)
+        _check_finite("probabilities", scores if probs is None else probs, layer, allow_neg_inf=False)
+    sel = spec.select(spec.TORCH_OPS, scores, layer_policy, native_k=native_k, probs=probs)
+    return Selection(ranked_ids=sel.ranked_ids, keep=sel.keep, counts=sel.counts, num_experts=num_experts)
 
 
 def combine_weights(
@@ -148,20 +123,10 @@ def combine_weights(
     * ``"softmax"``: a softmax over the kept candidates, ``ranked_gate`` being logits
       (top-k-then-softmax families such as gpt_oss and granitemoe).
 
-    A token with nothing kept gets all-zero weights. ``scaling`` multiplies the result.
+    A token with nothing kept gets all-zero weights. ``scaling`` multiplies the result. The math
+    is :func:`dynamic_moe_router.spec.combine_weights` with :data:`~dynamic_moe_router.spec.TORCH_OPS`.
     """
-    if normalize == "softmax":
-        masked = ranked_gate.masked_fill(~keep, float("-inf"))  # no host sync: a no-op when all kept
-        weights = torch.softmax(masked, dim=-1, dtype=ranked_gate.dtype)
-        weights = torch.where(keep, weights, torch.zeros_like(weights))  # rows with nothing kept: NaN -> 0
-    else:
-        weights = torch.where(keep, ranked_gate, torch.zeros_like(ranked_gate))
-        if normalize == "sum":
-            denom = weights.sum(dim=-1, keepdim=True)
-            weights = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
-        elif normalize != "none":
-            raise RoutingInputError(f"normalize must be 'none', 'sum' or 'softmax', got {normalize!r}")
-    return weights * scaling
+    return spec.combine_weights(spec.TORCH_OPS, ranked_gate, keep, normalize, scaling)
 
 
 def route(
@@ -218,6 +183,5 @@ def route(
 
 def finish(sel: Selection, weights: torch.Tensor) -> Routing:
     """Apply the sentinel to dropped slots and package a :class:`Routing`."""
-    sentinel = torch.full_like(sel.ranked_ids, sel.num_experts)
-    ids = torch.where(sel.keep, sel.ranked_ids, sentinel)
+    ids = spec.apply_sentinel(spec.TORCH_OPS, sel.ranked_ids, sel.keep, sel.num_experts)
     return Routing(ids=ids, weights=weights, counts=sel.counts, num_experts=sel.num_experts)

@@ -7,6 +7,7 @@ from ._forward import (
     ExpertsCounter,
     ExpertsLayout,
     choose_cpu_backend,
+    choose_cuda_backend,
     experts_forward,
     resolve_backend,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "ExpertsCounter",
     "ExpertsLayout",
     "choose_cpu_backend",
+    "choose_cuda_backend",
     "experts_forward",
     "resolve_backend",
 ]

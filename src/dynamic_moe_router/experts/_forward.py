@@ -14,11 +14,19 @@ Backends:
   it reads the per-expert counts on the host.
 * ``"grouped"``: compacts the kept pairs, then ``torch.nn.functional.grouped_mm`` over them
   (two grouped GEMMs for all experts). Host sync for the number of kept pairs.
-* ``"cuda"``: sync-free grouped GEMM with device-side offsets over a fixed ``T * k_max`` buffer
-  whose sentinel tail the GEMMs skip (CUDA, bf16, SM80+). No host synchronisation.
-* ``"auto"``: ``"cuda"`` on a capable GPU, else the faster of ``"loop"`` and ``"grouped"`` for the
-  shape on CPU (see :func:`choose_cpu_backend`); falls back to ``"loop"`` when grouped GEMM cannot
-  run. An explicitly requested backend that cannot run raises ``BackendUnavailableError``.
+* ``"cuda"`` (GPU prefill): sync-free; Triton gather, SwiGLU and combine kernels bounded by the
+  device-side count of kept pairs around two ``grouped_mm`` calls with device-side offsets (see
+  :mod:`dynamic_moe_router.experts._gpu`). Layers the Triton kernels do not cover (gpt_oss layout,
+  activations other than SiLU) or machines without Triton run the same GEMMs over a fixed
+  ``T * k_max`` buffer whose sentinel tail the GEMMs skip but gather and activation do not.
+* ``"triton"`` (GPU decode and small batches): sync-free Triton grouped GEMMs over a block table,
+  with the gather fused into the first GEMM and SwiGLU into its epilogue; each touched expert's
+  weights are streamed once per block of rows.
+* ``"auto"``: on a capable GPU in bf16/fp16, ``"triton"`` for few rows per expert and ``"cuda"``
+  otherwise (see :func:`choose_cuda_backend`); on CPU the faster of ``"loop"`` and ``"grouped"``
+  for the shape (see :func:`choose_cpu_backend`); ``"loop"`` when nothing else can run (fp32 on
+  CUDA uses ``"loop"``, whose per-expert cuBLAS GEMMs reproduce transformers' eager path). An
+  explicitly requested backend that cannot run raises ``BackendUnavailableError``.
 """
 
 from __future__ import annotations
@@ -30,18 +38,24 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BackendUnavailableError, RoutingInputError
+from . import _gpu
 
 __all__ = [
     "BACKENDS",
     "ExpertsCounter",
     "ExpertsLayout",
     "choose_cpu_backend",
+    "choose_cuda_backend",
     "experts_forward",
     "resolve_backend",
 ]
 
-Backend = Literal["auto", "loop", "grouped", "cuda"]
-BACKENDS: tuple[str, ...] = ("auto", "loop", "grouped", "cuda")
+Backend = Literal["auto", "loop", "grouped", "cuda", "triton"]
+BACKENDS: tuple[str, ...] = ("auto", "loop", "grouped", "cuda", "triton")
+#: ``auto`` on CUDA uses the fused Triton path up to this many kept-pair slots per expert
+#: (``T * k_max / E``), the grouped_mm path above it (crossover measured by
+#: ``benchmarks/bench_gpu_experts.py``; see BENCHMARKS.md).
+CUDA_TRITON_MAX_ROWS_PER_EXPERT = 16
 
 
 @dataclass(frozen=True)
@@ -193,6 +207,17 @@ def _grouped(module, hidden, ids, weights, layout, counter):  # type: ignore[no-
 
 
 def _cuda(module, hidden, ids, weights, layout, counter):  # type: ignore[no-untyped-def]
+    if _gpu.triton_reason(module, hidden, layout) is None:
+        return _gpu.grouped_path(module, hidden, ids, weights, counter)
+    return _cuda_full_buffer(module, hidden, ids, weights, layout, counter)
+
+
+def _triton(module, hidden, ids, weights, layout, counter):  # type: ignore[no-untyped-def]
+    return _gpu.fused_path(module, hidden, ids, weights, counter)
+
+
+def _cuda_full_buffer(module, hidden, ids, weights, layout, counter):  # type: ignore[no-untyped-def]
+    """Sync-free fallback without Triton: GEMMs skip the sentinel tail, the other stages do not."""
     num_experts = _dims(module, layout)[0]
     k_max = ids.shape[1]
     out = torch.zeros_like(hidden)
@@ -215,7 +240,13 @@ def _cuda(module, hidden, ids, weights, layout, counter):  # type: ignore[no-unt
     return out
 
 
-_IMPLS = {"loop": _loop, "grouped": _grouped, "cuda": _cuda}
+_IMPLS = {"loop": _loop, "grouped": _grouped, "cuda": _cuda, "triton": _triton}
+
+
+@torch.compiler.assume_constant_result  # a host fact: a constant while torch.compile traces
+def _capability(index: int | None) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
 
 
 def _grouped_mm_can_run(module: torch.nn.Module, hidden: torch.Tensor, layout: ExpertsLayout) -> str | None:
@@ -227,13 +258,14 @@ def _grouped_mm_can_run(module: torch.nn.Module, hidden: torch.Tensor, layout: E
         names = ", ".join(str(d) for d in dtypes)
         return f"grouped_mm on {hidden.device.type} supports {names}; got {hidden.dtype}"
     size = hidden.element_size()
-    misaligned = [t for t in (module.gate_up_proj, module.down_proj, hidden) if t.data_ptr() % 16]
-    if misaligned:
+    # data pointers are not known while torch.compile traces (grouped_mm itself then checks them)
+    tensors = () if torch.compiler.is_compiling() else (module.gate_up_proj, module.down_proj, hidden)
+    if any(t.data_ptr() % 16 for t in tensors):
         return "grouped_mm needs 16-byte aligned data pointers (e.g. weights memory-mapped at an odd offset)"
     _, h, i = _dims(module, layout)
     if (h * size) % 16 or (2 * i * size) % 16 or (i * size) % 16:
         return f"grouped_mm needs 16-byte aligned rows; H={h}, I={i} in {hidden.dtype} are not"
-    if hidden.is_cuda and torch.cuda.get_device_capability(hidden.device) < (8, 0):
+    if hidden.is_cuda and _capability(hidden.device.index) < 80:
         return "grouped_mm on CUDA needs compute capability >= 8.0"
     return None
 
@@ -251,6 +283,16 @@ def choose_cpu_backend(num_pairs: int, num_experts: int, intermediate: int) -> s
     return "loop" if rows_per_expert >= 256 else "grouped"
 
 
+def choose_cuda_backend(num_pairs: int, num_experts: int) -> str:
+    """The faster GPU path for ``num_pairs = T * k_max`` slots over ``num_experts`` experts.
+
+    The fused Triton path streams each expert's weights once per block of rows and has no
+    ``grouped_mm`` fixed cost; the grouped_mm path wins once experts get many rows. The crossover
+    (:data:`CUDA_TRITON_MAX_ROWS_PER_EXPERT`) comes from ``benchmarks/bench_gpu_experts.py``.
+    """
+    return "triton" if num_pairs / max(num_experts, 1) <= CUDA_TRITON_MAX_ROWS_PER_EXPERT else "cuda"
+
+
 def resolve_backend(
     backend: str, module: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, layout: ExpertsLayout
 ) -> str:
@@ -258,6 +300,13 @@ def resolve_backend(
     if backend not in BACKENDS:
         raise BackendUnavailableError(f"unknown experts backend {backend!r}; choose one of {BACKENDS}")
     if backend == "loop":
+        return backend
+    if backend == "triton":
+        reason = _gpu.triton_reason(module, hidden, layout)
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"experts backend 'triton' cannot run: {reason}; use 'auto' or 'loop'"
+            )
         return backend
     reason = _grouped_mm_can_run(module, hidden, layout)
     if backend == "cuda" and not hidden.is_cuda:
@@ -269,11 +318,16 @@ def resolve_backend(
             )
         return backend
     # auto
+    e, _, i = _dims(module, layout)
+    if hidden.is_cuda:
+        if hidden.dtype == torch.float32:
+            return "loop"  # per-expert cuBLAS: the same GEMMs as transformers' eager path
+        triton_ok = _gpu.triton_reason(module, hidden, layout) is None
+        if triton_ok and (reason is not None or choose_cuda_backend(ids.numel(), e) == "triton"):
+            return "triton"
+        return "cuda" if reason is None else "loop"
     if reason is not None:
         return "loop"
-    if hidden.is_cuda:
-        return "cuda"
-    e, _, i = _dims(module, layout)
     return choose_cpu_backend(ids.numel(), e, i)
 
 

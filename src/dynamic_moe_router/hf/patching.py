@@ -36,6 +36,8 @@ from .layers import MoELayer, find_moe_layers, model_family, unwrap
 __all__ = ["PatchHandle", "PatchOptions", "get_patch", "patch", "patched", "unpatch"]
 
 _HANDLE_ATTR = "_dmr_patch_handle"
+_COMPILE_BACKEND = "inductor"  # of compile_routing (tests use "eager")
+_RECOMPILE_LIMIT = 1024  # compiled routing entries per code object: one per layer and policy
 _MISSING = object()
 
 
@@ -46,6 +48,7 @@ class PatchOptions:
     renormalize: bool | None = None
     backend: str = "auto"
     validate: bool = True
+    compile_routing: bool = False
 
     def __post_init__(self) -> None:
         if self.renormalize is not None and not isinstance(self.renormalize, bool):
@@ -56,6 +59,11 @@ class PatchOptions:
             raise PolicyError(f"backend must be one of {BACKENDS}, got {self.backend!r}", field="backend")
         if not isinstance(self.validate, bool):
             raise PolicyError(f"validate must be True or False, got {self.validate!r}", field="validate")
+        if not isinstance(self.compile_routing, bool):
+            raise PolicyError(
+                f"compile_routing must be True or False, got {self.compile_routing!r}",
+                field="compile_routing",
+            )
 
 
 class DynamicRouter:
@@ -70,12 +78,14 @@ class DynamicRouter:
         self.spec = spec
         self.options = options
         self.output_order = spec.router_output_order(transformers.__version__)
+        self._compiled: Any = None
         self.set_policy(policy)
 
     def set_policy(self, policy: RoutingPolicy) -> None:
         layer_policy = policy.for_layer(self.layer.index)
         layer_policy.k_range(self.layer.native_k, self.layer.num_experts)  # raises PolicyError early
         self.policy = policy
+        self._compiled = None  # recompiled for the new policy on the next call
 
     @property
     def renormalize(self) -> bool:
@@ -93,9 +103,26 @@ class DynamicRouter:
                 "dynamic-moe-router-kit; call model.eval() before running a patched model"
             )
         h = hidden_states.reshape(-1, layer.hidden_size)  # (T, H)
-        sc = self.spec.scorer.scores(router, h, self.spec.logits_dtype)
+        if self.options.compile_routing:
+            if self._compiled is None:  # one compiled graph per layer, shapes symbolic in T
+                self._compiled = torch.compile(
+                    self._route, dynamic=True, fullgraph=True, backend=_COMPILE_BACKEND
+                )
+            # every layer guards its own router, so one code object gets one entry per layer: lift
+            # dynamo's per-code-object limit (8) for this call, or layers past the 8th run uncompiled
+            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+                logits, ids, weights = self._compiled(h)
+        else:
+            logits, ids, weights = self._route(h)
         if self.options.validate and h.shape[0]:
-            _check_finite("logits", sc.logits, layer.index, allow_neg_inf=False)
+            _check_finite("logits", logits, layer.index, allow_neg_inf=False)
+        outputs = {"logits": logits, "weights": weights, "ids": ids}
+        return tuple(outputs[name] for name in self.output_order)
+
+    def _route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores, policy, weights and sentinel for ``h (T, H)``: no host synchronisation."""
+        layer, router = self.layer, self.layer.router
+        sc = self.spec.scorer.scores(router, h, self.spec.logits_dtype)
         sel = select(
             sc.select, self.policy, native_k=layer.native_k, probs=sc.probs, layer=layer.index, validate=False
         )
@@ -103,8 +130,7 @@ class DynamicRouter:
             router, sc, sel, self.renormalize, h.dtype, self.spec.weights_dtype
         )
         routing = finish(sel, weights)
-        outputs = {"logits": sc.logits, "weights": routing.weights, "ids": routing.ids}
-        return tuple(outputs[name] for name in self.output_order)
+        return sc.logits, routing.ids, routing.weights
 
 
 class DynamicExperts:
@@ -266,6 +292,7 @@ def patch(
     renormalize: bool | None = None,
     backend: str = "auto",
     validate: bool = True,
+    compile_routing: bool = False,
 ) -> PatchHandle:
     """Give every MoE layer of ``model`` dynamic routing with ``policy`` (in place, per instance).
 
@@ -278,9 +305,15 @@ def patch(
             patching twice raises :class:`~dynamic_moe_router.AlreadyPatchedError`.
         renormalize: override the family's weight rule: True renormalises the kept weights, False
             keeps the raw probabilities; None (default) follows the family (see the families table).
-        backend: experts backend: ``"auto"``, ``"loop"``, ``"grouped"`` or ``"cuda"``.
+        backend: experts backend: ``"auto"``, ``"loop"``, ``"grouped"``, ``"cuda"`` or
+            ``"triton"`` (see :mod:`dynamic_moe_router.experts`).
         validate: raise :class:`~dynamic_moe_router.NonFiniteRouterScoresError` when a router
-            produces NaN or infinite logits (costs a host sync per layer).
+            produces NaN or infinite logits (costs a host sync per layer; pass False to capture
+            the model in a CUDA graph).
+        compile_routing: run each layer's scoring, policy and weights through ``torch.compile``
+            (``fullgraph=True``, dynamic in the number of tokens), which fuses the routing into a
+            few kernels; the first call of each layer compiles (seconds). On GPU this cuts the
+            routing's launch overhead (see BENCHMARKS.md).
 
     Returns:
         A :class:`PatchHandle`; ``handle.unpatch()`` or :func:`unpatch` undoes the patch.
@@ -307,7 +340,9 @@ def patch(
     """
     target = unwrap(model)
     spec = model_family(target)
-    options = PatchOptions(renormalize=renormalize, backend=backend, validate=validate)
+    options = PatchOptions(
+        renormalize=renormalize, backend=backend, validate=validate, compile_routing=compile_routing
+    )
     policy = StaticTopK() if policy is None else policy
     existing = get_patch(target)
     if existing is not None and not replace:

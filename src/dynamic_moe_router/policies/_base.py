@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 
 from ..errors import PolicyError
+
+if TYPE_CHECKING:
+    from ..spec import Ops
 
 __all__ = ["POLICY_REGISTRY", "RoutingPolicy", "register_policy"]
 
@@ -23,7 +26,9 @@ class RoutingPolicy:
     """Base class of every routing policy.
 
     Subclasses are frozen dataclasses registered with :func:`register_policy`. They implement
-    :meth:`k_range` (the bounds of k for a layer) and :meth:`keep_counts` (k per token).
+    :meth:`k_range` (the bounds of k for a layer) and :meth:`keep_counts_ops` (k per token, against
+    the framework-neutral :class:`~dynamic_moe_router.spec.Ops`; the torch :meth:`keep_counts`
+    calls it).
     """
 
     #: Stable name used in policy files and on the command line (``"top_p"``).
@@ -47,8 +52,37 @@ class RoutingPolicy:
         k_min: int,
         k_max: int,
     ) -> torch.Tensor:  # (T,) int64 in [k_min, k_max]
-        """Number of leading ranked candidates each token keeps."""
-        raise NotImplementedError
+        """Number of leading ranked candidates each token keeps (torch): :meth:`keep_counts_ops`
+        with :data:`~dynamic_moe_router.spec.TORCH_OPS`."""
+        if type(self).keep_counts_ops is RoutingPolicy.keep_counts_ops:
+            raise NotImplementedError(
+                f"{type(self).__name__} implements neither keep_counts nor keep_counts_ops"
+            )
+        from ..spec import TORCH_OPS
+
+        return self.keep_counts_ops(TORCH_OPS, ranked_probs, probs, k_min, k_max)
+
+    def keep_counts_ops(
+        self,
+        ops: Ops,
+        ranked_probs: Any,  # (T, k_max) float32 array of ops' framework
+        probs: Any,  # (T, E) float32
+        k_min: int,
+        k_max: int,
+    ) -> Any:  # (T,) ops' "int" dtype, in [k_min, k_max]
+        """:meth:`keep_counts` for any framework, written against the :class:`~dynamic_moe_router.spec.Ops`
+        adapter ``ops`` (see :mod:`dynamic_moe_router.spec`); the built-in policies implement this.
+
+        The default serves a policy that only implements the torch :meth:`keep_counts`: it calls
+        it for a torch adapter and raises :class:`~dynamic_moe_router.PolicyError` for another one.
+        """
+        if getattr(ops, "name", None) == "torch" and type(self).keep_counts is not RoutingPolicy.keep_counts:
+            return self.keep_counts(ranked_probs, probs, k_min, k_max)
+        raise PolicyError(
+            f"{type(self).__name__} implements keep_counts for torch only; implement "
+            f"keep_counts_ops(ops, ranked_probs, probs, k_min, k_max) (see dynamic_moe_router.spec) "
+            f"to use it with {getattr(ops, 'name', ops)!r}"
+        )
 
     def for_layer(self, layer: int | None) -> RoutingPolicy:
         """The policy that applies to MoE layer ``layer`` (itself, except for :class:`PerLayer`)."""

@@ -8,19 +8,15 @@ the family's own ranking.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-
-import torch
+from typing import Any
 
 from ..errors import PolicyError
+from ..spec import Ops
+from ..spec._policies import entropy_counts, relative_threshold_counts, static_counts, top_p_counts
 from ._base import RoutingPolicy, check_bounds, check_float, check_int, register_policy, resolve_bounds
 
 __all__ = ["EntropyAdaptive", "RelativeThreshold", "StaticTopK", "TopP"]
-
-
-def _full(like: torch.Tensor, value: int) -> torch.Tensor:
-    return torch.full(like.shape[:1], value, dtype=torch.long, device=like.device)
 
 
 @register_policy("static_top_k")
@@ -53,8 +49,8 @@ class StaticTopK(RoutingPolicy):
             )
         return k, k
 
-    def keep_counts(self, ranked_probs, probs, k_min, k_max):  # type: ignore[override]
-        return _full(ranked_probs, k_max)
+    def keep_counts_ops(self, ops: Ops, ranked_probs: Any, probs: Any, k_min: int, k_max: int) -> Any:
+        return static_counts(ops, ranked_probs, k_max)
 
 
 @register_policy("top_p")
@@ -84,11 +80,8 @@ class TopP(RoutingPolicy):
     def k_range(self, native_k: int, num_experts: int) -> tuple[int, int]:
         return resolve_bounds(self, self.min_k, self.max_k, native_k, num_experts)
 
-    def keep_counts(self, ranked_probs, probs, k_min, k_max):  # type: ignore[override]
-        before = torch.cumsum(ranked_probs, dim=-1) - ranked_probs  # (T, k_max): mass ranked earlier
-        before[:, 0] = 0.0
-        counts = (before < self.p).sum(dim=-1)  # (T,)
-        return counts.clamp(k_min, k_max)
+    def keep_counts_ops(self, ops: Ops, ranked_probs: Any, probs: Any, k_min: int, k_max: int) -> Any:
+        return top_p_counts(ops, ranked_probs, self.p, k_min, k_max)
 
 
 @register_policy("relative_threshold")
@@ -119,11 +112,8 @@ class RelativeThreshold(RoutingPolicy):
     def k_range(self, native_k: int, num_experts: int) -> tuple[int, int]:
         return resolve_bounds(self, self.min_k, self.max_k, native_k, num_experts)
 
-    def keep_counts(self, ranked_probs, probs, k_min, k_max):  # type: ignore[override]
-        top = ranked_probs.amax(dim=-1, keepdim=True)  # (T, 1)
-        passes = ranked_probs >= self.beta * top  # (T, k_max)
-        counts = torch.cumprod(passes.to(torch.int32), dim=-1).sum(dim=-1)  # length of the passing prefix
-        return counts.to(torch.long).clamp(k_min, k_max)
+    def keep_counts_ops(self, ops: Ops, ranked_probs: Any, probs: Any, k_min: int, k_max: int) -> Any:
+        return relative_threshold_counts(ops, ranked_probs, self.beta, k_min, k_max)
 
 
 @register_policy("entropy")
@@ -160,11 +150,5 @@ class EntropyAdaptive(RoutingPolicy):
     def k_range(self, native_k: int, num_experts: int) -> tuple[int, int]:
         return resolve_bounds(self, self.min_k, self.max_k, native_k, num_experts)
 
-    def keep_counts(self, ranked_probs, probs, k_min, k_max):  # type: ignore[override]
-        num_experts = probs.shape[-1]
-        entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)  # (T,) nats
-        h = entropy / math.log(num_experts) if num_experts > 1 else torch.zeros_like(entropy)
-        t = ((h - self.low) / (self.high - self.low)).clamp(0.0, 1.0)
-        span = k_max - k_min
-        extra = torch.floor(t * (span + 1)).to(torch.long).clamp(0, span)
-        return extra + k_min
+    def keep_counts_ops(self, ops: Ops, ranked_probs: Any, probs: Any, k_min: int, k_max: int) -> Any:
+        return entropy_counts(ops, probs, self.low, self.high, k_min, k_max)

@@ -89,6 +89,11 @@ class PerLayer(RoutingPolicy):
             "per_layer: resolve the layer first with policy.for_layer(layer)", field="overrides"
         )
 
+    def keep_counts_ops(self, ops, ranked_probs, probs, k_min, k_max):  # type: ignore[override]
+        raise PolicyError(
+            "per_layer: resolve the layer first with policy.for_layer(layer)", field="overrides"
+        )
+
     def describe(self) -> str:
         inner = ", ".join(f"{k}: {v.describe()}" for k, v in self.overrides.items())
         return f"per_layer(default={self.default.describe()}, overrides={{{inner}}})"

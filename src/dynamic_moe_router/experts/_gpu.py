@@ -1,0 +1,258 @@
+"""GPU experts forwards whose every stage is bounded by the kept (token, expert) pairs.
+
+Two paths over the same sorted-pairs plan (:func:`plan_pairs`), both free of host
+synchronisation (CUDA-graph capturable, ``torch.compile(fullgraph=True)`` traceable):
+
+* ``"cuda"`` (prefill): Triton gather of the kept rows, ``grouped_mm`` with device-side offsets
+  (it skips rows past the last offset), a Triton SwiGLU over the kept rows, ``grouped_mm`` again,
+  and a Triton combine that reads only the kept rows of each token.
+* ``"triton"`` (decode and small batches): a Triton grouped GEMM over a block table with the gather
+  fused into its A loads and SwiGLU fused into its epilogue, a second grouped GEMM, and the same
+  combine. Each expert's weights are streamed once per block of ``BLOCK_M`` rows, so a decode step
+  reads each touched expert once.
+
+The plan is built with a handful of small device ops over ``T * k_max`` integers (a sort, a
+``searchsorted`` and a scatter); the float work (gather, GEMMs, activation, weighting, combine)
+touches only kept pairs. Buffers are allocated at ``T * k_max`` rows but rows past the kept count
+are never written or read.
+
+The combine accumulates in fp32, in each token's slot order, without atomics: results are
+deterministic run to run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "PairPlan",
+    "decode_config",
+    "fused_path",
+    "grouped_path",
+    "plan_pairs",
+    "plan_pairs_reference",
+    "triton_reason",
+]
+
+_SILU_NAMES = frozenset({"SiLU", "SiLUActivation"})
+
+
+@torch.compiler.assume_constant_result  # host facts: constants while torch.compile traces
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@torch.compiler.assume_constant_result
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_reason(module: torch.nn.Module, hidden: torch.Tensor, layout: Any) -> str | None:
+    """``None`` if the Triton kernels can run this layer, else why not."""
+    if not _triton_installed():
+        return "Triton is not installed (pip install triton; it ships with CUDA builds of PyTorch)"
+    if not hidden.is_cuda and not _interpret():
+        return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1); got {hidden.device}"
+    if layout.transposed or layout.interleaved or layout.has_bias or layout.activation != "act_fn":
+        return "the Triton kernels support the standard layout (gate_up (E, 2I, H), down (E, H, I), no bias)"
+    if type(getattr(module, "act_fn", None)).__name__ not in _SILU_NAMES:
+        return f"the Triton kernels fuse SiLU only; this layer uses {type(module.act_fn).__name__}"
+    if module.gate_up_proj.dtype != hidden.dtype or module.down_proj.dtype != hidden.dtype:
+        return "expert weights and hidden states must share one dtype"
+    if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"Triton kernels support bf16, fp16 and fp32; got {hidden.dtype}"
+    return None
+
+
+def _kernels():  # type: ignore[no-untyped-def]
+    from . import _triton_kernels  # a plain import (not importlib): torch.compile traces it
+
+    return _triton_kernels
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    """The kept pairs grouped by expert, all on the device (no host synchronisation)."""
+
+    tokens: torch.Tensor  # (N,) int32 token of each grouped row, N = T * k_max; rows >= n_valid unused
+    counts: torch.Tensor  # (E,) int32 kept rows per expert
+    ends: torch.Tensor  # (E,) int32 end (exclusive) of each expert's rows = grouped_mm offsets
+    inv: torch.Tensor  # (N,) int32 grouped row of each kept (token, slot); unspecified at sentinels
+    ids: torch.Tensor  # (N,) expert of each (token, slot), E = sentinel
+    num_experts: int
+
+    @property
+    def n_valid(self) -> torch.Tensor:  # (1,) int32 number of kept pairs
+        return self.ends[-1:]
+
+
+_PLAN_BLOCK = 1024
+
+
+_SMALL_PLAN_ELEMENTS = 16384  # one-program plan while N_POW2 * max(N_POW2, E_POW2) fits
+
+
+def plan_pairs(ids: torch.Tensor, num_experts: int) -> PairPlan:  # ids (T, k_max)
+    """Group the kept (token, slot) pairs by expert with a counting sort (Triton, sync-free).
+
+    Few pairs: one program does it all (:func:`~._triton_kernels.plan_small`); else a histogram,
+    an offsets and a scatter launch.
+    """
+    k = _kernels()
+    flat = ids.reshape(-1).contiguous()  # (N,)
+    n, dev = flat.numel(), flat.device
+    k_max = ids.shape[1]
+    ends = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    tokens = torch.empty(n, dtype=torch.int32, device=dev)
+    inv = torch.empty(n, dtype=torch.int32, device=dev)
+    n_pow2, e_pow2 = next_pow2(max(n, 1)), next_pow2(num_experts)
+    if n_pow2 * max(n_pow2, e_pow2) <= _SMALL_PLAN_ELEMENTS:
+        counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
+        k.plan_small[(1,)](
+            flat, counts, ends, tokens, inv, n, num_experts, k_max, N_POW2=n_pow2, E_POW2=e_pow2
+        )
+    else:
+        scratch = torch.zeros(2, num_experts, dtype=torch.int32, device=dev)  # counts, fill
+        counts, fill = scratch[0], scratch[1]
+        grid = (triton_cdiv(n, _PLAN_BLOCK),)
+        k.expert_histogram[grid](flat, counts, n, num_experts, BLOCK=_PLAN_BLOCK)
+        k.expert_offsets[(1,)](counts, ends, num_experts, E_POW2=e_pow2)
+        k.scatter_pairs[grid](flat, counts, ends, fill, tokens, inv, n, num_experts, k_max, BLOCK=_PLAN_BLOCK)
+    return PairPlan(tokens=tokens, counts=counts, ends=ends, inv=inv, ids=flat, num_experts=num_experts)
+
+
+def plan_pairs_reference(ids: torch.Tensor, num_experts: int) -> PairPlan:
+    """The same plan with torch ops (a stable sort); rows inside a group in (token, slot) order."""
+    flat = ids.reshape(-1)  # (N,)
+    n = flat.numel()
+    sorted_e, order = torch.sort(flat, stable=True)  # sentinels (== E) sort to the tail
+    bounds = torch.arange(num_experts, device=flat.device, dtype=sorted_e.dtype)
+    ends = torch.searchsorted(sorted_e, bounds, right=True).to(torch.int32)  # (E,)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    inv = torch.empty(n, dtype=torch.int32, device=flat.device)
+    inv[order] = torch.arange(n, dtype=torch.int32, device=flat.device)
+    tokens = (order // ids.shape[1]).to(torch.int32)
+    return PairPlan(tokens=tokens, counts=counts, ends=ends, inv=inv, ids=flat, num_experts=num_experts)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _launch_combine(k, plan: PairPlan, y: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:  # type: ignore[no-untyped-def]
+    """``y (S, N, H)``: per-row expert outputs (S split-K partials)."""
+    t, h = out.shape
+    if t == 0:
+        return
+    block_h = min(1024, next_pow2(h))
+    grid = (t, triton_cdiv(h, block_h))
+    k.combine[grid](
+        y, plan.inv, plan.ids, weights.reshape(-1).contiguous(), out, h, weights.shape[1],
+        plan.num_experts, y.stride(0), y.stride(1), out.stride(0), SPLIT_K=y.shape[0], BLOCK_H=block_h,
+    )  # fmt: skip
+
+
+def grouped_path(module, hidden, ids, weights, counter):  # type: ignore[no-untyped-def]
+    """Prefill path: Triton gather / SwiGLU / combine around two ``grouped_mm`` calls."""
+    k = _kernels()
+    e = module.gate_up_proj.shape[0]
+    h = hidden.shape[1]
+    inter = module.down_proj.shape[2]
+    out = torch.empty_like(hidden)
+    n = ids.numel()
+    if n == 0:
+        return out.zero_()
+    hidden = hidden.contiguous()
+    plan = plan_pairs(ids, e)
+    xs = torch.empty(n, h, dtype=hidden.dtype, device=hidden.device)  # (N, H), rows >= n_valid unused
+    block = min(1024, next_pow2(h))
+    k.gather_rows[(n,)](
+        hidden, plan.tokens, xs, plan.n_valid, h, hidden.stride(0), xs.stride(0), BLOCK_H=block
+    )
+    hg = F.grouped_mm(xs, module.gate_up_proj.transpose(1, 2), offs=plan.ends)  # (N, 2I)
+    a = torch.empty(n, inter, dtype=hidden.dtype, device=hidden.device)  # (N, I)
+    block_i = min(1024, next_pow2(inter))
+    k.swiglu_rows[(n,)](hg, a, plan.n_valid, inter, hg.stride(0), a.stride(0), BLOCK=block_i)
+    y = F.grouped_mm(a, module.down_proj.transpose(1, 2), offs=plan.ends)  # (N, H)
+    _launch_combine(k, plan, y.unsqueeze(0), weights, out)
+    if counter is not None:
+        counter.add(plan.n_valid[0])
+    return out
+
+
+_SMEM_BUDGET = 160 * 1024  # bytes of shared memory the pipelined tiles may take (H100/H200: 227 KiB)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile shape of one fused GEMM launch (``split_k`` > 1 writes fp32 partials)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    split_k: int = 1
+
+
+def decode_config(num_pairs: int, num_experts: int, hidden: int, inter: int) -> tuple[TileConfig, TileConfig]:
+    """Tile shapes of the fused path's two GEMMs for ``num_pairs = T * k_max`` slots.
+
+    Few rows per expert (decode): narrow column tiles so that even one expert spreads over the whole
+    GPU, and split-K on the second GEMM when its reduction (``I``) is long; more rows: wider tiles.
+    """
+    rows_per_expert = num_pairs / max(num_experts, 1)
+    if rows_per_expert <= 16:  # from benchmarks/tune_gpu_decode.py on an H200 (BENCHMARKS.md)
+        split = max(1, min(8, inter // 2048))
+        return TileConfig(16, 32, 128, 2, 5), TileConfig(16, 32, 128, 2, 5, split_k=split)
+    if rows_per_expert <= 64:
+        return TileConfig(32, 64, 128, 4, 4), TileConfig(32, 64, 128, 4, 4)
+    return TileConfig(64, 128, 64, 8, 3), TileConfig(64, 128, 64, 8, 3)
+
+
+def fused_path(module, hidden, ids, weights, counter, configs=None):  # type: ignore[no-untyped-def]
+    """Decode path: two Triton grouped GEMMs (gather and SwiGLU fused into the first) and the combine."""
+    k = _kernels()
+    w1, w2 = module.gate_up_proj, module.down_proj  # (E, 2I, H), (E, H, I)
+    e, two_i, h = w1.shape
+    inter = two_i // 2
+    out = torch.empty_like(hidden)
+    n = ids.numel()
+    if n == 0:
+        return out.zero_()
+    hidden = hidden.contiguous()
+    c1, c2 = configs or decode_config(n, e, h, inter)
+    plan = plan_pairs(ids, e)
+    precision = "ieee" if hidden.dtype == torch.float32 else "tf32"  # fp32: full precision, no TF32
+    a = torch.empty(1, n, inter, dtype=hidden.dtype, device=hidden.device)  # (1, N, I)
+    y_dtype = torch.float32 if c2.split_k > 1 else hidden.dtype
+    y = torch.empty(c2.split_k, n, h, dtype=y_dtype, device=hidden.device)  # (S, N, H)
+    for c, src, w, dst, n_out, kdim, gather in (
+        (c1, hidden, w1, a, inter, h, True),
+        (c2, a[0], w2, y, h, inter, False),
+    ):
+        k_per_split = triton_cdiv(triton_cdiv(kdim, c.split_k), c.block_k) * c.block_k
+        stage_bytes = (c.block_m + (2 if gather else 1) * c.block_n) * c.block_k * hidden.element_size()
+        stages = max(1, min(c.num_stages, _SMEM_BUDGET // stage_bytes))  # fp32 tiles take twice the room
+        # row blocks: sum_e ceil(count_e / BM) <= ceil(N / BM) + (experts with a row) <= ... + min(E, N)
+        grid = (triton_cdiv(n, c.block_m) + min(e, n), triton_cdiv(n_out, c.block_n), c.split_k)
+        k.moe_gemm[grid](
+            src, plan.tokens, w, dst, plan.counts, plan.ends, n_out, kdim, e, k_per_split,
+            src.stride(0), w.stride(0), w.stride(1), w.stride(2), dst.stride(0), dst.stride(1),
+            GATHER=gather, SWIGLU=gather, E_POW2=next_pow2(e), BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+            BLOCK_K=c.block_k, PRECISION=precision, num_warps=c.num_warps, num_stages=stages,
+        )  # fmt: skip
+    _launch_combine(k, plan, y, weights, out)
+    if counter is not None:
+        counter.add(plan.n_valid[0])
+    return out

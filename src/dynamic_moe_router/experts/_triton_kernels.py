@@ -1,0 +1,233 @@
+"""Triton kernels of the GPU experts forward. Imported only when a Triton path runs.
+
+Every kernel is bounded by the kept (token, expert) pairs: each program reads the per-expert
+counts from device memory and returns at once when it has no kept work. Nothing is synchronised
+with the host, so the kernels can be captured in a CUDA graph and traced by ``torch.compile``.
+
+Plan (a counting sort of the kept pairs by expert; one launch, :func:`plan_small`, for a few
+pairs; otherwise three):
+
+* :func:`expert_histogram`: ``counts[e] += 1`` for every kept pair (atomics);
+* :func:`expert_offsets`: one program, ``ends = cumsum(counts)`` (inclusive, int32, also the
+  ``grouped_mm`` offsets);
+* :func:`scatter_pairs`: each kept pair takes the next free row of its expert's group
+  (``row = ends[e] - counts[e] + atomic_add(fill[e], 1)``) and records ``tokens[row]`` and
+  ``inv[pair] = row``. The order of rows inside a group depends on the atomics, but every row is
+  computed independently and the combine sums each token's slots in slot order, so the *output* is
+  deterministic.
+
+Compute:
+
+* :func:`gather_rows`: ``xs[r] = x[tokens[r]]`` for sorted rows ``r < n_valid``;
+* :func:`swiglu_rows`: ``a[r] = silu(h[r, :I]) * h[r, I:]`` for ``r < n_valid``;
+* :func:`moe_gemm`: a grouped GEMM over row blocks of ``BLOCK_M`` rows of one expert each (each
+  program finds its expert from the counts), with the gather fused into the A loads and, for the
+  first GEMM, SwiGLU fused into the epilogue; optional split-K writes fp32 partials;
+* :func:`combine`: ``out[t] = sum_j w[t, j] * sum_s y[s, inv[t, j]]`` over the kept slots of
+  token ``t`` only, in fp32 and in slot order.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def expert_histogram(ids_ptr, counts_ptr, N, E, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    e = tl.load(ids_ptr + offs, mask=m, other=E).to(tl.int32)
+    valid = m & (e < E) & (e >= 0)
+    tl.atomic_add(counts_ptr + tl.where(valid, e, 0), tl.full((BLOCK,), 1, tl.int32), mask=valid)
+
+
+@triton.jit
+def expert_offsets(counts_ptr, ends_ptr, E, E_POW2: tl.constexpr):
+    er = tl.arange(0, E_POW2)
+    em = er < E
+    c = tl.load(counts_ptr + er, mask=em, other=0)
+    tl.store(ends_ptr + er, tl.cumsum(c, 0), mask=em)
+
+
+@triton.jit
+def scatter_pairs(
+    ids_ptr, counts_ptr, ends_ptr, fill_ptr, tokens_ptr, inv_ptr, N, E, K_MAX, BLOCK: tl.constexpr
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    e = tl.load(ids_ptr + offs, mask=m, other=E).to(tl.int32)
+    valid = m & (e < E) & (e >= 0)
+    es = tl.where(valid, e, 0)
+    start = tl.load(ends_ptr + es, mask=valid, other=0) - tl.load(counts_ptr + es, mask=valid, other=0)
+    slot = tl.atomic_add(fill_ptr + es, tl.full((BLOCK,), 1, tl.int32), mask=valid)
+    row = start + slot
+    tl.store(tokens_ptr + row, (offs // K_MAX).to(tl.int32), mask=valid)
+    tl.store(inv_ptr + offs, row, mask=valid)
+
+
+@triton.jit
+def plan_small(
+    ids_ptr,
+    counts_ptr,
+    ends_ptr,
+    tokens_ptr,
+    inv_ptr,
+    N,
+    E,
+    K_MAX,
+    N_POW2: tl.constexpr,
+    E_POW2: tl.constexpr,
+):
+    """The whole plan in one program for few pairs (decode): stable order, no atomics."""
+    p = tl.arange(0, N_POW2)
+    pm = p < N
+    e = tl.load(ids_ptr + p, mask=pm, other=E).to(tl.int32)
+    valid = pm & (e < E) & (e >= 0)
+    ev = tl.where(valid, e, -1)
+    er = tl.arange(0, E_POW2)
+    onehot = (ev[:, None] == er[None, :]).to(tl.int32)  # (N, E)
+    counts = tl.sum(onehot, 0)  # (E,)
+    ends = tl.cumsum(counts, 0)  # (E,)
+    em = er < E
+    tl.store(counts_ptr + er, counts, mask=em)
+    tl.store(ends_ptr + er, ends, mask=em)
+    start = tl.sum(onehot * (ends - counts)[None, :], 1)  # (N,) first row of each pair's expert
+    same_before = (ev[:, None] == ev[None, :]) & (p[None, :] < p[:, None])  # (N, N)
+    row = start + tl.sum(same_before.to(tl.int32), 1)
+    tl.store(tokens_ptr + row, (p // K_MAX).to(tl.int32), mask=valid)
+    tl.store(inv_ptr + p, row, mask=valid)
+
+
+@triton.jit
+def gather_rows(x_ptr, tok_ptr, out_ptr, nvalid_ptr, H, stride_x, stride_o, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0)
+    if row >= tl.load(nvalid_ptr):
+        return
+    t = tl.load(tok_ptr + row).to(tl.int64)
+    for h0 in range(0, H, BLOCK_H):
+        offs = h0 + tl.arange(0, BLOCK_H)
+        m = offs < H
+        v = tl.load(x_ptr + t * stride_x + offs, mask=m)
+        tl.store(out_ptr + row.to(tl.int64) * stride_o + offs, v, mask=m)
+
+
+@triton.jit
+def swiglu_rows(h_ptr, a_ptr, nvalid_ptr, inter, stride_h, stride_a, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    if row >= tl.load(nvalid_ptr):
+        return
+    base = row.to(tl.int64)
+    for i0 in range(0, inter, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        m = offs < inter
+        g = tl.load(h_ptr + base * stride_h + offs, mask=m).to(tl.float32)
+        u = tl.load(h_ptr + base * stride_h + inter + offs, mask=m).to(tl.float32)
+        a = g * tl.sigmoid(g) * u
+        tl.store(a_ptr + base * stride_a + offs, a.to(a_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def moe_gemm(
+    a_ptr,  # (rows or tokens, K) activations
+    tok_ptr,  # (N,) token of each sorted row (used when GATHER)
+    w_ptr,  # (E, n_out, K) expert weights, out = a @ w[e].T
+    c_ptr,  # (SPLIT_K, N, N_OUT) output rows in sorted order
+    counts_ptr,  # (E,) kept rows per expert
+    ends_ptr,  # (E,) inclusive prefix sum of counts
+    N_OUT,  # output columns (I for the fused SwiGLU GEMM, else the weight rows)
+    K,
+    E,
+    K_PER_SPLIT,
+    stride_a,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_cs,
+    stride_c,
+    GATHER: tl.constexpr,
+    SWIGLU: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    # which expert owns row block pid_m: blocks are laid out expert by expert
+    er = tl.arange(0, E_POW2)
+    em = er < E
+    cnt = tl.load(counts_ptr + er, mask=em, other=0)
+    nb = (cnt + BLOCK_M - 1) // BLOCK_M
+    cum = tl.cumsum(nb, 0)  # inclusive block prefix
+    e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+    if e >= E:
+        return
+    sel = er == e
+    first_block = tl.sum(tl.where(sel, cum - nb, 0), 0)
+    row_end = tl.sum(tl.where(sel, tl.load(ends_ptr + er, mask=em, other=0), 0), 0)
+    row_start = row_end - tl.sum(tl.where(sel, cnt, 0), 0)
+    rows = row_start + (pid_m - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    if GATHER:
+        src = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    else:
+        src = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N_OUT
+    w_base = w_ptr + e.to(tl.int64) * stride_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWIGLU:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_s * K_PER_SPLIT
+    for k0 in range(k_lo, k_lo + K_PER_SPLIT, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        xmask = rmask[:, None] & kmask[None, :]
+        x = tl.load(a_ptr + src[:, None] * stride_a + ks[None, :], mask=xmask, other=0.0)
+        wmask = kmask[:, None] & cmask[None, :]
+        w = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk, mask=wmask, other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        if SWIGLU:
+            wu = tl.load(
+                w_base + (cols[None, :] + N_OUT) * stride_wn + ks[:, None] * stride_wk, mask=wmask, other=0.0
+            )
+            acc_up = tl.dot(x, wu, acc_up, input_precision=PRECISION)
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    out = c_ptr + pid_s.to(tl.int64) * stride_cs + rows[:, None].to(tl.int64) * stride_c + cols[None, :]
+    tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def combine(
+    y_ptr,  # (SPLIT_K, N, H) expert outputs in sorted order (partials when SPLIT_K > 1)
+    inv_ptr,  # (T * k_max,) sorted row of each (token, slot)
+    ids_ptr,  # (T * k_max,) expert of each slot, E = sentinel
+    w_ptr,  # (T * k_max,) combine weight of each slot
+    out_ptr,  # (T, H)
+    H,
+    K_MAX,
+    E,
+    stride_ys,
+    stride_y,
+    stride_o,
+    SPLIT_K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    m = offs < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in range(0, K_MAX):
+        e = tl.load(ids_ptr + t * K_MAX + j)
+        if (e < E) & (e >= 0):
+            r = tl.load(inv_ptr + t * K_MAX + j).to(tl.int64)
+            w = tl.load(w_ptr + t * K_MAX + j).to(tl.float32)
+            y = tl.zeros((BLOCK_H,), dtype=tl.float32)
+            for s in range(0, SPLIT_K):
+                y += tl.load(y_ptr + s * stride_ys + r * stride_y + offs, mask=m, other=0.0).to(tl.float32)
+            acc += w * y
+    tl.store(out_ptr + t * stride_o + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
