@@ -137,6 +137,7 @@ class DynamicMoE(keras.layers.Layer):
         return input_shape
 
     def get_config(self) -> dict[str, Any]:
+        """The layer's constructor arguments, with the policy as its JSON dictionary."""
         config = super().get_config()
         config.update(
             {
@@ -155,6 +156,7 @@ class DynamicMoE(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> DynamicMoE:
+        """Rebuild a layer from :meth:`get_config` (the policy is parsed and validated again)."""
         config = dict(config)
         config["policy"] = policy_from_dict(config["policy"], where="DynamicMoE config policy")
         return cls(**config)
