@@ -9,7 +9,7 @@ from hypothesis import given
 
 import dynamic_moe_router as dmr
 from dynamic_moe_router.experts import GPT_OSS, STANDARD, ExpertsCounter, experts_forward, resolve_backend
-from dynamic_moe_router.experts._forward import _cuda, _expert_mlp
+from dynamic_moe_router.experts._forward import _cuda, _cuda_full_buffer, _expert_mlp
 
 
 def mixtral_experts(num_experts: int, hidden: int, inter: int, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -76,6 +76,9 @@ RUNNERS = {
     ),
     # the sync-free CUDA algorithm, run on CPU (grouped_mm has a CPU kernel)
     "cuda-algorithm": lambda m, lay, h, i, w, c: _cuda(m, h, i, w, lay, c),
+    # the torch-only fallback of "cuda" (no Triton, or a layout the Triton kernels do not cover);
+    # on CPU "cuda-algorithm" itself runs the Triton kernels interpreted for the standard layout
+    "cuda-full-buffer": lambda m, lay, h, i, w, c: _cuda_full_buffer(m, h, i, w, lay, c),
 }
 
 
