@@ -145,7 +145,7 @@ def run_jax(cell: Cell) -> dict[str, Any]:
         @jax.jit
         def f(hidden, probs, gate_up, down):  # type: ignore[no-untyped-def]
             r = djax.route(probs, policy, native_k=cell.native_k, normalize="sum", validate=False)
-            return djax.moe_forward(hidden, r.ids, r.weights, gate_up, down, impl=impl, rows=rows)
+            return djax.moe_forward(hidden, r.ids, r.weights, gate_up, down, backend=impl, rows=rows)
 
         return lambda: f(hidden, probs, gate_up, down).block_until_ready()
 
@@ -158,7 +158,7 @@ def run_jax(cell: Cell) -> dict[str, Any]:
     full_rows = cell.tokens * cell.native_k
     ragged_gflop = 6 * full_rows * shape["E"] * shape["H"] * shape["I"] / 1e9  # dense-lowered on CPU
     notes = [
-        "jax.jit, XLA CPU; blocked = moe_forward(impl='blocked', block=None: 16..64); "
+        "jax.jit, XLA CPU; blocked = moe_forward(backend='blocked', block=None: 16..64); "
         f"ragged_dot over the full buffer ~ {ragged_gflop:.1f} GFLOP per call (dense over all E groups)"
     ]
     if ragged_gflop <= cell.args.ragged_gflop_limit:
@@ -200,7 +200,7 @@ def _keras_child(in_path: str, out_path: str) -> None:
     def layer_fn(policy: dmr.RoutingPolicy, method: str) -> Callable[[Any, Any], Any]:
         def f(hidden: Any, probs: Any) -> Any:
             r = dk.route(probs, policy, native_k=native_k, normalize="sum", validate=False)
-            return dk.experts_forward(hidden, r.ids, r.weights, bank, method=method)
+            return dk.experts_forward(hidden, r.ids, r.weights, bank, backend=method)
 
         return f
 

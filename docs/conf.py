@@ -6,6 +6,8 @@ Build from the repository root (warnings are errors)::
 
 ``families_table.md`` is regenerated from the family registry at the start of every build (see
 ``gen_families.py``); it is a git-ignored build artefact, included by ``concepts/families.md``.
+``cli_reference.md`` is regenerated the same way from the ``dmr`` argparse parser (see
+``gen_cli.py``) and included by ``cli.md``, so the command-line reference cannot go stale.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import dynamic_moe_router
 DOCS = Path(__file__).resolve().parent
 
 
-def _load_generator():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("dmr_docs_gen_families", DOCS / "gen_families.py")
+def _load_generator(name: str = "gen_families"):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(f"dmr_docs_{name}", DOCS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
@@ -46,6 +48,8 @@ root_doc = "index"
 exclude_patterns = [
     "_build",
     "families_table.md",  # generated, included by concepts/families.md
+    "backends_table.md",  # generated with it (gen_families.py), included by concepts/backends.md
+    "cli_reference.md",  # generated, included by cli.md
     "api/_autosummary",
     "Thumbs.db",
     ".DS_Store",
@@ -75,6 +79,10 @@ def _generate_families_table(app) -> None:  # type: ignore[no-untyped-def]
     _load_generator().generate()
 
 
+def _generate_cli_reference(app) -> None:  # type: ignore[no-untyped-def]
+    _load_generator("gen_cli").generate()
+
+
 def _drop_type_docstring(app, what, name, obj, options, lines) -> None:  # type: ignore[no-untyped-def]
     """Module data without a doc comment would show its type's docstring (``dict``'s, ...); drop it."""
     if what not in ("data", "attribute") or isinstance(obj, type):
@@ -86,5 +94,6 @@ def _drop_type_docstring(app, what, name, obj, options, lines) -> None:  # type:
 
 def setup(app):  # type: ignore[no-untyped-def]
     app.connect("builder-inited", _generate_families_table)
+    app.connect("builder-inited", _generate_cli_reference)
     app.connect("autodoc-process-docstring", _drop_type_docstring, priority=100)  # before napoleon
     return {"parallel_read_safe": True, "parallel_write_safe": True}

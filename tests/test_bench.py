@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import dynamic_moe_router as dmr
-from dynamic_moe_router.bench import BenchSettings, run_bench, summary_table
+from dynamic_moe_router.sweeps.quality import BenchSettings, run_bench, summary_table
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {
@@ -51,3 +51,30 @@ def test_bench_on_a_slice(tmp_path):  # type: ignore[no-untyped-def]
     spec.loader.exec_module(gen)
     section = "\n".join(gen.render_quality_flops(saved, tmp_path / "quality_flops.json"))
     assert "30% target" in section and "35% target" in section and "ref-olmoe" in section
+    assert model["model"] == "models/ref-olmoe"  # paths relative to the repository
+    assert all(not entry["file"].startswith("/") for entry in model["data"].values())
+
+
+def test_replot_from_the_committed_results(tmp_path):  # type: ignore[no-untyped-def]
+    from dynamic_moe_router.cli import main
+
+    assert main(["bench", "--replot", str(ROOT / "benchmarks" / "results" / "quality_flops.json"),
+                 "--out-dir", str(tmp_path)]) == 0  # fmt: skip
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000
+
+
+def test_committed_results_record_no_machine_paths():  # type: ignore[no-untyped-def]
+    text = (ROOT / "benchmarks" / "results" / "quality_flops.json").read_text()
+    data = json.loads(text)
+    for model in data["models"]:
+        assert model["model"].startswith("models/")
+        assert all(e["file"].startswith("../shared/data/") for e in model["data"].values())
+
+
+def test_the_sweep_and_the_library_do_not_import_matplotlib():  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    code = "import sys, dynamic_moe_router.sweeps.quality; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -70,3 +70,61 @@ def test_cli_calibrate_then_eval_reads_the_policy(tmp_path, capsys):  # type: ig
     assert json.loads(capsys.readouterr().out)["policy"] == policy.to_dict()
     assert main(["calibrate", "--model", model_dir, "--target-reduction", "0.95", "--out", str(out)]) == 2
     assert "lower the target" in capsys.readouterr().err
+
+
+def test_cache_replays_the_calibration_without_running_the_model(tokenizer, monkeypatch):  # type: ignore[no-untyped-def]
+    import dynamic_moe_router.calibrate as cal
+
+    model = tiny_model("olmoe", vocab_size=len(tokenizer))
+    cache: dict = {}  # type: ignore[type-arg]
+    saved = []
+    first = calibrate(model, tokenizer, 0.3, documents=DOCS, family="top_p", tokens=512, context=128,
+                      cache=cache, on_measure=lambda c: saved.append(len(c)))  # fmt: skip
+    assert saved == list(range(1, len(cache) + 1))  # called after each new measurement
+    assert len(cache) == len({json.dumps(m, sort_keys=True) for m in cache})  # one entry per policy
+
+    def no_model(self, policy):  # type: ignore[no-untyped-def]
+        raise AssertionError("a cached measurement was run again")
+
+    monkeypatch.setattr(cal._Meter, "_measure", no_model)
+    again = calibrate(model, tokenizer, 0.3, documents=DOCS, family="top_p", tokens=512, context=128,
+                      cache=dict(cache))  # fmt: skip
+    assert again.policy == first.policy and again.nll == first.nll and again.history == first.history
+    if first.per_layer:  # every MoE layer has its own override, so the file carries no unused default
+        assert set(first.policy.overrides) == {0, 1} and first.policy.default is None
+
+
+def test_cli_calibrate_interrupted_then_resumed(tmp_path, capsys, monkeypatch):  # type: ignore[no-untyped-def]
+    import dynamic_moe_router.calibrate as cal
+
+    out = tmp_path / "policy.json"
+    partial = tmp_path / "policy.json.partial.json"
+    args = ["calibrate", "--model", str(ROOT / "models" / "ref-mixtral"), "--target-reduction", "0.3",
+            "--family", "top_p", "--tokens", "512", "--global-only", "--out", str(out), "--json"]  # fmt: skip
+    real = cal._Meter._measure
+    calls = []
+
+    def interrupt_fourth(self, policy):  # type: ignore[no-untyped-def]
+        calls.append(policy)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, policy)
+
+    monkeypatch.setattr(cal._Meter, "_measure", interrupt_fourth)
+    assert main(args) == 130
+    _, err = capsys.readouterr()
+    (line,) = err.strip().splitlines()
+    assert "3 finished measurements" in line and str(partial) in line and "--resume" in line
+    assert len(json.loads(partial.read_text())["measurements"]) == 3 and not out.exists()
+
+    calls.clear()
+    monkeypatch.setattr(
+        cal._Meter, "_measure", lambda self, policy: (calls.append(policy), real(self, policy))[1]
+    )
+    assert main([*args, "--resume"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(calls) == len(report["measurements"]) - 3  # the three saved ones were not run again
+    assert dmr.load_policy(out) == dmr.policies.policy_from_dict(report["policy"]) and not partial.exists()
+    monkeypatch.setattr(cal._Meter, "_measure", real)
+    assert main(args) == 0  # a fresh run finds the same policy
+    assert json.loads(capsys.readouterr().out)["policy"] == report["policy"]

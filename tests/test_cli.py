@@ -68,3 +68,25 @@ def test_profile_checkpoint_directory(capsys, tmp_path):  # type: ignore[no-unty
 def test_profile_bad_policy(capsys):  # type: ignore[no-untyped-def]
     code, _, err = run(capsys, "profile", "tiny:mixtral", "--policy", "top_p:p=2")
     assert code == 2 and "p must be in" in err
+
+
+def test_generated_cli_reference_lists_every_command_and_argument():  # type: ignore[no-untyped-def]
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    from dynamic_moe_router.cli import build_parser
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "gen_cli.py"
+    spec = importlib.util.spec_from_file_location("gen_cli", path)
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    text = gen.render()
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        assert f"### `dmr {name}`" in text
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            for flag in action.option_strings or [action.dest]:
+                assert f"`{flag}`" in text, (name, flag)

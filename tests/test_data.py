@@ -35,3 +35,13 @@ def test_malformed_jsonl(tmp_path):  # type: ignore[no-untyped-def]
     bad.write_text('{"text": "ok"}\n{broken\n')
     with pytest.raises(dmr.DataNotFoundError, match=r"x\.jsonl:2 is not valid JSON"):
         list(read_jsonl(bad))
+
+
+def test_undecodable_jsonl_names_the_line_and_byte_offset(tmp_path):  # type: ignore[no-untyped-def]
+    bad = tmp_path / "x.jsonl.xz"
+    with lzma.open(bad, "wb") as fh:
+        fh.write(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(dmr.errors.TextDecodeError, match=r"byte 0xe9 at offset 28 \(line 2\)") as info:
+        list(read_jsonl(bad))
+    assert info.value.offset == 28
+    assert list(read_jsonl(bad, encoding="latin-1"))[1] == {"text": "café"}

@@ -166,3 +166,87 @@ def test_cli_eval_errors(tmp_path, capsys):  # type: ignore[no-untyped-def]
     tiny_model("olmoe").save_pretrained(tmp_path / "no_tokenizer")
     assert main(["eval", "--model", str(tmp_path / "no_tokenizer"), "--text", str(empty)]) == 2
     assert "no tokenizer files" in capsys.readouterr().err
+
+
+def test_cli_eval_policy_reports_the_change_against_native(tmp_path, capsys):  # type: ignore[no-untyped-def]
+    text = tmp_path / "t.txt"
+    text.write_text("It was the best of times, it was the worst of times, it was the age of wisdom.\n" * 20)
+    model = str(ROOT / "models" / "ref-mixtral")
+    base = ["eval", "--model", model, "--text", str(text), "--context", "64", "--json"]
+    assert main([*base, "--policy", "static_top_k:k=1"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""  # no progress bar under --json
+    res = json.loads(out)
+    (name,) = res["perplexity"]
+    delta = res["delta_vs_native"]["perplexity"][name]
+    native_ppl = res["native"]["perplexity"][name]["ppl"]
+    assert delta["native_ppl"] == native_ppl and res["native"]["flops"]["routed_flop_reduction"] == 0.0
+    assert delta["rel_change"] == pytest.approx(res["perplexity"][name]["ppl"] / native_ppl - 1.0)
+    assert res["flops"]["routed_flop_reduction"] == 0.5 and delta["rel_change"] > 0
+    # the native policy reproduces native: no change
+    assert main([*base, "--policy", "static_top_k"]) == 0
+    same = json.loads(capsys.readouterr().out)["delta_vs_native"]["perplexity"][name]
+    assert same["rel_change"] == pytest.approx(0.0, abs=1e-5)
+    assert main([*base, "--policy", "static_top_k", "--no-native"]) == 0
+    assert "delta_vs_native" not in json.loads(capsys.readouterr().out)
+
+
+def test_native_is_evaluated_once_per_model_and_data(model, tokenizer, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    import dynamic_moe_router.eval.runner as runner
+
+    text = tmp_path / "t.txt"
+    text.write_text("Colorless green ideas sleep furiously. " * 40)
+    calls = []
+    real = runner.evaluate
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **k: (calls.append(k), real(*a, **k))[1])
+    settings = {"corpora": [str(text)], "tasks": [], "context": 32}
+    first = runner.evaluate_native(model, tokenizer, **settings)
+    assert runner.evaluate_native(model, tokenizer, **settings) is first and len(calls) == 1
+    runner.evaluate_native(model, tokenizer, **{**settings, "context": 16})  # other settings: new run
+    text.write_text("Another text entirely, which changes the file. " * 40)  # same path, new content
+    runner.evaluate_native(model, tokenizer, **settings)
+    assert len(calls) == 3
+
+
+def test_text_files_in_other_encodings(tmp_path):  # type: ignore[no-untyped-def]
+    from dynamic_moe_router.eval import read_text_file
+
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("na\xefve caf\xe9\r\nline".encode("latin-1"))
+    with pytest.raises(dmr.errors.TextDecodeError, match=r"byte 0xef at offset 2.*--encoding") as info:
+        read_text_file(path)
+    assert info.value.offset == 2 and info.value.path == str(path)
+    assert read_text_file(path, encoding="latin-1") == ["naïve café\nline"]
+    with pytest.raises(dmr.DataNotFoundError, match="is a directory"):
+        read_text_file(tmp_path)
+
+
+def test_cli_profile_on_text(tmp_path, capsys):  # type: ignore[no-untyped-def]
+    text = tmp_path / "t.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 10)
+    model = str(ROOT / "models" / "ref-mixtral")
+    assert main(["profile", model, "--text", str(text), "--tokens", "16", "--batch", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens"] == 32 and report["routed_flop_reduction"] > 0
+    assert main(["profile", model, "--text", str(text), "--tokens", "512", "--batch", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "fewer than --batch x --tokens = 2048" in err and "Traceback" not in err
+
+
+def test_task_items_are_parsed_once_per_file_version(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    import os
+
+    import dynamic_moe_router.eval.tasks as tasks
+
+    write_eval_data(tmp_path)
+    monkeypatch.setenv("DMR_DATA", str(tmp_path))
+    first, _ = tasks.load_items("blimp", 1)
+    monkeypatch.setattr(tasks, "read_jsonl", lambda *_: pytest.fail("the file was parsed again"))
+    assert tasks.load_items("blimp", 1)[0] == first and len(first) == 2
+    monkeypatch.undo()
+    monkeypatch.setenv("DMR_DATA", str(tmp_path))
+    path = tmp_path / "eval" / "piqa.jsonl"
+    assert len(tasks.load_items("piqa")[0]) == 2
+    path.write_text(path.read_text().splitlines()[0] + "\n")  # the file changes: read again
+    os.utime(path, (1, 1))
+    assert len(tasks.load_items("piqa")[0]) == 1

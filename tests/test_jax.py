@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dynamic_moe_router as dmr
-from dynamic_moe_router import spec
+from dynamic_moe_router import core as spec
 from dynamic_moe_router.policies import policy_from_dict
 from strategies import policies_for
 

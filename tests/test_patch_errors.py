@@ -56,6 +56,19 @@ def test_per_layer_override_of_a_dense_layer_is_refused():  # type: ignore[no-un
     assert dmr.get_patch(model) is None
 
 
+def test_per_layer_without_default_must_cover_every_moe_layer():  # type: ignore[no-untyped-def]
+    model = tiny_model("qwen2_moe")  # MoE layers 0 and 2
+    before = snapshot(model)
+    with pytest.raises(
+        dmr.PolicyError, match=r"MoE layer 2 .*layer 2 has no override and the policy has no default"
+    ):
+        dmr.patch(model, dmr.PerLayer(None, {0: dmr.TopP(p=0.5)}))
+    assert snapshot(model) == before and dmr.get_patch(model) is None
+    handle = dmr.patch(model, dmr.PerLayer(None, {0: dmr.TopP(p=0.5), 2: dmr.StaticTopK()}))
+    assert dmr.get_patch(model) is handle
+    dmr.unpatch(model)
+
+
 def test_not_a_policy():  # type: ignore[no-untyped-def]
     with pytest.raises(dmr.PolicyError, match="policy must be a RoutingPolicy"):
         dmr.patch(tiny_model("olmoe"), "top_p")  # type: ignore[arg-type]

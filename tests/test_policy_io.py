@@ -19,7 +19,14 @@ EXAMPLES = [
     dmr.RelativeThreshold(beta=0.25, max_k=4),
     dmr.EntropyAdaptive(min_k=1, max_k=4, low=0.2, high=0.8),
     dmr.PerLayer(dmr.TopP(p=0.5), {0: dmr.StaticTopK(), 7: dmr.RelativeThreshold(beta=0.3)}),
+    dmr.PerLayer(None, {0: dmr.TopP(p=0.5), 2: dmr.StaticTopK(k=1)}),
 ]
+
+
+def test_per_layer_without_default_writes_null(tmp_path):  # type: ignore[no-untyped-def]
+    path = tmp_path / "policy.json"
+    dmr.PerLayer(None, {1: dmr.TopP(p=0.5)}).save(str(path))
+    assert json.loads(path.read_text())["_data"]["default"] is None
 
 
 @pytest.mark.parametrize("policy", EXAMPLES, ids=lambda p: p.type_name)

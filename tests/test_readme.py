@@ -28,6 +28,18 @@ def test_python_examples_run(index, tmp_path, monkeypatch, capsys):  # type: ign
     assert capsys.readouterr().out  # every example prints something
 
 
-def test_the_first_command_is_the_main_job():  # type: ignore[no-untyped-def]
-    first = re.search(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S).group(1)
-    assert "pip install" in first and first.strip().endswith("dmr bench")
+COMMANDS = re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_the_first_command_is_the_lean_main_job():  # type: ignore[no-untyped-def]
+    first = COMMANDS[0].strip()
+    assert "pip install" in first and first.endswith("dmr bench")
+    extras = set(re.findall(r"\[([a-z,]+)\]", first)[0].split(","))
+    assert extras == {"bench"}  # the PyTorch main job only: no JAX, TensorFlow, docs or test tools
+
+
+def test_ci_runs_the_readme_commands_verbatim():  # type: ignore[no-untyped-def]
+    ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    second = COMMANDS[1].strip()
+    assert second.endswith("pytest -n auto") and second in ci  # the test command, as a line of CI
+    assert "dmr bench" in ci

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dynamic_moe_router as dmr
-from dynamic_moe_router import spec
+from dynamic_moe_router import core as spec
 from dynamic_moe_router.policies import policy_from_dict
 
 VECTORS = Path(__file__).parent / "vectors"

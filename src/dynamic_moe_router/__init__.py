@@ -10,9 +10,17 @@ Import it as ``dmr``::
     print(report.summary())
     dmr.unpatch(model)                            # exactly the original model again
 
-Importing the package has no side effects and does not import transformers.
+Importing the package has no side effects and imports neither PyTorch nor transformers: the public
+names below are loaded on first use (PEP 562), so ``import dynamic_moe_router`` and ``dmr --version``
+stay fast. ``dir(dmr)`` and ``dmr.__all__`` list every public name.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._preload import load_triton_before_tensorflow
 from ._version import __version__
 from .errors import (
     AlreadyPatchedError,
@@ -25,26 +33,76 @@ from .errors import (
     NotPatchedError,
     PolicyError,
     PolicyFileError,
+    ResumeError,
     RoutingInputError,
     TargetUnreachableError,
+    TextDecodeError,
     UnsupportedModeError,
     UnsupportedModelError,
 )
-from .experts import ExpertsCounter, ExpertsLayout, experts_forward
-from .hf import PatchHandle, get_patch, patch, patched, supported_families, unpatch
-from .policies import (
-    EntropyAdaptive,
-    PerLayer,
-    RelativeThreshold,
-    RoutingPolicy,
-    StaticTopK,
-    TopP,
-    load_policy,
-    parse_policy,
-    register_policy,
-)
-from .profiling import ProfileReport, profile
-from .routing import Routing, route
+
+if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
+    from .experts import ExpertsCounter, ExpertsLayout, experts_forward
+    from .hf import PatchHandle, get_patch, patch, patched, supported_families, unpatch
+    from .policies import (
+        EntropyAdaptive,
+        PerLayer,
+        RelativeThreshold,
+        RoutingPolicy,
+        StaticTopK,
+        TopP,
+        load_policy,
+        parse_policy,
+        register_policy,
+    )
+    from .profiling import ProfileReport, profile
+    from .routing import Routing, route
+
+load_triton_before_tensorflow()  # see _preload: TensorFlow loaded first would make Triton abort
+
+#: public name -> the submodule that defines it (imported on first access)
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(("ExpertsCounter", "ExpertsLayout", "experts_forward"), ".experts"),
+    **dict.fromkeys(("PatchHandle", "get_patch", "patch", "patched", "supported_families", "unpatch"), ".hf"),
+    **dict.fromkeys(
+        (
+            "EntropyAdaptive",
+            "PerLayer",
+            "RelativeThreshold",
+            "RoutingPolicy",
+            "StaticTopK",
+            "TopP",
+            "load_policy",
+            "parse_policy",
+            "register_policy",
+        ),
+        ".policies",
+    ),
+    "ProfileReport": ".report",
+    "profile": ".hf.profiling",
+    "Routing": ".core",
+    "route": ".routing",
+}
+#: submodules reachable as attributes (``dmr.core``); ``spec`` is the deprecated name of ``core``.
+#: The optional ``jax`` and ``keras`` subpackages are imported explicitly (they need their extras).
+_SUBMODULES = frozenset(
+    ("backends", "core", "errors", "experts", "hf", "policies", "profiling", "report", "routing", "spec")
+)  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "AlreadyPatchedError",
@@ -64,11 +122,13 @@ __all__ = [
     "PolicyFileError",
     "ProfileReport",
     "RelativeThreshold",
+    "ResumeError",
     "Routing",
     "RoutingInputError",
     "RoutingPolicy",
     "StaticTopK",
     "TargetUnreachableError",
+    "TextDecodeError",
     "TopP",
     "UnsupportedModeError",
     "UnsupportedModelError",

@@ -21,6 +21,7 @@ that no family reaches raises :class:`~dynamic_moe_router.errors.TargetUnreachab
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -30,13 +31,15 @@ from typing import Any
 
 import torch
 
+from ._progress import Progress, Task
+from ._progress import task as _task
 from .errors import PolicyError, TargetUnreachableError
 from .hf.layers import find_moe_layers
 from .hf.patching import patched
 from .policies import EntropyAdaptive, PerLayer, RelativeThreshold, RoutingPolicy, StaticTopK, TopP
 from .profiling import profile
 
-__all__ = ["KNOBS", "CalibrationResult", "Knob", "calibrate", "calibration_windows"]
+__all__ = ["KNOBS", "CalibrationResult", "Knob", "calibrate", "calibration_windows", "measurement_key"]
 
 
 @dataclass(frozen=True)
@@ -106,28 +109,44 @@ def calibration_windows(tokenizer, documents: Sequence[str], tokens: int, contex
     return torch.tensor([ids[i * context : i * context + context + 1] for i in range(n)], dtype=torch.long)
 
 
-class _Meter:
-    """Measures (routed-FLOP reduction, mean NLL) of a policy on fixed windows."""
+def measurement_key(policy: RoutingPolicy | None) -> str:
+    """The key of a measurement in a calibration cache: the policy's JSON (``"native"`` for none)."""
+    return "native" if policy is None else json.dumps(policy.to_dict(), sort_keys=True)
 
-    def __init__(self, model, windows: torch.Tensor, batch_size: int) -> None:  # type: ignore[no-untyped-def]
+
+class _Meter:
+    """Measures (routed-FLOP reduction, mean NLL) of a policy on fixed windows.
+
+    ``cache`` maps :func:`measurement_key` to ``[reduction, nll]``: a policy found there is not run
+    again (a resumed calibration replays the same bisection from it). ``on_measure(cache)`` is called
+    after every new measurement, e.g. to save the cache; ``task`` advances a progress bar.
+    """
+
+    def __init__(  # type: ignore[no-untyped-def]
+        self,
+        model,
+        windows: torch.Tensor,
+        batch_size: int,
+        cache: dict[str, list[float]] | None = None,
+        on_measure: Callable[[dict[str, list[float]]], None] | None = None,
+        task: Task | None = None,
+    ) -> None:
         self.model, self.windows, self.batch_size = model, windows, batch_size
+        self.cache = {} if cache is None else cache
+        self.on_measure, self.task = on_measure, task
         self.history: list[dict[str, Any]] = []
 
-    @torch.no_grad()
     def __call__(self, policy: RoutingPolicy | None, **note: Any) -> tuple[float, float]:
-        total, count = 0.0, 0
-        routing = patched(self.model, policy) if policy is not None else nullcontext()
-        with routing, profile(self.model, count_dense=False) as report:
-            for start in range(0, len(self.windows), self.batch_size):
-                batch = self.windows[start : start + self.batch_size]
-                logits = self.model(batch[:, :-1]).logits.float()
-                nll = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-                )
-                total += float(nll)
-                count += batch[:, 1:].numel()
-        reduction = report.to_dict()["routed_flop_reduction"]
-        mean = total / count
+        key = measurement_key(policy)
+        if key in self.cache:
+            reduction, mean = self.cache[key]
+        else:
+            reduction, mean = self._measure(policy)
+            self.cache[key] = [reduction, mean]
+            if self.on_measure is not None:
+                self.on_measure(self.cache)
+        if self.task is not None:
+            self.task.advance()
         self.history.append(
             {
                 "policy": None if policy is None else policy.describe(),
@@ -137,6 +156,21 @@ class _Meter:
             }
         )
         return reduction, mean
+
+    @torch.no_grad()
+    def _measure(self, policy: RoutingPolicy | None) -> tuple[float, float]:
+        total, count = 0.0, 0
+        routing = patched(self.model, policy) if policy is not None else nullcontext()
+        with routing, profile(self.model, count_dense=False) as report:
+            for start in range(0, len(self.windows), self.batch_size):
+                batch = self.windows[start : start + self.batch_size]  # (B, context + 1)
+                logits = self.model(batch[:, :-1]).logits.float()  # (B, context, V)
+                nll = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                )
+                total += float(nll)
+                count += batch[:, 1:].numel()
+        return report.to_dict()["routed_flop_reduction"], total / count
 
 
 def _bisect(measure: Callable[[float], tuple[float, float]], lo: float, hi: float, target: float, iters: int):  # type: ignore[no-untyped-def]
@@ -173,10 +207,19 @@ def calibrate(
     per_layer: bool = True,
     iterations: int = 8,
     batch_size: int = 8,
+    cache: dict[str, list[float]] | None = None,
+    on_measure: Callable[[dict[str, list[float]]], None] | None = None,
+    progress: Progress | None = None,
 ) -> CalibrationResult:
     """Find the policy reaching ``target_reduction`` of routed-expert FLOPs with the least NLL increase.
 
     ``documents`` default to the Gutenberg valid split (tune on valid, report on test).
+
+    No lost work: ``cache`` (a dict, filled in place) holds every measurement made, keyed by
+    :func:`measurement_key`, and ``on_measure(cache)`` runs after each new one (``dmr calibrate``
+    saves it to a partial-results file). Calibrating again with the same arguments and that cache
+    replays the finished measurements without running the model. ``progress`` draws a bar with an
+    ETA (the step count is an upper bound: a family that cannot reach the target stops early).
     """
     if not isinstance(target_reduction, (int, float)) or not 0.0 < target_reduction < 1.0:
         raise PolicyError(
@@ -189,13 +232,17 @@ def calibrate(
 
         documents = [r["text"] for r in read_jsonl(data_file("gutenberg/valid.jsonl"))]
     windows = calibration_windows(tokenizer, documents, tokens, context)
-    meter = _Meter(model, windows, batch_size)
     layers = [layer.index for layer in find_moe_layers(model)[0]]
+    names = [family] if family else list(KNOBS)
+    refine = per_layer and len(layers) > 1
+    steps = 1 + len(names) * ((1 + iterations) + (len(layers) + 3 * (1 + iterations) if refine else 0))
+    bar = _task(progress, f"calibrating to {target_reduction:.0%} fewer routed FLOPs", steps)
+    meter = _Meter(model, windows, batch_size, cache, on_measure, bar)
     _, native_nll = meter(None, stage="native")
 
     candidates: list[CalibrationResult] = []
     reachable: dict[str, float] = {}
-    for name in [family] if family else list(KNOBS):
+    for name in names:
         knob = KNOBS[name]
         theta, red, nll = _bisect(
             lambda t, k=knob: meter(k.make(t), stage="global", family=k.name, theta=t),
@@ -205,7 +252,7 @@ def calibrate(
         if theta is None:
             continue
         best = CalibrationResult(knob.make(theta), name, red, nll, native_nll, False)
-        if per_layer and len(layers) > 1:
+        if refine:
             best = _refine_per_layer(
                 meter, knob, theta, layers, target_reduction, native_nll, best, iterations
             )
@@ -216,6 +263,7 @@ def calibrate(
             f"no policy family reaches a {target_reduction:.1%} routed-FLOP reduction on this model "
             f"(most aggressive setting of each: {best_seen}); lower the target"
         )
+    bar.finish()
     result = min(candidates, key=lambda c: c.nll)
     result.history = meter.history
     return result
@@ -233,9 +281,9 @@ def _refine_per_layer(meter, knob, theta, layers, target, native_nll, best, iter
 
     def make(lam: float, offset: float) -> RoutingPolicy:
         thetas = [min(knob.high, max(knob.low, theta + lam * 0.1 * zl + offset)) for zl in z]
-        return PerLayer(
-            knob.make(theta), {layer: knob.make(t) for layer, t in zip(layers, thetas, strict=True)}
-        )
+        # every MoE layer has its override, so the policy carries no default: patching a model
+        # with other MoE layers raises a PolicyError naming them instead of routing them natively
+        return PerLayer(None, {layer: knob.make(t) for layer, t in zip(layers, thetas, strict=True)})
 
     for lam in (0.5, 1.0, 2.0):
         offset, red, nll = _bisect(

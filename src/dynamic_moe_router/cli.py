@@ -1,40 +1,85 @@
-"""The ``dmr`` command line: ``families``, ``inspect``, ``profile``, ``eval``, ``calibrate``.
+"""The ``dmr`` command line: ``families``, ``inspect``, ``profile``, ``eval``, ``calibrate``, ``bench``.
 
-Every subcommand takes ``--json`` for machine-readable output. Errors of the library are printed
-as one line (``error: ...``) with exit status 2.
+Every subcommand takes ``--json`` for machine-readable output. Exit status:
+
+* ``0``: success;
+* ``2``: bad input. Every argument is checked before any model loads or any work starts; usage
+  errors print the usage line and ``dmr CMD: error: argument --flag: ...``, errors of the library
+  (:class:`~dynamic_moe_router.errors.DmrError`) print one line ``error: ...``. Never a traceback;
+* ``130``: interrupted (Ctrl-C). ``dmr bench`` and ``dmr calibrate`` keep their finished work in a
+  partial-results file, print one line saying where, and continue from it with ``--resume``;
+* ``141``: standard output was closed early (``dmr families --json | head -1``); nothing is printed.
+
+Progress bars (with an ETA) go to standard error and are off under ``--json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+from . import _cli_args as check
 from ._version import __version__
-from .errors import DmrError, MissingDependencyError, PolicyFileError
 
-#: experts backends offered by ``--backend`` (kept equal to ``experts.BACKENDS`` by a test; a literal
-#: so that building the parser does not import torch)
-CLI_BACKENDS = ("auto", "loop", "grouped", "cuda", "triton")
+#: experts backends offered by ``--backend``: the PyTorch entries of the backend table
+#: (:mod:`dynamic_moe_router.backends` imports no torch, so building the parser stays light)
+from .backends import BACKENDS as CLI_BACKENDS
+from .errors import DmrError, MissingDependencyError
 
-__all__ = ["main"]
+#: calibration families offered by ``--family`` (kept equal to ``calibrate.KNOBS`` by a test; a
+#: literal so that building the parser does not import torch)
+CLI_CALIBRATION_FAMILIES = ("top_p", "relative_threshold", "entropy")
+#: the point families of ``dmr bench --families`` (kept equal to ``sweeps.quality.FAMILIES`` by a test)
+CLI_SWEEP_FAMILIES = ("native", "static", "lu_median", "top_p", "relative_threshold", "entropy", "calibrated")
+#: the shared corpora of ``dmr eval --corpus`` (kept equal to ``eval.CORPORA`` by a test)
+CLI_CORPORA = ("gutenberg_test", "wikitext2_test")
+#: exit status of an interrupted command (128 + SIGINT, the shell convention)
+EXIT_INTERRUPTED = 130
+#: exit status when standard output is closed early (128 + SIGPIPE, the shell convention)
+EXIT_BROKEN_PIPE = 141
+
+__all__ = ["EXIT_BROKEN_PIPE", "EXIT_INTERRUPTED", "build_parser", "main"]
 
 
-def _need_transformers() -> None:
+class Interrupted(Exception):
+    """Ctrl-C during a command that kept its finished work; the message says where and how to resume."""
+
+
+def _need_transformers(args: argparse.Namespace) -> None:
     try:
-        import transformers  # noqa: F401
+        import transformers
     except ImportError as err:
         raise MissingDependencyError(
             "this command needs transformers; install the extra: pip install 'dynamic-moe-router-kit[hf]'"
         ) from err
+    if args.json:  # quiet: no weight-loading bars on stderr either
+        transformers.utils.logging.disable_progress_bar()
 
 
 def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
     print(json.dumps(payload, indent=2) if args.json else text)
 
 
+def _progress(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from ._progress import Progress
+
+    return Progress(enabled=not args.json)
+
+
+def _read_texts(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The ``--text`` files' documents (typed errors for bad encodings or empty files)."""
+    from .eval.perplexity import read_text_file
+
+    paths = [args.text] if isinstance(args.text, str) else list(args.text or ())
+    return {path: read_text_file(path, encoding=args.encoding) for path in paths}
+
+
+# -- commands ----------------------------------------------------------------------------------------
 def cmd_families(args: argparse.Namespace) -> int:
     from .hf.families import FAMILIES, MIN_TRANSFORMERS
 
@@ -62,7 +107,7 @@ def cmd_families(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    _need_transformers()
+    _need_transformers(args)
     from .hf.inspect import inspect_model, load_model_skeleton
 
     info = inspect_model(load_model_skeleton(args.model))
@@ -83,15 +128,40 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile_ids(args: argparse.Namespace, vocab: int | None):  # type: ignore[no-untyped-def]
+    """``(batch, tokens)`` input ids: the first tokens of ``--text``, or random ids."""
+    import torch
+
+    if args.text is None:
+        gen = torch.Generator().manual_seed(args.seed)
+        return torch.randint(3, vocab, (args.batch, args.tokens), generator=gen)  # type: ignore[arg-type]
+    from transformers import AutoTokenizer
+
+    docs = _read_texts(args)[args.text]
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    need = args.batch * args.tokens
+    ids: list[int] = []
+    for doc in docs:
+        ids += tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise argparse.ArgumentError(
+            None,
+            f"--text {args.text!r} has {len(ids)} tokens, fewer than --batch x --tokens = {need}; "
+            "lower --tokens or --batch, or pass a longer text",
+        )
+    return torch.tensor(ids[:need], dtype=torch.long).reshape(args.batch, args.tokens)  # (B, T)
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
-    _need_transformers()
+    _need_transformers(args)
     import torch
 
     from .hf.patching import patch
-    from .policies import parse_policy
     from .profiling import profile
 
-    policy = parse_policy(args.policy)
+    ids = _profile_ids(args, None) if args.text else None  # text problems before the model loads
     if args.model.startswith("tiny:"):
         from .hf.tiny import tiny_model
 
@@ -103,60 +173,71 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
         load_model_skeleton(args.model)  # typed errors for non-checkpoints and unsupported families
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(args.seed)
-    vocab = model.config.vocab_size
-    input_ids = torch.randint(3, vocab, (args.batch, args.tokens), generator=gen)
-    patch(model, policy, backend=args.backend)
+    if ids is None:
+        ids = _profile_ids(args, model.config.vocab_size)
+    patch(model, args.policy, backend=args.backend)
     with torch.no_grad(), profile(model) as report:
-        model(input_ids)
+        model(ids)
     _emit(args, report.to_dict(), report.summary())
     return 0
 
 
+def _eval_lines(result: dict[str, Any], delta: dict[str, Any] | None) -> list[str]:
+    lines = []
+    for name, res in result["perplexity"].items():
+        lo, hi = res["ppl_ci95"]
+        line = f"  perplexity {name}: {res['ppl']:.3f} (95% CI {lo:.3f}-{hi:.3f}, {res['tokens']:,} tokens)"
+        if delta:
+            d = delta["perplexity"][name]
+            line += f"; {d['rel_change']:+.2%} vs native {d['native_ppl']:.3f}"
+        lines.append(line)
+    for name, res in result["tasks"].items():
+        extra = f", acc_norm {res['acc_norm']:.4f}" if "acc_norm" in res else ""
+        line = f"  {name}: acc {res['acc']:.4f} +- {res['acc_stderr']:.4f}{extra} ({res['items']} items)"
+        if delta:
+            d = delta["tasks"][name]
+            line += (
+                f"; {100 * d['acc_delta']:+.1f} +- {100 * d['acc_delta_se']:.1f} points vs native (paired)"
+            )
+        lines.append(line)
+    return lines
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    _need_transformers()
+    _need_transformers(args)
     from ._atomic import write_text_atomic
     from .eval import TASKS, evaluate, load_checkpoint
-    from .policies import parse_policy
+    from .eval.runner import compare_to_native, evaluate_native
 
-    policy = parse_policy(args.policy) if args.policy else None
-    if args.tasks is None:
-        tasks = [] if args.text else list(TASKS)
-    else:
-        tasks = [t for t in args.tasks.split(",") if t and t != "none"]
-        if tasks == ["all"]:
-            tasks = list(TASKS)
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown:
-        raise PolicyFileError(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}, all or none")
-    corpora = list(args.text) if args.text else (args.corpus or ["gutenberg_test", "wikitext2_test"])
+    _read_texts(args)  # encodings and empty files fail here, before the model loads
+    tasks = args.tasks if args.tasks is not None else ([] if args.text else list(TASKS))
+    corpora = list(args.text) if args.text else (args.corpus or list(CLI_CORPORA))
     model, tokenizer = load_checkpoint(args.model)
-    result = evaluate(
-        model,
-        tokenizer,
-        policy=policy,
-        corpora=corpora,
-        tasks=tasks,
-        limit=args.limit,
-        max_tokens=args.max_tokens,
-        context=args.context,
-        stride=args.stride,
-        batch_size=args.batch_size,
-    )
+    settings = {
+        "corpora": corpora,
+        "tasks": tasks,
+        "limit": args.limit,
+        "max_tokens": args.max_tokens,
+        "context": args.context,
+        "stride": args.stride,
+        "batch_size": args.batch_size,
+        "encoding": args.encoding,
+    }
+    with _progress(args) as progress:
+        delta = None
+        if args.policy is not None and not args.no_native:
+            native = evaluate_native(model, tokenizer, progress=progress, **settings)
+            result = evaluate(model, tokenizer, policy=args.policy, progress=progress, **settings)
+            delta = compare_to_native(result, native)
+            result["native"] = {k: native[k] for k in ("perplexity", "tasks", "flops")}
+            result["delta_vs_native"] = delta
+        else:
+            result = evaluate(model, tokenizer, policy=args.policy, progress=progress, **settings)
     result["model"] = str(args.model)
     if args.out:
         write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
     lines = [f"model: {args.model}   policy: {result['flops']['policy']}"]
-    for name, res in result["perplexity"].items():
-        lo, hi = res["ppl_ci95"]
-        lines.append(
-            f"  perplexity {name}: {res['ppl']:.3f} (95% CI {lo:.3f}-{hi:.3f}, {res['tokens']:,} tokens)"
-        )
-    for name, res in result["tasks"].items():
-        extra = f", acc_norm {res['acc_norm']:.4f}" if "acc_norm" in res else ""
-        lines.append(
-            f"  {name}: acc {res['acc']:.4f} +- {res['acc_stderr']:.4f}{extra} ({res['items']} items)"
-        )
+    lines += _eval_lines(result, delta)
     f = result["flops"]
     lines.append(
         f"  routed-expert FLOPs: {f['routed_flop_reduction']:.1%} fewer than native; whole model: "
@@ -166,26 +247,71 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_partial(args: argparse.Namespace) -> Path:
+    return Path(f"{args.out}.partial.json")
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    _need_transformers()
+    _need_transformers(args)
     from ._atomic import write_text_atomic
     from .calibrate import calibrate
+    from .errors import ResumeError
     from .eval import load_checkpoint
 
+    partial = _calibration_partial(args)
+    header = {
+        "kind": "calibration.partial",
+        "model": os.path.abspath(args.model),
+        "target_reduction": args.target_reduction,
+        "family": args.family,
+        "tokens": args.tokens,
+        "per_layer": not args.global_only,
+    }
+    state: dict[str, Any] = {**header, "measurements": {}}
+    if args.resume:
+        if not partial.is_file():
+            raise ResumeError(f"--resume: no partial calibration at {partial}; run without --resume")
+        try:
+            saved = json.loads(partial.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ResumeError(f"--resume: {partial} is unreadable ({err}); delete it and rerun") from None
+        changed = [k for k, v in header.items() if saved.get(k) != v]
+        if changed:
+            raise ResumeError(
+                f"--resume: {partial} was made with other {', '.join(changed)}; rerun with the same "
+                "options, or without --resume to start afresh"
+            )
+        state = saved
+
+    def save(cache: dict[str, list[float]]) -> None:
+        state["measurements"] = cache
+        write_text_atomic(partial, json.dumps(state) + "\n")
+
     model, tokenizer = load_checkpoint(args.model)
-    result = calibrate(
-        model,
-        tokenizer,
-        args.target_reduction,
-        family=args.family,
-        tokens=args.tokens,
-        per_layer=not args.global_only,
-    )
+    try:
+        with _progress(args) as progress:
+            result = calibrate(
+                model,
+                tokenizer,
+                args.target_reduction,
+                family=args.family,
+                tokens=args.tokens,
+                per_layer=not args.global_only,
+                cache=state["measurements"],
+                on_measure=save,
+                progress=progress,
+            )
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted: {len(state['measurements'])} finished measurements kept in {partial}; rerun the "
+            "same command with --resume to continue"
+        ) from None
     result.policy.save(args.out)
     report = result.to_dict()
     report.update(model=str(args.model), out=str(args.out), calibration_tokens=args.tokens)
     if args.report:
         write_text_atomic(args.report, json.dumps(report, indent=2) + "\n")
+    partial.unlink(missing_ok=True)
     text = (
         f"{result.family}{' (per layer)' if result.per_layer else ''}: {result.policy.describe()}\n"
         f"  routed-FLOP reduction {result.reduction:.1%} (target {args.target_reduction:.1%}), valid NLL "
@@ -198,23 +324,53 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    _need_transformers()
-    from pathlib import Path
+    import importlib.util
 
-    from .bench import BenchSettings, run_bench, summary_table
+    if importlib.util.find_spec("matplotlib") is None:  # the plot is drawn at the end: fail before the work
+        raise MissingDependencyError(
+            "dmr bench draws a Pareto plot with matplotlib; install the extra: "
+            "pip install 'dynamic-moe-router-kit[bench]'"
+        )
+    if args.replot:
+        from .sweeps.plot import replot
+        from .sweeps.quality import PLOT_NAME
+
+        out = Path(args.out_dir) / PLOT_NAME
+        replot(args.replot, out)
+        _emit(args, {"plot": str(out)}, f"wrote {out}")
+        return 0
+    _need_transformers(args)
+    from .sweeps.quality import PARTIAL_NAME, QUICK, BenchSettings, run_bench, summary_table, with_overrides
 
     models = [Path(m) for m in args.models] if args.models else _bundled_models()
-    settings = BenchSettings(
-        ppl_tokens=args.ppl_tokens, blimp_limit=args.blimp_limit, lambada_limit=args.lambada_limit
+    settings = with_overrides(
+        QUICK if args.quick else BenchSettings(),
+        ppl_tokens=args.ppl_tokens,
+        blimp_limit=args.blimp_limit,
+        lambada_limit=args.lambada_limit,
+        calibration_tokens=args.calibration_tokens,
     )
-    payload = run_bench(models, Path(args.out_dir), settings, log=(lambda *_: None) if args.json else print)
+    partial = Path(args.out_dir) / PARTIAL_NAME
+    log: Callable[..., None] = (lambda *_: None) if args.json else print
+    try:
+        with _progress(args) as progress:
+            payload = run_bench(
+                models,
+                Path(args.out_dir),
+                settings,
+                log=log if args.json else progress.log,
+                resume=args.resume,
+                progress=progress,
+                families=tuple(args.families) if args.families else CLI_SWEEP_FAMILIES,
+            )
+    except KeyboardInterrupt:
+        where = f"finished rows kept in {partial}" if partial.is_file() else "no row had finished yet"
+        raise Interrupted(f"interrupted: {where}; rerun the same command with --resume to continue") from None
     _emit(args, payload, summary_table(payload) + f"\nwrote {args.out_dir}/quality_flops.json and pareto.png")
     return 0
 
 
-def _bundled_models() -> list:  # type: ignore[type-arg]
-    from pathlib import Path
-
+def _bundled_models() -> list[Path]:
     for root in (Path.cwd(), *Path(__file__).resolve().parents):
         if (root / "models" / "ref-mixtral" / "config.json").is_file():
             return [root / "models" / "ref-mixtral", root / "models" / "ref-olmoe"]
@@ -224,89 +380,382 @@ def _bundled_models() -> list:  # type: ignore[type-arg]
     )
 
 
+# -- checks that involve several arguments (run after parsing, before any model loads) ---------------
+def _check_eval(args: argparse.Namespace) -> str | None:
+    if args.text and args.corpus:
+        return "argument --corpus: not allowed with --text; pass shared corpora or your own files, not both"
+    if args.stride is not None and args.stride > args.context:
+        return (
+            f"argument --stride: {args.stride} is larger than --context {args.context}, which would skip "
+            "tokens; pass a stride between 1 and the context"
+        )
+    limit = _max_positions(args.model)
+    if limit is not None and args.context > limit:
+        return (
+            f"argument --context: {args.context} exceeds the model's max_position_embeddings ({limit}); "
+            f"pass --context {limit} or less"
+        )
+    if args.no_native and args.policy is None:
+        return "argument --no-native: only meaningful with --policy (without it the run is native)"
+    return None
+
+
+def _check_profile(args: argparse.Namespace) -> str | None:
+    if args.text and args.model.startswith("tiny:"):
+        return f"argument --text: {args.model} has no tokenizer; profile a checkpoint directory with --text"
+    if args.text and not any((Path(args.model) / f).is_file() for f in check.TOKENIZER_FILES):
+        return f"argument --text: {args.model!r} has no tokenizer files; save the tokenizer with the model"
+    return None
+
+
+def _check_calibrate(args: argparse.Namespace) -> str | None:
+    if args.report and os.path.abspath(args.report) == os.path.abspath(args.out):
+        return "argument --report: the same file as --out; pass another path for the report"
+    return None
+
+
+def _check_bench(args: argparse.Namespace) -> str | None:
+    if args.replot and (args.resume or args.quick or args.models):
+        return (
+            "argument --replot: only redraws the plot; do not combine it with --resume, --quick or --models"
+        )
+    if args.models and len({os.path.abspath(m) for m in args.models}) < len(args.models):
+        return "argument --models: a model is listed twice; list each checkpoint once"
+    return None
+
+
+def _max_positions(model: str) -> int | None:
+    try:
+        value = json.loads((Path(model) / "config.json").read_text(encoding="utf-8")).get(
+            "max_position_embeddings"
+        )
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+CHECKS: dict[str, Callable[[argparse.Namespace], str | None]] = {
+    "eval": _check_eval,
+    "profile": _check_profile,
+    "calibrate": _check_calibrate,
+    "bench": _check_bench,
+}
+
+
+# -- the parser --------------------------------------------------------------------------------------
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON (and no progress bar)")
+
+
+def _encoding_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--encoding",
+        type=check.encoding,
+        default="utf-8",
+        help="encoding of the --text files (default utf-8)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``dmr`` (also the source of the generated CLI reference page)."""
     parser = argparse.ArgumentParser(
-        prog="dmr", description="Dynamic per-token expert routing for MoE models."
+        prog="dmr",
+        description="Dynamic per-token expert routing for MoE models.",
+        epilog="Exit status: 0 success, 2 bad input (one line on stderr), 130 interrupted (work kept; "
+        "see --resume), 141 output closed early.",
     )
     parser.add_argument("--version", action="version", version=f"dmr {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("families", help="list the supported MoE families")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser(
+        "families", help="list the supported MoE families", description="List the supported MoE families."
+    )
+    _json_flag(p)
     p.set_defaults(func=cmd_families)
 
-    p = sub.add_parser("inspect", help="show the MoE layers of a checkpoint directory or tiny:FAMILY")
-    p.add_argument("model", help="a transformers checkpoint directory, or tiny:FAMILY (e.g. tiny:mixtral)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser(
+        "inspect",
+        help="show the MoE layers of a checkpoint directory or tiny:FAMILY",
+        description="Show the MoE layers of a checkpoint (config only, no weights are loaded).",
+    )
+    p.add_argument(
+        "model",
+        type=check.model_or_tiny,
+        help="a transformers checkpoint directory, or tiny:FAMILY (e.g. tiny:mixtral)",
+    )
+    _json_flag(p)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("profile", help="patch a model, run random tokens through it and print the FLOP table")
-    p.add_argument("model", help="a transformers checkpoint directory, or tiny:FAMILY")
+    p = sub.add_parser(
+        "profile",
+        help="patch a model, run tokens through it and print the FLOP table",
+        description="Patch a model with a policy, run random token ids (or the start of --text) through "
+        "it and print the executed pairs and FLOPs per layer.",
+    )
+    p.add_argument(
+        "model", type=check.model_or_tiny, help="a transformers checkpoint directory, or tiny:FAMILY"
+    )
     p.add_argument(
         "--policy",
+        type=check.policy,
         default="top_p:p=0.5",
         help="policy JSON file or NAME:key=value,... (default: top_p:p=0.5)",
     )
-    p.add_argument("--tokens", type=int, default=64, help="sequence length (default 64)")
-    p.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
-    p.add_argument("--backend", default="auto", choices=list(CLI_BACKENDS))
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--tokens",
+        type=check.int_at_least(1, "a sequence length such as 64"),
+        default=64,
+        help="sequence length (default 64)",
+    )
+    p.add_argument(
+        "--batch",
+        type=check.int_at_least(1, "a batch size such as 2"),
+        default=2,
+        help="batch size (default 2)",
+    )
+    p.add_argument(
+        "--seed",
+        type=check.int_at_least(0, "a seed between 0 and 2**63 - 1", 2**63 - 1),
+        default=0,
+        help="seed of the random token ids (default 0)",
+    )
+    p.add_argument(
+        "--text",
+        type=check.input_file,
+        metavar="FILE",
+        help="profile the first --batch x --tokens tokens of this text or JSONL file "
+        "(a checkpoint with a tokenizer) instead of random ids",
+    )
+    _encoding_flag(p)
+    p.add_argument(
+        "--backend", default="auto", choices=list(CLI_BACKENDS), help="experts backend (default auto)"
+    )
+    _json_flag(p)
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a checkpoint, with FLOP accounting")
-    p.add_argument(
-        "--model", required=True, help="a local transformers checkpoint directory (with tokenizer)"
+    p = sub.add_parser(
+        "eval",
+        help="perplexity and zero-shot accuracy of a checkpoint, with FLOP accounting",
+        description="Perplexity and zero-shot accuracy of a checkpoint under a policy, with FLOP "
+        "accounting. With --policy the native routing is evaluated too (once per model and data in "
+        "this process) and the change against it is reported.",
     )
-    p.add_argument("--policy", help="policy JSON file or NAME:key=value,... (default: the native routing)")
-    p.add_argument("--text", nargs="+", help="plain text or JSONL (field 'text') files: perplexity only")
-    p.add_argument("--corpus", nargs="+", choices=["gutenberg_test", "wikitext2_test"], help="shared corpora")
-    p.add_argument("--tasks", help="comma-separated tasks, 'all' or 'none' (default: all, none with --text)")
-    p.add_argument("--limit", type=int, help="first N items per task (per paradigm for BLiMP)")
-    p.add_argument("--max-tokens", type=int, help="score at most N tokens per corpus")
-    p.add_argument("--context", type=int, default=512, help="perplexity window (default 512)")
-    p.add_argument("--stride", type=int, help="perplexity window stride (default: the context)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", help="also write the JSON result to this file (atomically)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--model",
+        required=True,
+        type=check.checkpoint_dir,
+        help="a local transformers checkpoint directory (with tokenizer)",
+    )
+    p.add_argument(
+        "--policy",
+        type=check.policy,
+        help="policy JSON file or NAME:key=value,... (default: the native routing)",
+    )
+    p.add_argument("--no-native", action="store_true", help="with --policy: skip the native baseline run")
+    p.add_argument(
+        "--text",
+        nargs="+",
+        type=check.input_file,
+        metavar="FILE",
+        help="plain text or JSONL (field 'text') files: perplexity only",
+    )
+    _encoding_flag(p)
+    p.add_argument("--corpus", nargs="+", choices=list(CLI_CORPORA), help="shared corpora (default: both)")
+    p.add_argument(
+        "--tasks",
+        type=check.task_list,
+        help="comma-separated tasks, all or none (default: all; none with --text)",
+    )
+    p.add_argument(
+        "--limit",
+        type=check.int_at_least(1, "a positive item count"),
+        help="first N items per task (per paradigm for BLiMP)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=check.int_at_least(1, "a positive token count"),
+        help="score at most N tokens per corpus",
+    )
+    p.add_argument(
+        "--context",
+        type=check.int_at_least(1, "a window length such as 512"),
+        default=512,
+        help="perplexity window (default 512)",
+    )
+    p.add_argument(
+        "--stride",
+        type=check.int_at_least(1, "a stride between 1 and --context"),
+        help="perplexity window stride (default: the context)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=check.int_at_least(1, "a batch size such as 16"),
+        default=16,
+        help="windows or requests per forward pass (default 16)",
+    )
+    p.add_argument(
+        "--out", type=check.output_file, help="also write the JSON result to this file (atomically)"
+    )
+    _json_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
-        "calibrate", help="find the policy that meets a routed-FLOP reduction with the least loss"
+        "calibrate",
+        help="find the policy that meets a routed-FLOP reduction with the least loss",
+        description="Find the policy that meets a routed-FLOP reduction with the least loss increase on the "
+        "valid split. Every measurement is kept in OUT.partial.json until the policy is written; after "
+        "Ctrl-C, --resume continues from it.",
     )
     p.add_argument(
-        "--model", required=True, help="a local transformers checkpoint directory (with tokenizer)"
+        "--model",
+        required=True,
+        type=check.checkpoint_dir,
+        help="a local transformers checkpoint directory (with tokenizer)",
     )
-    p.add_argument("--target-reduction", type=float, required=True, help="routed-FLOP reduction, e.g. 0.35")
-    p.add_argument("--family", choices=["top_p", "relative_threshold", "entropy"], help="default: try all")
-    p.add_argument("--out", required=True, help="policy JSON to write (dmr.load_policy, --policy read it)")
-    p.add_argument("--tokens", type=int, default=8192, help="calibration tokens from the valid split")
+    p.add_argument(
+        "--target-reduction",
+        type=check.fraction,
+        required=True,
+        help="routed-FLOP reduction to reach, between 0 and 1, e.g. 0.35",
+    )
+    p.add_argument(
+        "--family", choices=list(CLI_CALIBRATION_FAMILIES), help="policy family (default: try all)"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        type=check.output_file,
+        help="policy JSON to write (dmr.load_policy and --policy read it)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=check.int_at_least(512, "at least one 512-token window, e.g. 8192"),
+        default=8192,
+        help="calibration tokens from the valid split (default 8192)",
+    )
     p.add_argument("--global-only", action="store_true", help="skip the per-layer refinement")
-    p.add_argument("--report", help="also write the calibration report (every measurement) as JSON")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--report",
+        type=check.output_file,
+        help="also write the calibration report (every measurement) as JSON",
+    )
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial.json")
+    _json_flag(p)
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("bench", help="quality / routed-FLOP sweep of every policy family (the main job)")
-    p.add_argument(
-        "--models", nargs="+", help="checkpoint directories (default: the bundled reference models)"
+    p = sub.add_parser(
+        "bench",
+        help="quality / routed-FLOP sweep of every policy family (the main job)",
+        description="The quality / routed-FLOP sweep of every policy family and the static baselines on the "
+        "reference models; writes quality_flops.json and pareto.png. Finished rows are kept in "
+        "quality_flops.partial.json; after Ctrl-C, --resume continues from it.",
     )
-    p.add_argument("--out-dir", default="dmr-bench", help="where quality_flops.json and pareto.png go")
-    p.add_argument("--ppl-tokens", type=int, default=16384, help="Gutenberg test tokens for perplexity")
-    p.add_argument("--blimp-limit", type=int, default=5, help="BLiMP pairs per paradigm (1000 = all)")
-    p.add_argument("--lambada-limit", type=int, default=150, help="LAMBADA passages (5153 = all)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        type=check.checkpoint_dir,
+        metavar="DIR",
+        help="checkpoint directories (default: the bundled reference models)",
+    )
+    p.add_argument(
+        "--out-dir",
+        type=check.output_dir,
+        default="dmr-bench",
+        help="where quality_flops.json and pareto.png go (default dmr-bench)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run on less data (about a minute on 2 cores), not the published numbers",
+    )
+    p.add_argument(
+        "--ppl-tokens",
+        type=check.int_at_least(1, "a positive token count"),
+        help="Gutenberg test tokens for perplexity (default 16384, --quick 1024)",
+    )
+    p.add_argument(
+        "--blimp-limit",
+        type=check.int_at_least(1, "a positive pair count"),
+        help="BLiMP pairs per paradigm, 1000 = all (default 5; 1 with --quick)",
+    )
+    p.add_argument(
+        "--lambada-limit",
+        type=check.int_at_least(1, "a positive passage count"),
+        help="LAMBADA passages, 5153 = all (default 150; 10 with --quick)",
+    )
+    p.add_argument(
+        "--calibration-tokens",
+        type=check.int_at_least(512, "at least 512 tokens"),
+        help="valid-split tokens for calibration and the per-layer baselines (default 4096; "
+        "512 with --quick)",
+    )
+    p.add_argument(
+        "--families",
+        nargs="+",
+        choices=list(CLI_SWEEP_FAMILIES),
+        metavar="FAMILY",
+        help=f"sweep only these point families ({', '.join(CLI_SWEEP_FAMILIES)}; native always runs; "
+        "default: all)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from OUT_DIR/quality_flops.partial.json",
+    )
+    p.add_argument(
+        "--replot",
+        type=check.input_file,
+        metavar="RESULT_JSON",
+        help="only redraw pareto.png in --out-dir from a saved quality_flops.json",
+    )
+    _json_flag(p)
     p.set_defaults(func=cmd_bench)
+
+    for name, subparser in sub.choices.items():
+        subparser.set_defaults(_parser=subparser, _check=CHECKS.get(name))
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``dmr`` console script."""
-    args = build_parser().parse_args(argv)
+def _quiet_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so the interpreter's final flush is silent."""
     try:
-        return int(args.func(args))
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dmr`` console script; returns the exit status (see the module docstring)."""
+    parser = build_parser()
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exit_:  # usage errors (2, message printed), --help and --version (0)
+            return exit_.code if isinstance(exit_.code, int) else 2
+        problem = args._check(args) if args._check else None
+        if problem:
+            args._parser.print_usage(sys.stderr)
+            print(f"{args._parser.prog}: error: {problem}", file=sys.stderr)
+            return 2
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
     except DmrError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except argparse.ArgumentError as err:  # a check that needs the data (e.g. --text too short)
+        print(f"error: {err.message}", file=sys.stderr)
+        return 2
+    except Interrupted as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import DataNotFoundError
+from .errors import DataNotFoundError, TextDecodeError
 
-__all__ = ["data_file", "data_root", "read_jsonl"]
+__all__ = ["data_file", "data_root", "decode_error", "read_jsonl"]
 
 
 def _candidates() -> Iterator[Path]:
@@ -54,14 +54,37 @@ def data_file(relative: str) -> Path:
     return path
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Records of a JSONL file (``.xz`` compressed or plain), streamed."""
+def read_jsonl(path: str | os.PathLike[str], encoding: str = "utf-8") -> Iterator[dict[str, Any]]:
+    """Records of a JSONL file (``.xz`` compressed or plain), streamed.
+
+    A line that does not decode raises :class:`~dynamic_moe_router.errors.TextDecodeError` naming the
+    file, the line and the byte offset (of the decompressed stream for ``.xz``).
+    """
     p = Path(path)
     opener = lzma.open if p.suffix == ".xz" else open
-    with opener(p, "rt", encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
+    offset = 0
+    with opener(p, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode(encoding)
+            except UnicodeDecodeError as err:
+                raise decode_error(p, offset + err.start, err, encoding, f" (line {number})") from None
+            offset += len(raw)
             if line.strip():
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError as err:
                     raise DataNotFoundError(f"{p}:{number} is not valid JSON: {err}") from err
+
+
+def decode_error(
+    path: Path, offset: int, err: UnicodeDecodeError, encoding: str, where: str = ""
+) -> TextDecodeError:
+    """The typed error of a file that does not decode: file, byte offset, and the fix."""
+    bad = err.object[err.start : err.start + 1].hex()
+    return TextDecodeError(
+        f"{path} is not valid {encoding} text: byte 0x{bad} at offset {offset}{where} ({err.reason}); "
+        f"pass its encoding, e.g. --encoding latin-1 (encoding='latin-1'), or convert it to UTF-8",
+        path=str(path),
+        offset=offset,
+    )

@@ -26,8 +26,10 @@ __all__ = [
     "NotPatchedError",
     "PolicyError",
     "PolicyFileError",
+    "ResumeError",
     "RoutingInputError",
     "TargetUnreachableError",
+    "TextDecodeError",
     "UnsupportedModeError",
     "UnsupportedModelError",
 ]
@@ -105,3 +107,22 @@ class DataNotFoundError(DmrError, FileNotFoundError):
 
 class MissingDependencyError(DmrError, ImportError):
     """An optional dependency is missing; the message names the extra to install."""
+
+
+class TextDecodeError(DataNotFoundError):
+    """A text file is not in the expected encoding; the message names the file, the byte offset and
+    ``--encoding`` (``encoding=``) as the fix.
+
+    Attributes:
+        path: the file.
+        offset: the byte offset of the first byte that does not decode.
+    """
+
+    def __init__(self, message: str, *, path: str = "", offset: int = 0) -> None:
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+
+
+class ResumeError(DmrError, ValueError):
+    """``--resume`` found no partial results, or results of a run with other settings."""

@@ -10,16 +10,20 @@ Contract (a :class:`Routing`), for ``T`` tokens, ``E`` experts and a policy whos
 
 Slots ``[0, counts[t])`` of token ``t`` are kept, the rest are sentinels: kept slots always form a
 prefix. An experts forward computes exactly ``counts.sum()`` (token, expert) pairs.
+
+:class:`Routing` is :class:`dynamic_moe_router.core.Routing`, the one routing type that the JAX
+and Keras ``route`` functions return as well.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from . import spec
+from . import core
+from .core import Routing, Selected
+from .core._torch import TORCH_OPS
 from .errors import RoutingInputError
 from .policies import RoutingPolicy
 
@@ -27,58 +31,15 @@ __all__ = ["Normalize", "Routing", "Selection", "combine_weights", "finish", "ro
 
 Normalize = Literal["none", "sum", "softmax"]
 
-
-@dataclass(frozen=True)
-class Routing:
-    """Fixed-width routing decisions with a sentinel for unused slots (see the module docstring)."""
-
-    ids: torch.Tensor  # (T, k_max) int64, sentinel = num_experts
-    weights: torch.Tensor  # (T, k_max), 0 at sentinels
-    counts: torch.Tensor  # (T,) int64
-    num_experts: int
-
-    @property
-    def sentinel(self) -> int:
-        """The id that marks an unused slot (equal to ``num_experts``)."""
-        return self.num_experts
-
-    @property
-    def k_max(self) -> int:
-        return int(self.ids.shape[-1])
-
-    @property
-    def kept(self) -> torch.Tensor:  # (T, k_max) bool
-        """Mask of the kept slots."""
-        return self.ids < self.num_experts
-
-    def kept_pairs(self) -> int:
-        """Number of (token, expert) pairs an experts forward must compute (a host sync)."""
-        return int(self.counts.sum())
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Intermediate result of :func:`select`: ranked candidates and which of them are kept."""
-
-    ranked_ids: torch.Tensor  # (T, k_max) int64, the family's ranking (no sentinel yet)
-    keep: torch.Tensor  # (T, k_max) bool, a prefix of each row
-    counts: torch.Tensor  # (T,) int64
-    num_experts: int
+#: The intermediate result of :func:`select` (:class:`dynamic_moe_router.core.Selected` over torch
+#: tensors): ranked candidates, which of them are kept, and the counts.
+Selection = Selected
 
 
 def _check_2d(name: str, x: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
     if not isinstance(x, torch.Tensor):
         raise RoutingInputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    spec.check_matrix(name, tuple(x.shape), floating=x.is_floating_point(), dtype=x.dtype, scores_shape=shape)
-
-
-def _check_finite(name: str, x: torch.Tensor, layer: int | None, *, allow_neg_inf: bool) -> None:
-    bad = torch.isnan(x) if allow_neg_inf else ~torch.isfinite(x)
-    if allow_neg_inf:
-        bad = bad | torch.isposinf(x)
-    n_bad = int(bad.any(dim=-1).sum())
-    if n_bad:
-        raise spec.non_finite_error(name, layer, n_bad, x.shape[0])
+    core.check_matrix(name, tuple(x.shape), floating=x.is_floating_point(), dtype=x.dtype, scores_shape=shape)
 
 
 def select(
@@ -89,25 +50,26 @@ def select(
     probs: torch.Tensor | None = None,
     layer: int | None = None,
     validate: bool = True,
-) -> Selection:
+) -> Selected[torch.Tensor]:
     """Rank each token's candidates by ``scores`` and let ``policy`` choose how many to keep.
 
     ``scores`` may hold ``-inf`` for candidates the family excluded (group-limited routing); such a
     candidate is never kept, even if ``min_k`` asks for it. The math is
-    :func:`dynamic_moe_router.spec.select` with :data:`~dynamic_moe_router.spec.TORCH_OPS`.
+    :func:`dynamic_moe_router.core.select` with :data:`~dynamic_moe_router.core.TORCH_OPS`.
     """
     _check_2d("scores", scores)
     num_tokens, num_experts = scores.shape
     if probs is not None:
         _check_2d("probs", probs, (num_tokens, num_experts))
-    spec.check_native_k(native_k, num_experts)
+    core.check_native_k(native_k, num_experts)
     layer_policy = policy.for_layer(layer)
     layer_policy.k_range(native_k, num_experts)  # a PolicyError before the host checks
     if validate and num_tokens:
-        _check_finite("scores", scores, layer, allow_neg_inf=True)
-        _check_finite("probabilities", scores if probs is None else probs, layer, allow_neg_inf=False)
-    sel = spec.select(spec.TORCH_OPS, scores, layer_policy, native_k=native_k, probs=probs)
-    return Selection(ranked_ids=sel.ranked_ids, keep=sel.keep, counts=sel.counts, num_experts=num_experts)
+        core.check_finite(TORCH_OPS, "scores", scores, layer, allow_neg_inf=True)
+        core.check_finite(
+            TORCH_OPS, "probabilities", scores if probs is None else probs, layer, allow_neg_inf=False
+        )
+    return core.select(TORCH_OPS, scores, layer_policy, native_k=native_k, probs=probs)
 
 
 def combine_weights(
@@ -124,9 +86,9 @@ def combine_weights(
       (top-k-then-softmax families such as gpt_oss and granitemoe).
 
     A token with nothing kept gets all-zero weights. ``scaling`` multiplies the result. The math
-    is :func:`dynamic_moe_router.spec.combine_weights` with :data:`~dynamic_moe_router.spec.TORCH_OPS`.
+    is :func:`dynamic_moe_router.core.combine_weights` with :data:`~dynamic_moe_router.core.TORCH_OPS`.
     """
-    return spec.combine_weights(spec.TORCH_OPS, ranked_gate, keep, normalize, scaling)
+    return core.combine_weights(TORCH_OPS, ranked_gate, keep, normalize, scaling)
 
 
 def route(
@@ -140,7 +102,7 @@ def route(
     scaling: float = 1.0,
     layer: int | None = None,
     validate: bool = True,
-) -> Routing:
+) -> Routing[torch.Tensor]:
     """Route ``T`` tokens over ``E`` experts with a dynamic ``policy``.
 
     Args:
@@ -181,7 +143,7 @@ def route(
     return finish(sel, weights)
 
 
-def finish(sel: Selection, weights: torch.Tensor) -> Routing:
+def finish(sel: Selected[torch.Tensor], weights: torch.Tensor) -> Routing[torch.Tensor]:
     """Apply the sentinel to dropped slots and package a :class:`Routing`."""
-    ids = spec.apply_sentinel(spec.TORCH_OPS, sel.ranked_ids, sel.keep, sel.num_experts)
+    ids = core.apply_sentinel(TORCH_OPS, sel.ranked_ids, sel.keep, sel.num_experts)
     return Routing(ids=ids, weights=weights, counts=sel.counts, num_experts=sel.num_experts)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import dynamic_moe_router as dmr
-from dynamic_moe_router import spec
+from dynamic_moe_router import core as spec
 from dynamic_moe_router.policies import policy_to_dict
 
 HERE = Path(__file__).parent

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..data import data_file, read_jsonl
+from ..data import data_file, decode_error, read_jsonl
 from ..errors import DataNotFoundError
 
 __all__ = ["CORPORA", "corpus_documents", "perplexity", "read_text_file"]
@@ -25,32 +25,57 @@ __all__ = ["CORPORA", "corpus_documents", "perplexity", "read_text_file"]
 CORPORA = {"gutenberg_test": "gutenberg/test.jsonl", "wikitext2_test": "wikitext2/test.txt"}
 
 
-def read_text_file(path: str | Path) -> list[str]:
-    """Documents of a plain text file (one document) or a JSONL file (its ``text`` fields)."""
+def read_text_file(path: str | Path, encoding: str = "utf-8") -> list[str]:
+    """Documents of a plain text file (one document) or a JSONL file (its ``text`` fields).
+
+    Files that do not decode in ``encoding`` raise
+    :class:`~dynamic_moe_router.errors.TextDecodeError` with the byte offset of the first bad byte.
+
+    Example:
+        >>> import os, tempfile
+        >>> from dynamic_moe_router.errors import TextDecodeError
+        >>> from dynamic_moe_router.eval import read_text_file
+        >>> path = os.path.join(tempfile.mkdtemp(), "latin1.txt")
+        >>> _ = open(path, "wb").write("caf\xe9 au lait".encode("latin-1"))
+        >>> read_text_file(path, encoding="latin-1")
+        ['café au lait']
+        >>> try:
+        ...     read_text_file(path)
+        ... except TextDecodeError as err:
+        ...     print(err.offset)
+        3
+    """
     p = Path(path)
+    if p.is_dir():
+        raise DataNotFoundError(f"{str(p)!r} is a directory; pass a text or JSONL file")
     if not p.is_file():
         raise DataNotFoundError(f"text file {str(p)!r} does not exist")
     if p.suffix in (".jsonl", ".xz"):
         docs = []
-        for n, record in enumerate(read_jsonl(p), 1):
+        for n, record in enumerate(read_jsonl(p, encoding), 1):
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise DataNotFoundError(f"{p}: record {n} has no string field 'text'")
             docs.append(record["text"])
     else:
-        docs = [p.read_text(encoding="utf-8").replace("\r\n", "\n")]
+        raw = p.read_bytes()
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError as err:
+            raise decode_error(p, err.start, err, encoding) from None
+        docs = [text.replace("\r\n", "\n")]
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise DataNotFoundError(f"{p} holds no text")
     return docs
 
 
-def corpus_documents(name_or_path: str) -> tuple[list[str], str]:
+def corpus_documents(name_or_path: str, encoding: str = "utf-8") -> tuple[list[str], str]:
     """Documents of a named shared corpus (see :data:`CORPORA`) or of a file; and the file read."""
     if name_or_path in CORPORA:
         path = data_file(CORPORA[name_or_path])
     else:
         path = Path(name_or_path)
-    return read_text_file(path), str(path)
+    return read_text_file(path, encoding), str(path)
 
 
 @torch.no_grad()

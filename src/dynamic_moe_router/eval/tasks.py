@@ -21,6 +21,7 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..data import data_file, read_jsonl
@@ -87,12 +88,28 @@ TASKS: dict[str, TaskSpec] = {
 }  # fmt: skip
 
 
+#: parsed items per (task, limit, file, modification time, size): BLiMP's 67,000 records are read once
+#: per process, not once per evaluated policy
+_ITEMS: dict[tuple[str, int | None, str, float, int], list[Item]] = {}
+
+
 def load_items(name: str, limit: int | None = None) -> tuple[list[Item], str]:
-    """The items of task ``name`` (first ``limit``, per paradigm for BLiMP) and the file read."""
+    """The items of task ``name`` (first ``limit``, per paradigm for BLiMP) and the file read.
+
+    Items are frozen; a file is parsed once per process and limit (again when it changes on disk).
+    """
     if name not in TASKS:
         raise DataNotFoundError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
+    path = data_file(TASKS[name].file)
+    stat = path.stat()
+    key = (name, limit, str(path), stat.st_mtime, stat.st_size)
+    if key not in _ITEMS:
+        _ITEMS[key] = _read_items(name, limit, path)
+    return list(_ITEMS[key]), str(path)
+
+
+def _read_items(name: str, limit: int | None, path: Path) -> list[Item]:
     spec = TASKS[name]
-    path = data_file(spec.file)
     items: list[Item] = []
     per_group: dict[str, int] = {}
     for record in read_jsonl(path):
@@ -107,7 +124,7 @@ def load_items(name: str, limit: int | None = None) -> tuple[list[Item], str]:
         items.append(item)
     if not items:
         raise DataNotFoundError(f"task {name}: {path} holds no items")
-    return items, str(path)
+    return items
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:

@@ -31,13 +31,16 @@ Backends:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import BackendUnavailableError, RoutingInputError
+from .. import core
+from ..backends import BACKEND_TABLE, BACKENDS, get_backend
+from ..errors import BackendUnavailableError
 from . import _gpu
 
 __all__ = [
@@ -50,8 +53,6 @@ __all__ = [
     "resolve_backend",
 ]
 
-Backend = Literal["auto", "loop", "grouped", "cuda", "triton"]
-BACKENDS: tuple[str, ...] = ("auto", "loop", "grouped", "cuda", "triton")
 #: ``auto`` on CUDA uses the fused Triton path up to this many kept-pair slots per expert
 #: (``T * k_max / E``), the grouped_mm path above it (crossover measured by
 #: ``benchmarks/bench_gpu_experts.py``; see BENCHMARKS.md).
@@ -67,6 +68,11 @@ class ExpertsLayout:
     has_bias: bool = False  # gate_up_proj_bias (E, 2I), down_proj_bias (E, H)
     activation: Literal["act_fn", "gpt_oss"] = "act_fn"
 
+
+#: a transformers experts module: a ``torch.nn.Module`` with ``gate_up_proj``, ``down_proj`` (and
+#: ``act_fn`` or the gpt_oss ``limit``/``alpha``) read by attribute (typed loosely: its attributes
+#: are parameters, modules or numbers depending on the family)
+ExpertsModule = Any
 
 STANDARD = ExpertsLayout()
 GPT_OSS = ExpertsLayout(transposed=True, interleaved=True, has_bias=True, activation="gpt_oss")
@@ -99,23 +105,23 @@ class ExpertsCounter:
 
 
 # -- weight access ---------------------------------------------------------------------------------
-def _dims(module: torch.nn.Module, layout: ExpertsLayout) -> tuple[int, int, int]:
+def _dims(module: ExpertsModule, layout: ExpertsLayout) -> tuple[int, int, int]:
     """``(E, H, I)`` of an experts module."""
     e, a, b = module.gate_up_proj.shape
     return (e, a, b // 2) if layout.transposed else (e, b, a // 2)
 
 
-def _w1(module: torch.nn.Module, layout: ExpertsLayout) -> torch.Tensor:  # (E, H, 2I) for x @ w
+def _w1(module: ExpertsModule, layout: ExpertsLayout) -> torch.Tensor:  # (E, H, 2I) for x @ w
     w = module.gate_up_proj
     return w if layout.transposed else w.transpose(1, 2)
 
 
-def _w2(module: torch.nn.Module, layout: ExpertsLayout) -> torch.Tensor:  # (E, I, H) for a @ w
+def _w2(module: ExpertsModule, layout: ExpertsLayout) -> torch.Tensor:  # (E, I, H) for a @ w
     w = module.down_proj
     return w if layout.transposed else w.transpose(1, 2)
 
 
-def _activate(module: torch.nn.Module, h: torch.Tensor, layout: ExpertsLayout) -> torch.Tensor:
+def _activate(module: ExpertsModule, h: torch.Tensor, layout: ExpertsLayout) -> torch.Tensor:
     if layout.interleaved:
         gate, up = h[..., ::2], h[..., 1::2]
     else:
@@ -128,7 +134,7 @@ def _activate(module: torch.nn.Module, h: torch.Tensor, layout: ExpertsLayout) -
     return module.act_fn(gate) * up
 
 
-def _expert_mlp(module: torch.nn.Module, e: int, x: torch.Tensor, layout: ExpertsLayout) -> torch.Tensor:
+def _expert_mlp(module: ExpertsModule, e: int, x: torch.Tensor, layout: ExpertsLayout) -> torch.Tensor:
     """One expert on its rows ``x (n, H) -> (n, H)``, with the same ops as transformers' eager path."""
     if layout.transposed:
         h = x @ module.gate_up_proj[e]
@@ -153,7 +159,7 @@ def _kept_pairs_sorted(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tenso
     return pos[order], experts[order]
 
 
-def _loop(module, hidden, ids, weights, layout, counter):  # type: ignore[no-untyped-def]
+def _loop(module, hidden, ids, weights, layout, counter):
     num_experts = _dims(module, layout)[0]
     k_max = ids.shape[1]
     out = torch.zeros_like(hidden)
@@ -177,7 +183,7 @@ def _loop(module, hidden, ids, weights, layout, counter):  # type: ignore[no-unt
     return out
 
 
-def _grouped_gemms(module, x, experts, offs, layout):  # type: ignore[no-untyped-def]
+def _grouped_gemms(module, x, experts, offs, layout):
     h = F.grouped_mm(x, _w1(module, layout), offs=offs)  # (N, 2I)
     if layout.has_bias:
         h = h + module.gate_up_proj_bias[experts]
@@ -188,7 +194,7 @@ def _grouped_gemms(module, x, experts, offs, layout):  # type: ignore[no-untyped
     return y
 
 
-def _grouped(module, hidden, ids, weights, layout, counter):  # type: ignore[no-untyped-def]
+def _grouped(module, hidden, ids, weights, layout, counter):
     num_experts = _dims(module, layout)[0]
     k_max = ids.shape[1]
     out = torch.zeros_like(hidden)
@@ -206,17 +212,17 @@ def _grouped(module, hidden, ids, weights, layout, counter):  # type: ignore[no-
     return out
 
 
-def _cuda(module, hidden, ids, weights, layout, counter):  # type: ignore[no-untyped-def]
+def _cuda(module, hidden, ids, weights, layout, counter):
     if _gpu.triton_reason(module, hidden, layout) is None:
         return _gpu.grouped_path(module, hidden, ids, weights, counter)
     return _cuda_full_buffer(module, hidden, ids, weights, layout, counter)
 
 
-def _triton(module, hidden, ids, weights, layout, counter):  # type: ignore[no-untyped-def]
+def _triton(module, hidden, ids, weights, layout, counter):
     return _gpu.fused_path(module, hidden, ids, weights, counter)
 
 
-def _cuda_full_buffer(module, hidden, ids, weights, layout, counter):  # type: ignore[no-untyped-def]
+def _cuda_full_buffer(module, hidden, ids, weights, layout, counter):
     """Sync-free fallback without Triton: GEMMs skip the sentinel tail, the other stages do not."""
     num_experts = _dims(module, layout)[0]
     k_max = ids.shape[1]
@@ -240,16 +246,13 @@ def _cuda_full_buffer(module, hidden, ids, weights, layout, counter):  # type: i
     return out
 
 
-_IMPLS = {"loop": _loop, "grouped": _grouped, "cuda": _cuda, "triton": _triton}
-
-
 @torch.compiler.assume_constant_result  # a host fact: a constant while torch.compile traces
 def _capability(index: int | None) -> int:
     major, minor = torch.cuda.get_device_capability(index)
     return 10 * major + minor
 
 
-def _grouped_mm_can_run(module: torch.nn.Module, hidden: torch.Tensor, layout: ExpertsLayout) -> str | None:
+def _grouped_mm_can_run(module: ExpertsModule, hidden: torch.Tensor, layout: ExpertsLayout) -> str | None:
     """``None`` if grouped GEMM can run on these tensors, else the reason it cannot."""
     if not hasattr(F, "grouped_mm"):
         return f"torch {torch.__version__} has no torch.nn.functional.grouped_mm (needs torch >= 2.10)"
@@ -293,31 +296,36 @@ def choose_cuda_backend(num_pairs: int, num_experts: int) -> str:
     return "triton" if num_pairs / max(num_experts, 1) <= CUDA_TRITON_MAX_ROWS_PER_EXPERT else "cuda"
 
 
+def grouped_reason(module: ExpertsModule, hidden: torch.Tensor, layout: ExpertsLayout) -> str | None:
+    """Why the ``"grouped"`` backend cannot run here (``None``: it can)."""
+    return _grouped_mm_can_run(module, hidden, layout)
+
+
+def cuda_reason(module: ExpertsModule, hidden: torch.Tensor, layout: ExpertsLayout) -> str | None:
+    """Why the ``"cuda"`` backend cannot run here (``None``: it can)."""
+    if not hidden.is_cuda:
+        return f"the 'cuda' backend needs CUDA tensors; got {hidden.device}"
+    return _grouped_mm_can_run(module, hidden, layout)
+
+
 def resolve_backend(
-    backend: str, module: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, layout: ExpertsLayout
+    backend: str, module: ExpertsModule, hidden: torch.Tensor, ids: torch.Tensor, layout: ExpertsLayout
 ) -> str:
-    """The concrete backend to run; raises ``BackendUnavailableError`` for an impossible explicit one."""
-    if backend not in BACKENDS:
-        raise BackendUnavailableError(f"unknown experts backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "loop":
-        return backend
-    if backend == "triton":
-        reason = _gpu.triton_reason(module, hidden, layout)
-        if reason is not None:
-            raise BackendUnavailableError(
-                f"experts backend 'triton' cannot run: {reason}; use 'auto' or 'loop'"
-            )
-        return backend
-    reason = _grouped_mm_can_run(module, hidden, layout)
-    if backend == "cuda" and not hidden.is_cuda:
-        reason = f"the 'cuda' backend needs CUDA tensors; got {hidden.device}"
-    if backend in ("grouped", "cuda"):
+    """The concrete backend to run; raises ``BackendUnavailableError`` for an impossible explicit one.
+
+    An explicit backend runs if its can-run check (in :data:`dynamic_moe_router.backends.BACKEND_TABLE`)
+    finds no reason against it; ``"auto"`` chooses as the module docstring says.
+    """
+    if backend not in _CHECKS:
+        get_backend(backend)  # raises BackendUnavailableError naming the choices
+    if backend != "auto":
+        reason = _CHECKS[backend](module, hidden, layout)
         if reason is not None:
             raise BackendUnavailableError(
                 f"experts backend {backend!r} cannot run: {reason}; use 'auto' or 'loop'"
             )
         return backend
-    # auto
+    reason = _grouped_mm_can_run(module, hidden, layout)
     e, _, i = _dims(module, layout)
     if hidden.is_cuda:
         if hidden.dtype == torch.float32:
@@ -332,7 +340,7 @@ def resolve_backend(
 
 
 def experts_forward(
-    module: torch.nn.Module,
+    module: ExpertsModule,
     hidden: torch.Tensor,  # (T, H)
     ids: torch.Tensor,  # (T, k_max) int, sentinel = E
     weights: torch.Tensor,  # (T, k_max)
@@ -358,12 +366,14 @@ def experts_forward(
         >>> out.shape, counter.executed_pairs, bool(out[2].abs().sum() == 0)
         (torch.Size([3, 16]), 3, True)
     """
-    if hidden.dim() != 2 or ids.dim() != 2 or ids.shape[0] != hidden.shape[0] or weights.shape != ids.shape:
-        raise RoutingInputError(
-            f"experts_forward expects hidden (T, H), ids (T, k) and weights (T, k); got "
-            f"{tuple(hidden.shape)}, {tuple(ids.shape)}, {tuple(weights.shape)}"
-        )
+    core.check_experts_inputs(tuple(hidden.shape), tuple(ids.shape), tuple(weights.shape))
     chosen = resolve_backend(backend, module, hidden, ids, layout)
     if counter is not None:
         counter.calls += 1
     return _IMPLS[chosen](module, hidden, ids, weights, layout, counter)
+
+
+# the kernels and can-run checks of the PyTorch entries of the backend table, looked up once
+_TORCH_ENTRIES = [b for b in BACKEND_TABLE if b.framework == "torch"]
+_IMPLS: dict[str, Callable[..., Any]] = {b.name: b.load() for b in _TORCH_ENTRIES if b.impl is not None}
+_CHECKS: dict[str, Callable[..., str | None]] = {b.name: b.load_check() for b in _TORCH_ENTRIES}

@@ -1,3 +1,5 @@
+# Triton DSL values are typed loosely by triton.language (tl.sum may return a tuple):
+# pyright: reportOperatorIssue=false
 """Triton kernels of the GPU experts forward. Imported only when a Triton path runs.
 
 Every kernel is bounded by the kept (token, expert) pairs: each program reads the per-expert

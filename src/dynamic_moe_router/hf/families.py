@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ..core import WeightRule, weight_rule_doc
 from ..experts import GPT_OSS, STANDARD, ExpertsLayout
 from .scoring import SCORERS
 
@@ -42,7 +43,7 @@ class FamilySpec:
     scoring: str
     #: kept weights renormalised always (``"always"``), if ``router.norm_topk_prob``
     #: (``"config"``), or never (``"never"``)
-    renorm: Literal["always", "config", "never"]
+    renorm: WeightRule
     #: dtype of the returned weights, fp32 as computed (``"fp32"``), the logits'
     #: (``"logits"``) or the hidden states' (``"hidden"``)
     weights_dtype: Literal["fp32", "logits", "hidden"]
@@ -72,20 +73,19 @@ class FamilySpec:
         return order
 
     @property
-    def scorer(self):  # type: ignore[no-untyped-def]
+    def scorer(self):
         return SCORERS[self.scoring]
 
     def renorm_doc(self) -> str:
+        """The weight rule as the families table states it (for every checkpoint of the family)."""
         if self.scoring == "topk_softmax":
             return "softmax over the kept logits (= renormalised)"
-        return {"always": "renormalised", "config": "renormalised if norm_topk_prob", "never": "raw"}[
-            self.renorm
-        ]
+        return weight_rule_doc(self.renorm, "norm_topk_prob")
 
 
 FAMILIES: dict[str, FamilySpec] = {
-    spec.model_type: spec
-    for spec in (
+    family.model_type: family
+    for family in (
         FamilySpec(
             "mixtral", ("MixtralSparseMoeBlock",), "gate", "softmax", "always", "fp32", "model",
             notes="softmax -> top-k -> renormalise",
@@ -152,10 +152,10 @@ def families_markdown() -> str:
         "|---|---|---|---|---|---|",
     ]
     for name in supported_families():
-        spec = FAMILIES[name]
-        shared = ", ".join(f"`{s}`" for s in spec.shared_experts) or "-"
+        family = FAMILIES[name]
+        shared = ", ".join(f"`{s}`" for s in family.shared_experts) or "-"
         rows.append(
-            f"| `{name}` | `{'/'.join(spec.block_classes)}` | {spec.notes} | {spec.scorer.distribution} | "
-            f"{spec.renorm_doc()} | {shared} |"
+            f"| `{name}` | `{'/'.join(family.block_classes)}` | {family.notes} | "
+            f"{family.scorer.distribution} | {family.renorm_doc()} | {shared} |"
         )
     return "\n".join(rows)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .. import core
 from ..errors import UnsupportedModelError
 from .families import get_family
 from .layers import find_moe_layers
@@ -44,34 +45,45 @@ def inspect_model(model: torch.nn.Module) -> dict[str, Any]:
         >>> info = inspect_model(tiny_model("qwen2_moe"))
         >>> info["family"], [layer["layer"] for layer in info["layers"]], info["layers"][0]["shared_experts"]
         ('qwen2_moe', [0, 2], ['shared_expert', 'shared_expert_gate'])
+        >>> info["weights"]  # this checkpoint's weight rule, with its config's value
+        'raw: norm_topk_prob=False in this config'
+
     """
     layers, unknown = find_moe_layers(model)
-    spec = get_family(model.config.model_type)
-    renorm = spec.renorm_doc()
+    config: Any = model.config
+    family = get_family(config.model_type)
     rows = []
+    rules = []
     for layer in layers:
-        norm = getattr(layer.router, "norm_topk_prob", None)
+        flag = getattr(layer.router, "norm_topk_prob", None)
+        if family.scoring == "topk_softmax":
+            rule = family.renorm_doc()
+        else:
+            rule = core.weight_rule_text(family.renorm, flag, "norm_topk_prob")
+        rules.append(rule)
         rows.append(
             {
                 "layer": layer.index,
-                "module": layer.name,
+                "module": layer.path,
                 "num_experts": layer.num_experts,
                 "native_k": layer.native_k,
                 "hidden_size": layer.hidden_size,
                 "expert_intermediate_size": layer.intermediate_size,
                 "flops_per_pair": layer.flops_per_pair,
-                "renormalises": (spec.renorm == "always" or bool(norm)) if spec.renorm != "never" else False,
+                "renormalises": core.renormalises(family.renorm, flag),
+                "weights": rule,
                 "shared_experts": [
-                    a for a in spec.shared_experts if getattr(layer.block, a, None) is not None
+                    a for a in family.shared_experts if getattr(layer.block, a, None) is not None
                 ],
             }
         )
+    distinct = sorted(set(rules))
     return {
-        "family": spec.model_type,
+        "family": family.model_type,
         "model_class": type(model).__name__,
-        "scoring": spec.notes,
-        "policy_distribution": spec.scorer.distribution,
-        "weights": renorm,
+        "scoring": family.notes,
+        "policy_distribution": family.scorer.distribution,
+        "weights": distinct[0] if len(distinct) == 1 else "; ".join(distinct),
         "moe_layers": len(rows),
         "unknown_moe_like_blocks": unknown,
         "layers": rows,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -20,15 +21,23 @@ class MoELayer:
     """One MoE block of a model, with the facts read off its modules."""
 
     index: int  # decoder layer index (model.layers[index])
-    name: str  # module path of the block
+    path: str  # module path of the block
     block: torch.nn.Module
-    router: torch.nn.Module
-    experts: torch.nn.Module
+    router: Any  # torch.nn.Module; its attributes (weight, top_k, ...) are read by name
+    experts: Any  # torch.nn.Module with gate_up_proj / down_proj
     num_experts: int
     native_k: int
     hidden_size: int
     intermediate_size: int
     shared: tuple[torch.nn.Module, ...]
+
+    @property
+    def name(self) -> str:
+        """Deprecated name of :attr:`path` (the module path of the block)."""
+        from .._deprecation import warn_renamed
+
+        warn_renamed("MoELayer.name", "MoELayer.path")
+        return self.path
 
     @property
     def flops_per_pair(self) -> int:
@@ -65,7 +74,7 @@ def _looks_like_moe(module: torch.nn.Module) -> bool:
 
 
 def find_moe_layers(
-    model: torch.nn.Module, spec: FamilySpec | None = None
+    model: torch.nn.Module, family: FamilySpec | None = None
 ) -> tuple[list[MoELayer], list[str]]:
     """MoE layers of ``model`` in order, and the paths of MoE-like blocks the family record does not know.
 
@@ -73,28 +82,28 @@ def find_moe_layers(
         NoMoELayersError: when the model has no MoE block of its family.
     """
     model = unwrap(model)
-    spec = spec or model_family(model)
+    family = family or model_family(model)
     layers: list[MoELayer] = []
     unknown: list[str] = []
     for position, (name, module) in enumerate(model.named_modules()):
-        if type(module).__name__ not in spec.block_classes:
+        if type(module).__name__ not in family.block_classes:
             if _looks_like_moe(module):
                 unknown.append(name)
             continue
-        router = getattr(module, spec.router_attr)
-        experts = getattr(module, spec.experts_attr)
+        router = getattr(module, family.router_attr)
+        experts = getattr(module, family.experts_attr)
         num_experts, hidden = router.weight.shape
         w1 = experts.gate_up_proj
-        inter = (w1.shape[2] if spec.layout.transposed else w1.shape[1]) // 2
-        native_k = spec.native_k_override or int(router.top_k)
+        inter = (w1.shape[2] if family.layout.transposed else w1.shape[1]) // 2
+        native_k = family.native_k_override or int(router.top_k)
         match = _LAYER_RE.search(name)
         shared = tuple(
-            getattr(module, a) for a in spec.shared_experts if getattr(module, a, None) is not None
+            getattr(module, a) for a in family.shared_experts if getattr(module, a, None) is not None
         )
         layers.append(
             MoELayer(
                 index=int(match.group(1)) if match else position,
-                name=name,
+                path=name,
                 block=module,
                 router=router,
                 experts=experts,
@@ -107,7 +116,7 @@ def find_moe_layers(
         )
     if not layers:
         raise NoMoELayersError(
-            f"{type(model).__name__} ({spec.model_type}) has no {'/'.join(spec.block_classes)} block "
+            f"{type(model).__name__} ({family.model_type}) has no {'/'.join(family.block_classes)} block "
             "to patch (is num_experts 0, or are all layers dense?); nothing would change, so nothing was "
             "patched"
         )

@@ -20,16 +20,14 @@ from typing import Any
 
 import torch
 
-from ..errors import (
-    AlreadyPatchedError,
-    NotPatchedError,
-    PolicyError,
-    UnsupportedModeError,
-    UnsupportedModelError,
-)
-from ..experts import BACKENDS, ExpertsCounter, experts_forward, resolve_backend
+from .. import core
+from .._deprecation import warn_renamed
+from ..backends import BACKENDS
+from ..core._torch import TORCH_OPS
+from ..errors import PolicyError, UnsupportedModeError, UnsupportedModelError
+from ..experts import ExpertsCounter, experts_forward, resolve_backend
 from ..policies import RoutingPolicy, StaticTopK
-from ..routing import _check_finite, finish, select
+from ..routing import finish, select
 from .families import FamilySpec
 from .layers import MoELayer, find_moe_layers, model_family, unwrap
 
@@ -38,7 +36,6 @@ __all__ = ["PatchHandle", "PatchOptions", "get_patch", "patch", "patched", "unpa
 _HANDLE_ATTR = "_dmr_patch_handle"
 _COMPILE_BACKEND = "inductor"  # of compile_routing (tests use "eager")
 _RECOMPILE_LIMIT = 1024  # compiled routing entries per code object: one per layer and policy
-_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -70,14 +67,14 @@ class DynamicRouter:
     """Replacement router forward: the family's scoring, then the policy, then the family's weights."""
 
     def __init__(
-        self, layer: MoELayer, spec: FamilySpec, policy: RoutingPolicy, options: PatchOptions
+        self, layer: MoELayer, family: FamilySpec, policy: RoutingPolicy, options: PatchOptions
     ) -> None:
         import transformers
 
         self.layer = layer
-        self.spec = spec
+        self.family = family
         self.options = options
-        self.output_order = spec.router_output_order(transformers.__version__)
+        self.output_order = family.router_output_order(transformers.__version__)
         self._compiled: Any = None
         self.set_policy(policy)
 
@@ -91,15 +88,13 @@ class DynamicRouter:
     def renormalize(self) -> bool:
         if self.options.renormalize is not None:
             return self.options.renormalize
-        if self.spec.renorm == "config":
-            return bool(getattr(self.layer.router, "norm_topk_prob", False))
-        return self.spec.renorm == "always"
+        return core.renormalises(self.family.renorm, getattr(self.layer.router, "norm_topk_prob", None))
 
-    def __call__(self, hidden_states: torch.Tensor):  # type: ignore[no-untyped-def]
+    def __call__(self, hidden_states: torch.Tensor):
         layer, router = self.layer, self.layer.router
-        if self.spec.training_unsupported and router.training:
+        if self.family.training_unsupported and router.training:
             raise UnsupportedModeError(
-                f"{self.spec.model_type} routing in training mode is stochastic and is not reproduced by "
+                f"{self.family.model_type} routing in training mode is stochastic and is not reproduced by "
                 "dynamic-moe-router-kit; call model.eval() before running a patched model"
             )
         h = hidden_states.reshape(-1, layer.hidden_size)  # (T, H)
@@ -115,19 +110,19 @@ class DynamicRouter:
         else:
             logits, ids, weights = self._route(h)
         if self.options.validate and h.shape[0]:
-            _check_finite("logits", logits, layer.index, allow_neg_inf=False)
+            core.check_finite(TORCH_OPS, "logits", logits, layer.index, allow_neg_inf=False)
         outputs = {"logits": logits, "weights": weights, "ids": ids}
         return tuple(outputs[name] for name in self.output_order)
 
     def _route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores, policy, weights and sentinel for ``h (T, H)``: no host synchronisation."""
         layer, router = self.layer, self.layer.router
-        sc = self.spec.scorer.scores(router, h, self.spec.logits_dtype)
+        sc = self.family.scorer.scores(router, h, self.family.logits_dtype)
         sel = select(
             sc.select, self.policy, native_k=layer.native_k, probs=sc.probs, layer=layer.index, validate=False
         )
-        weights = self.spec.scorer.weights(
-            router, sc, sel, self.renormalize, h.dtype, self.spec.weights_dtype
+        weights = self.family.scorer.weights(
+            router, sc, sel, self.renormalize, h.dtype, self.family.weights_dtype
         )
         routing = finish(sel, weights)
         return sc.logits, routing.ids, routing.weights
@@ -136,13 +131,13 @@ class DynamicRouter:
 class DynamicExperts:
     """Replacement experts forward: computes the kept pairs only and counts them."""
 
-    def __init__(self, layer: MoELayer, spec: FamilySpec, options: PatchOptions) -> None:
+    def __init__(self, layer: MoELayer, family: FamilySpec, options: PatchOptions) -> None:
         self.layer = layer
-        self.layout = spec.layout
+        self.layout = family.layout
         self.backend = options.backend
         self.counter = ExpertsCounter()
 
-    def __call__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):  # type: ignore[no-untyped-def]
+    def __call__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         return experts_forward(
             self.layer.experts,
             hidden_states,
@@ -159,123 +154,67 @@ def _forward_slot(module: torch.nn.Module) -> str:
     return "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
 
 
-def _install(module: torch.nn.Module, fn: Any) -> tuple[str, Any]:
-    slot = _forward_slot(module)
-    saved = (slot, module.__dict__.get(slot, _MISSING))
-    setattr(module, slot, fn)
-    return saved
+def _install(module: torch.nn.Module, fn: Any) -> tuple[Any, str, Any]:
+    """Replace ``module``'s forward slot by ``fn``; return the record that undoes it."""
+    return core.set_attribute(module, _forward_slot(module), fn)
 
 
-def _restore(module: torch.nn.Module, saved: tuple[str, Any]) -> None:
-    slot, old = saved
-    if old is _MISSING:
-        module.__dict__.pop(slot, None)
-    else:
-        setattr(module, slot, old)
-
-
-class PatchHandle:
-    """What :func:`patch` returns: the patch's state, statistics and undo.
+class PatchHandle(core.PatchHandleBase):
+    """What :func:`patch` returns: the patch's state, statistics and undo (the lifecycle of
+    :class:`dynamic_moe_router.core.PatchHandleBase`).
 
     Attributes:
         family: the model's ``model_type``.
+        family_record: the :class:`~dynamic_moe_router.hf.families.FamilySpec` of that family.
         layers: the patched :class:`~dynamic_moe_router.hf.layers.MoELayer` records.
         skipped: paths of MoE-like blocks left unpatched (only with ``strict=False``).
     """
 
-    def __init__(self, model, spec, layers, policy, options, skipped):  # type: ignore[no-untyped-def]
-        self._model = model
-        self.spec = spec
-        self.family = spec.model_type
-        self.layers: list[MoELayer] = layers
-        self.options: PatchOptions = options
-        self.skipped: list[str] = skipped
-        self.policy: RoutingPolicy = policy
-        self.routers = [DynamicRouter(layer, spec, policy, options) for layer in layers]
-        self.experts = [DynamicExperts(layer, spec, options) for layer in layers]
-        self._saved: list[tuple[torch.nn.Module, tuple[str, Any]]] = []
-        self.active = False
+    handle_attr = _HANDLE_ATTR
 
-    # -- lifecycle ------------------------------------------------------------------------------
-    def _apply(self) -> None:
-        try:
-            for layer, router, experts in zip(self.layers, self.routers, self.experts, strict=False):
-                self._saved.append((layer.router, _install(layer.router, router)))
-                self._saved.append((layer.experts, _install(layer.experts, experts)))
-            setattr(self._model, _HANDLE_ATTR, self)
-        except BaseException:
-            self._undo()
-            raise
-        self.active = True
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        family: FamilySpec,
+        layers: list[MoELayer],
+        policy: RoutingPolicy,
+        options: PatchOptions,
+        skipped: list[str],
+    ) -> None:
+        super().__init__(model, layers, policy, family=family.model_type)
+        self.family_record = family
+        self.options = options
+        self.skipped = skipped
+        self.routers = [DynamicRouter(layer, family, policy, options) for layer in layers]
+        self.experts = [DynamicExperts(layer, family, options) for layer in layers]
 
-    def _undo(self) -> None:
-        while self._saved:
-            module, saved = self._saved.pop()
-            _restore(module, saved)
-        self._model.__dict__.pop(_HANDLE_ATTR, None)
-        self.active = False
+    @property
+    def spec(self) -> FamilySpec:
+        """Deprecated name of :attr:`family_record`."""
+        warn_renamed("PatchHandle.spec", "PatchHandle.family_record")
+        return self.family_record
 
-    def unpatch(self) -> None:
-        """Restore the model exactly as it was before :func:`patch`."""
-        if not self.active:
-            raise NotPatchedError("this patch was already undone; nothing to unpatch")
-        self._undo()
+    def _install(self) -> None:
+        for layer, router, experts in zip(self.layers, self.routers, self.experts, strict=True):
+            self._saved.append(_install(layer.router, router))
+            self._saved.append(_install(layer.experts, experts))
 
-    def set_policy(self, policy: RoutingPolicy) -> None:
-        """Switch every layer to ``policy``, validated first for all layers (all or nothing)."""
-        _validate_policy(policy, self.layers)
+    def _policy_changed(self, policy: Any) -> None:
         for router in self.routers:
             router.set_policy(policy)
-        self.policy = policy
 
-    # -- statistics -----------------------------------------------------------------------------
-    def executed_pairs(self) -> int:
-        """(token, expert) pairs computed by the patched experts since patching (or the last reset)."""
-        return sum(e.counter.executed_pairs for e in self.experts)
-
-    def reset_counters(self) -> None:
-        for e in self.experts:
-            e.counter.reset()
-
-    def __repr__(self) -> str:
-        state = "active" if self.active else "undone"
-        return (
-            f"PatchHandle(family={self.family!r}, layers={[layer.index for layer in self.layers]}, "
-            f"policy={self.policy!r}, {state})"
-        )
+    def counters(self) -> list[ExpertsCounter]:
+        return [e.counter for e in self.experts]
 
 
-def _validate_policy(policy: RoutingPolicy, layers: list[MoELayer]) -> None:
-    if not isinstance(policy, RoutingPolicy):
-        raise PolicyError(
-            f"policy must be a RoutingPolicy (e.g. dmr.TopP(p=0.6)), got {type(policy).__name__}",
-            field="policy",
-        )
-    indices = [layer.index for layer in layers]
-    stray = sorted(set(policy.layers()) - set(indices))
-    if stray:
-        raise PolicyError(
-            f"per_layer overrides name layers {stray} that have no MoE block; the MoE layers are {indices}",
-            field="overrides",
-        )
-    for layer in layers:
-        try:
-            policy.for_layer(layer.index).k_range(layer.native_k, layer.num_experts)
-        except PolicyError as err:
-            raise PolicyError(
-                f"MoE layer {layer.index} (E={layer.num_experts}, native k={layer.native_k}): {err}",
-                field=err.field,
-            ) from err
-
-
-def _check_backend(options: PatchOptions, layers: list[MoELayer], spec: FamilySpec) -> None:
+def _check_backend(options: PatchOptions, layers: list[MoELayer], family: FamilySpec) -> None:
     if options.backend == "auto":
         return
     for layer in layers:
         w = layer.experts.gate_up_proj
         probe = torch.empty(0, layer.hidden_size, dtype=w.dtype, device=w.device)
         ids = torch.empty(0, layer.native_k, dtype=torch.long, device=w.device)
-        resolve_backend(options.backend, layer.experts, probe, ids, spec.layout)
+        resolve_backend(options.backend, layer.experts, probe, ids, family.layout)
 
 
 def get_patch(model: torch.nn.Module) -> PatchHandle | None:
@@ -339,50 +278,32 @@ def patch(
         >>> dmr.unpatch(model)
     """
     target = unwrap(model)
-    spec = model_family(target)
+    family = model_family(target)
     options = PatchOptions(
         renormalize=renormalize, backend=backend, validate=validate, compile_routing=compile_routing
     )
     policy = StaticTopK() if policy is None else policy
     existing = get_patch(target)
-    if existing is not None and not replace:
-        raise AlreadyPatchedError(
-            f"this {spec.model_type} model is already patched with {existing.policy!r}; call "
-            "dmr.unpatch(model) first, use handle.set_policy(policy), or pass replace=True"
-        )
-    layers, unknown = find_moe_layers(target, spec)
+    core.refuse_if_patched(existing, replace, unpatch_call="dmr.unpatch(model)")
+    layers, unknown = find_moe_layers(target, family)
     if unknown:
         if strict:
             raise UnsupportedModelError(
-                f"{spec.model_type}: MoE-like blocks {unknown} are not of the family's block classes "
-                f"{spec.block_classes}; nothing was patched. Pass strict=False to patch the known layers "
+                f"{family.model_type}: MoE-like blocks {unknown} are not of the family's block classes "
+                f"{family.block_classes}; nothing was patched. Pass strict=False to patch the known layers "
                 "only."
             )
         warnings.warn(
             f"dynamic-moe-router: leaving unknown MoE-like blocks unpatched: {unknown}", stacklevel=2
         )
-    _validate_policy(policy, layers)
-    _check_backend(options, layers, spec)
-    handle = PatchHandle(target, spec, layers, policy, options, unknown)
-    if existing is not None:
-        existing.unpatch()
-    try:
-        handle._apply()
-    except BaseException:
-        if existing is not None:
-            existing._apply()
-        raise
-    return handle
+    core.validate_policy(policy, layers)
+    _check_backend(options, layers, family)
+    return core.apply_replacing(PatchHandle(target, family, layers, policy, options, unknown), existing)
 
 
 def unpatch(model: torch.nn.Module) -> None:
     """Undo :func:`patch`: outputs and ``state_dict`` are exactly those of the unpatched model."""
-    handle = get_patch(model)
-    if handle is None:
-        raise NotPatchedError(
-            f"{type(unwrap(model)).__name__} is not patched by dynamic-moe-router; nothing to undo"
-        )
-    handle.unpatch()
+    core.require_handle(get_patch(model), unwrap(model)).unpatch()
 
 
 @contextmanager
@@ -402,9 +323,5 @@ def patched(
         >>> dmr.get_patch(model) is None
         True
     """
-    handle = patch(model, policy, **kwargs)
-    try:
+    with core.undo_on_exit(patch(model, policy, **kwargs)) as handle:
         yield handle
-    finally:
-        if handle.active:
-            handle.unpatch()

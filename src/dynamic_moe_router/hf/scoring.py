@@ -13,6 +13,7 @@ and computes combine weights for the kept prefix of the ranking with the family'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +37,12 @@ class Scorer:
     #: how the distribution the policies read is defined, for docs and ``dmr inspect``
     distribution = ""
 
-    def scores(self, router: torch.nn.Module, h: torch.Tensor, logits_dtype: str) -> RouterScores:
+    def scores(self, router: Any, h: torch.Tensor, logits_dtype: str) -> RouterScores:
         raise NotImplementedError
 
     def weights(
         self,
-        router: torch.nn.Module,
+        router: Any,
         sc: RouterScores,
         sel: Selection,
         renormalize: bool,
@@ -51,7 +52,7 @@ class Scorer:
         raise NotImplementedError
 
 
-def _linear_logits(router: torch.nn.Module, h: torch.Tensor, logits_dtype: str) -> torch.Tensor:
+def _linear_logits(router: Any, h: torch.Tensor, logits_dtype: str) -> torch.Tensor:
     bias = getattr(router, "bias", None)
     if logits_dtype == "fp32_inputs":  # deepseek_v3: the linear itself runs in fp32
         return F.linear(h.type(torch.float32), router.weight.type(torch.float32))
@@ -75,12 +76,12 @@ class SoftmaxScorer(Scorer):
     name = "softmax"
     distribution = "the router softmax over all E experts"
 
-    def scores(self, router, h, logits_dtype):  # type: ignore[override]
+    def scores(self, router, h, logits_dtype):
         logits = _linear_logits(router, h, logits_dtype)  # (T, E)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (T, E)
         return RouterScores(logits=logits, select=probs, probs=probs)
 
-    def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):  # type: ignore[override]
+    def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):
         ranked = sc.probs.gather(1, sel.ranked_ids)  # (T, k_max)
         w = combine_weights(ranked, sel.keep, "sum" if renormalize else "none")
         return _cast(w, weights_dtype, sc.logits, hidden_dtype)
@@ -95,7 +96,7 @@ class SigmoidGroupScorer(Scorer):
         "divided by their sum; experts of unselected groups get 0"
     )
 
-    def scores(self, router, h, logits_dtype):  # type: ignore[override]
+    def scores(self, router, h, logits_dtype):
         logits = _linear_logits(router, h, logits_dtype)  # (T, E) fp32
         s = logits.sigmoid()
         choice = s + router.e_score_correction_bias  # (T, E)
@@ -111,7 +112,7 @@ class SigmoidGroupScorer(Scorer):
         probs = masked / masked.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(masked.dtype).tiny)
         return RouterScores(logits=logits, select=select, probs=probs)
 
-    def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):  # type: ignore[override]
+    def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):
         s = sc.logits.sigmoid()
         ranked = s.gather(1, sel.ranked_ids)
         w = combine_weights(ranked, sel.keep, "sum" if renormalize else "none", router.routed_scaling_factor)
@@ -124,12 +125,12 @@ class TopKSoftmaxScorer(Scorer):
     name = "topk_softmax"
     distribution = "the softmax of the router logits over all E experts (the family itself never forms it)"
 
-    def scores(self, router, h, logits_dtype):  # type: ignore[override]
+    def scores(self, router, h, logits_dtype):
         logits = _linear_logits(router, h, logits_dtype)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         return RouterScores(logits=logits, select=logits, probs=probs)
 
-    def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):  # type: ignore[override]
+    def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):
         if renormalize:  # the family's own rule: softmax over the kept logits
             w = combine_weights(sc.logits.gather(1, sel.ranked_ids), sel.keep, "softmax")
         else:  # raw probabilities of the full softmax
@@ -149,7 +150,7 @@ class SparseMixerScorer(TopKSoftmaxScorer):
     name = "sparsemixer"
     distribution = "the softmax of the router logits over all E experts"
 
-    def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):  # type: ignore[override]
+    def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):
         logits, ranked = sc.logits, sel.ranked_ids  # (T, E), (T, K)
         num_experts = logits.shape[-1]
         top = logits.gather(1, ranked)  # (T, K) = m_i

@@ -88,7 +88,7 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def tiny_config(family: str, **overrides: Any):  # type: ignore[no-untyped-def]
+def tiny_config(family: str, **overrides: Any):
     """A tiny transformers config of ``family`` (``overrides`` replace any field)."""
     from transformers import AutoConfig
 
@@ -97,7 +97,7 @@ def tiny_config(family: str, **overrides: Any):  # type: ignore[no-untyped-def]
     return AutoConfig.for_model(family, **kwargs)
 
 
-def tiny_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):  # type: ignore[no-untyped-def]
+def tiny_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
     """A tiny randomly initialised causal LM of ``family`` in eval mode.
 
     Weights are drawn with a fixed ``seed``; DeepSeek's selection bias is randomised too so that

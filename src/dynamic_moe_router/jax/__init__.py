@@ -1,6 +1,6 @@
 """The JAX / Flax backend: routing, a dynamic experts forward and a Flax NNX MoE block.
 
-Everything computes the shared math of :mod:`dynamic_moe_router.spec` with
+Everything computes the shared math of :mod:`dynamic_moe_router.core` with
 :class:`JaxOps`, so it agrees with the torch reference (:func:`dynamic_moe_router.route`):
 
 * :func:`route`: :func:`dynamic_moe_router.route` over jax arrays (pure, ``jax.jit``-able);
@@ -15,7 +15,7 @@ Needs the ``jax`` extra: ``pip install "dynamic-moe-router-kit[jax]"``. Importin
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import MissingDependencyError
 
@@ -26,11 +26,14 @@ except ImportError as err:
         'dynamic_moe_router.jax needs JAX: pip install "dynamic-moe-router-kit[jax]"'
     ) from err
 
-from ._experts import IMPLS, moe_forward
+from ._experts import BACKENDS, IMPLS, moe_forward
 from ._ops import JAX_OPS, JaxOps
 from ._routing import Routing, route
 
-__all__ = ["IMPLS", "JAX_OPS", "DynamicMoE", "JaxOps", "Routing", "moe_forward", "route"]
+if TYPE_CHECKING:
+    from ._nnx import DynamicMoE
+
+__all__ = ["BACKENDS", "IMPLS", "JAX_OPS", "DynamicMoE", "JaxOps", "Routing", "moe_forward", "route"]
 
 
 def __getattr__(name: str) -> Any:

@@ -5,7 +5,8 @@ one expert computes ``down @ (act(gate) * up)`` with ``gate, up = split(gate_up 
 
 The kept (token, expert) pairs are sorted by expert. Under ``jax.jit`` shapes are static, so the
 sorted buffer has ``rows = T * k_max`` rows (or the ``rows`` the caller passes, e.g. the kept
-count known on the host) whose tail holds the dropped (sentinel) slots. Two implementations:
+count known on the host) whose tail holds the dropped (sentinel) slots. Two experts backends
+(``backend=``; ``impl=`` before 0.2):
 
 * ``"ragged_dot"``: ``jax.lax.ragged_dot`` with the per-expert group sizes. On GPU/TPU XLA lowers
   it to a grouped GEMM that skips the rows past the last group. **On CPU, XLA (jax 0.10) lowers it
@@ -29,13 +30,20 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from .. import spec
+from .. import core
+from .._deprecation import warn_renamed
+from ..backends import BACKEND_TABLE, backend_names
 from ..errors import BackendUnavailableError, RoutingInputError
 
-__all__ = ["IMPLS", "moe_forward"]
+__all__ = ["BACKENDS", "IMPLS", "moe_forward"]
 
-Impl = Literal["auto", "ragged_dot", "blocked"]
-IMPLS: tuple[str, ...] = ("auto", "ragged_dot", "blocked")
+Backend = Literal["auto", "ragged_dot", "blocked"]
+#: the experts backends of :func:`moe_forward` (``backend=``), from the backend table
+#: :data:`dynamic_moe_router.backends.BACKEND_TABLE`
+BACKENDS: tuple[str, ...] = backend_names("jax")
+#: the earlier name of :data:`BACKENDS`
+IMPLS = BACKENDS
+Impl = Backend
 
 
 def _sorted_pairs(ids: jax.Array, num_experts: int, rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -47,7 +55,8 @@ def _sorted_pairs(ids: jax.Array, num_experts: int, rows: int) -> tuple[jax.Arra
     return order, order // k_max, group_sizes
 
 
-def _ragged(hidden, ids, weights, gate_up, down, act, rows):  # type: ignore[no-untyped-def]
+def _ragged(hidden, ids, weights, gate_up, down, act, rows, block):
+    del block  # the blocked backend's knob
     num_experts, two_i, _ = gate_up.shape
     order, tokens, group_sizes = _sorted_pairs(ids, num_experts, rows)
     x = hidden[tokens]  # (rows, H); tail rows are past the last group
@@ -60,7 +69,7 @@ def _ragged(hidden, ids, weights, gate_up, down, act, rows):  # type: ignore[no-
     return jnp.zeros_like(hidden).at[tokens].add(y.astype(hidden.dtype))
 
 
-def _blocked(hidden, ids, weights, gate_up, down, act, rows, block):  # type: ignore[no-untyped-def]
+def _blocked(hidden, ids, weights, gate_up, down, act, rows, block):
     num_tokens, hidden_size = hidden.shape
     num_experts, two_i, _ = gate_up.shape
     order, tokens, group_sizes = _sorted_pairs(ids, num_experts, rows)
@@ -83,7 +92,7 @@ def _blocked(hidden, ids, weights, gate_up, down, act, rows, block):  # type: ig
     active_blocks = padded_end[-1] // block  # traced trip count: only the non-empty blocks run
     padded_hidden = jnp.concatenate([hidden, jnp.zeros((1, hidden_size), hidden.dtype)])  # row T = 0
 
-    def body(b, out):  # type: ignore[no-untyped-def]
+    def body(b, out):
         tok = jax.lax.dynamic_slice(slot_token, (b * block,), (block,))  # (block,)
         w = jax.lax.dynamic_slice(slot_weight, (b * block,), (block,))
         ex = block_expert[b]
@@ -110,9 +119,10 @@ def moe_forward(
     down: jax.Array,  # (E, H, I)
     *,
     act: Callable[[jax.Array], jax.Array] = jax.nn.silu,
-    impl: Impl = "auto",
+    backend: Backend = "auto",
     rows: int | None = None,
     block: int | None = None,
+    impl: Backend | None = None,
 ) -> jax.Array:  # (T, H)
     """Compute the experts on the kept pairs of a routing and combine them per token (jit-able).
 
@@ -121,14 +131,15 @@ def moe_forward(
             :func:`dynamic_moe_router.jax.route`).
         gate_up, down: the fused expert weights, ``(E, 2I, H)`` and ``(E, H, I)``.
         act: the gate activation (SiLU: SwiGLU).
-        impl: ``"auto"``, ``"ragged_dot"`` or ``"blocked"`` (see the module docstring for what
-            XLA computes with each).
+        backend: ``"auto"``, ``"ragged_dot"`` or ``"blocked"`` (see the module docstring for what
+            XLA computes with each); static under ``jax.jit``.
         rows: the static size of the sorted pair buffer, at least the number of kept pairs;
             ``None`` means ``T * k_max`` (always enough). Passing the kept count read on the host
             compacts the buffer to exactly the kept pairs (one compilation per value).
         block: rows per block of the ``"blocked"`` implementation; ``None`` picks the power of two
             nearest to the mean rows per expert, within ``[16, 64]`` (measured on CPU: larger blocks
             amortise the loop, smaller ones pad less when the groups are small).
+        impl: the deprecated name of ``backend``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -138,15 +149,18 @@ def moe_forward(
         >>> ids = jnp.array([[0, 2], [1, 4], [4, 4]])  # 4 = sentinel: 3 kept pairs
         >>> w = jnp.array([[0.6, 0.4], [1.0, 0.0], [0.0, 0.0]])
         >>> x = jax.random.normal(k3, (3, 16))
-        >>> fwd = jax.jit(moe_forward, static_argnames="impl")
-        >>> out = fwd(x, ids, w, gate_up, down, impl="blocked")
+        >>> fwd = jax.jit(moe_forward, static_argnames="backend")
+        >>> out = fwd(x, ids, w, gate_up, down, backend="blocked")
         >>> out.shape, bool((out[2] == 0).all())
         ((3, 16), True)
-        >>> ragged = fwd(x, ids, w, gate_up, down, impl="ragged_dot")
+        >>> ragged = fwd(x, ids, w, gate_up, down, backend="ragged_dot")
         >>> bool(jnp.allclose(out, ragged, rtol=1e-4, atol=1e-3))
         True
     """
-    spec.check_experts_inputs(tuple(hidden.shape), tuple(ids.shape), tuple(weights.shape))
+    if impl is not None:
+        warn_renamed("moe_forward(impl=...)", "backend=...")
+        backend = impl
+    core.check_experts_inputs(tuple(hidden.shape), tuple(ids.shape), tuple(weights.shape))
     if gate_up.ndim != 3 or down.ndim != 3 or gate_up.shape[0] != down.shape[0]:
         raise RoutingInputError(
             f"moe_forward expects gate_up (E, 2I, H) and down (E, H, I); got {tuple(gate_up.shape)}, "
@@ -161,8 +175,10 @@ def moe_forward(
         )
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise RoutingInputError(f"ids must be an integer array, got {ids.dtype}")
-    if impl not in IMPLS:
-        raise BackendUnavailableError(f"unknown moe_forward impl {impl!r}; choose one of {IMPLS}")
+    if backend not in BACKENDS:
+        raise BackendUnavailableError(
+            f"unknown moe_forward impl (experts backend) {backend!r}; choose one of {BACKENDS}"
+        )
     total = ids.shape[0] * ids.shape[1]
     rows = total if rows is None else rows
     if isinstance(rows, bool) or not isinstance(rows, int) or not 0 <= rows <= total:
@@ -173,8 +189,12 @@ def moe_forward(
         raise RoutingInputError(f"block must be a positive int or None, got {block!r}")
     if rows == 0:
         return jnp.zeros_like(hidden)
-    if impl == "auto":
-        impl = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
-    if impl == "ragged_dot":
-        return _ragged(hidden, ids, weights, gate_up, down, act, rows)
-    return _blocked(hidden, ids, weights, gate_up, down, act, rows, block)
+    if backend == "auto":
+        backend = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+    return _IMPLS[backend](hidden, ids, weights, gate_up, down, act, rows, block)
+
+
+# the kernels of the JAX entries of the backend table, looked up once
+_IMPLS: dict[str, Callable[..., jax.Array]] = {
+    b.name: b.load() for b in BACKEND_TABLE if b.framework == "jax" and b.impl is not None
+}

@@ -8,9 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import core
+from .._deprecation import renamed_argument, warn_renamed
 from ..errors import MissingDependencyError, UnsupportedModelError
 from ..policies import RoutingPolicy
-from ._experts import Impl, moe_forward
+from ._experts import Backend, moe_forward
 from ._routing import route
 
 try:
@@ -44,6 +46,7 @@ class DynamicMoE(nnx.Module):
         ((2, 3, 16), (6, 2))
     """
 
+    @renamed_argument("impl", "backend")
     def __init__(
         self,
         hidden_size: int,
@@ -54,7 +57,7 @@ class DynamicMoE(nnx.Module):
         policy: RoutingPolicy,
         renormalize: bool = True,
         layer: int | None = None,
-        impl: Impl = "auto",
+        backend: Backend = "auto",
         validate: bool = False,
         rngs: nnx.Rngs,
         dtype: Any = jnp.float32,
@@ -69,9 +72,15 @@ class DynamicMoE(nnx.Module):
         self.policy = policy
         self.renormalize = renormalize
         self.layer = layer
-        self.impl = impl
+        self.backend: Backend = backend
         self.validate = validate
         policy.for_layer(layer).k_range(native_k, num_experts)  # a PolicyError now, not at the first call
+
+    @property
+    def impl(self) -> str:
+        """Deprecated name of :attr:`backend`."""
+        warn_renamed("DynamicMoE.impl", "DynamicMoE.backend")
+        return self.backend
 
     def __call__(self, x: jax.Array, *, return_routing: bool = False) -> Any:
         """``x (..., H) -> (..., H)``; with ``return_routing`` also the :class:`Routing` of the tokens."""
@@ -93,12 +102,13 @@ class DynamicMoE(nnx.Module):
             routing.weights.astype(x.dtype),
             self.gate_up[...],
             self.down[...],
-            impl=self.impl,
+            backend=self.backend,
         )
         out = out.reshape(x.shape)
         return (out, routing) if return_routing else out
 
     @classmethod
+    @renamed_argument("impl", "backend")
     def from_transformers(
         cls,
         block: Any,
@@ -106,7 +116,7 @@ class DynamicMoE(nnx.Module):
         *,
         layer: int | None = None,
         renormalize: bool | None = None,
-        impl: Impl = "auto",
+        backend: Backend = "auto",
         validate: bool = False,
         dtype: Any = jnp.float32,
     ) -> DynamicMoE:
@@ -153,8 +163,9 @@ class DynamicMoE(nnx.Module):
         router, gate_up, down = arr(gate.weight), arr(experts.gate_up_proj), arr(experts.down_proj)
         num_experts, two_i, hidden_size = gate_up.shape
         native_k = int(getattr(gate, "top_k", getattr(block, "top_k", 0)))
-        if renormalize is None:
-            renormalize = bool(getattr(gate, "norm_topk_prob", True))
+        if renormalize is None:  # Mixtral has no flag and always renormalises
+            rule = "config" if hasattr(gate, "norm_topk_prob") else "always"
+            renormalize = core.renormalises(rule, getattr(gate, "norm_topk_prob", None))
         moe = cls(
             hidden_size,
             two_i // 2,
@@ -163,7 +174,7 @@ class DynamicMoE(nnx.Module):
             policy=policy,
             renormalize=renormalize,
             layer=layer,
-            impl=impl,
+            backend=backend,
             validate=validate,
             rngs=nnx.Rngs(0),
             dtype=dtype,

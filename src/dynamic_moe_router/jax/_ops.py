@@ -1,4 +1,4 @@
-"""``JaxOps``: the :class:`~dynamic_moe_router.spec.Ops` adapter for JAX (index dtype int32)."""
+"""``JaxOps``: the :class:`~dynamic_moe_router.core.Ops` adapter for JAX (index dtype int32)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import xlogy
 
-from ..spec import DType
+from ..core import DType
 
 __all__ = ["JAX_OPS", "JaxOps"]
 
@@ -17,7 +17,7 @@ _DTYPES = {"int": jnp.int32, "float32": jnp.float32, "bool": jnp.bool_}
 
 @dataclass(frozen=True)
 class JaxOps:
-    """JAX implementation of :class:`~dynamic_moe_router.spec.Ops`; traceable, so it runs under
+    """JAX implementation of :class:`~dynamic_moe_router.core.Ops`; traceable, so it runs under
     ``jax.jit``. ``top_k`` is ``jax.lax.top_k`` (exact ties: the lower index first). The index
     dtype (``"int"``) is int32, also with ``jax_enable_x64``."""
 

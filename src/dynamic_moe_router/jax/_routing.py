@@ -2,57 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
-from .. import spec
+from .. import core
+from ..core import Routing
 from ..errors import RoutingInputError
 from ..policies import RoutingPolicy
 from ._ops import JAX_OPS
 
 __all__ = ["Routing", "route"]
 
-
-@dataclass(frozen=True)
-class Routing:
-    """The routing contract over jax arrays (a pytree; ``num_experts`` is static).
-
-    ``ids (T, k_max)`` int32 with sentinel ``num_experts`` in unused slots, ``weights (T, k_max)``
-    zero at sentinels, ``counts (T,)`` int32; the kept slots of a token are a prefix.
-    """
-
-    ids: jax.Array  # (T, k_max) int32, sentinel = num_experts
-    weights: jax.Array  # (T, k_max), 0 at sentinels
-    counts: jax.Array  # (T,) int32
-    num_experts: int
-
-    @property
-    def sentinel(self) -> int:
-        """The id that marks an unused slot (equal to ``num_experts``)."""
-        return self.num_experts
-
-    @property
-    def k_max(self) -> int:
-        return int(self.ids.shape[-1])
-
-    @property
-    def kept(self) -> jax.Array:  # (T, k_max) bool
-        """Mask of the kept slots."""
-        return self.ids < self.num_experts
-
-    def kept_pairs(self) -> int:
-        """Number of (token, expert) pairs an experts forward must compute (reads the device;
-        not under ``jax.jit``)."""
-        return int(self.counts.sum())
-
-
-jax.tree_util.register_dataclass(
-    Routing, data_fields=["ids", "weights", "counts"], meta_fields=["num_experts"]
-)
+# the one routing type (dynamic_moe_router.core.Routing) as a pytree: arrays are leaves,
+# num_experts is static
+if not getattr(Routing, "_dmr_jax_pytree", False):
+    jax.tree_util.register_dataclass(
+        Routing, data_fields=["ids", "weights", "counts"], meta_fields=["num_experts"]
+    )
+    Routing._dmr_jax_pytree = True  # type: ignore[attr-defined]
 
 
 def _as_array(name: str, x: Any, shape: tuple[int, ...] | None = None) -> jax.Array:
@@ -60,7 +31,7 @@ def _as_array(name: str, x: Any, shape: tuple[int, ...] | None = None) -> jax.Ar
         x = jnp.asarray(x)
     if not isinstance(x, jax.Array):
         raise RoutingInputError(f"{name} must be a jax.Array (or numpy array), got {type(x).__name__}")
-    spec.check_matrix(
+    core.check_matrix(
         name,
         tuple(x.shape),
         floating=jnp.issubdtype(x.dtype, jnp.floating),
@@ -71,17 +42,13 @@ def _as_array(name: str, x: Any, shape: tuple[int, ...] | None = None) -> jax.Ar
 
 
 def _check_finite(name: str, x: jax.Array, layer: int | None, *, allow_neg_inf: bool) -> None:
-    if isinstance(x, jax.core.Tracer):
+    if isinstance(x, Tracer):
         raise RoutingInputError(
             f"route(validate=True) checks that the router {name} are finite on the host, which is not "
             "possible for traced values (inside jax.jit, vmap or grad); pass validate=False there and check "
             "the inputs outside the transformation if needed"
         )
-    values = np.asarray(x)  # (T, E)
-    bad = np.isnan(values) | (np.isposinf(values) if allow_neg_inf else np.isinf(values))
-    n_bad = int(bad.any(axis=-1).sum())
-    if n_bad:
-        raise spec.non_finite_error(name, layer, n_bad, values.shape[0])
+    core.check_finite(JAX_OPS, name, x, layer, allow_neg_inf=allow_neg_inf)
 
 
 def route(
@@ -91,15 +58,16 @@ def route(
     native_k: int,
     probs: jax.Array | None = None,
     gate: jax.Array | None = None,
-    normalize: spec.Normalize = "none",
+    normalize: core.Normalize = "none",
     scaling: float = 1.0,
     layer: int | None = None,
     validate: bool = True,
-) -> Routing:
+) -> Routing[jax.Array]:
     """Route ``T`` tokens over ``E`` experts with ``policy``: :func:`dynamic_moe_router.route` in JAX.
 
-    The same arguments and results (ids in int32), computed by the same shared math
-    (:mod:`dynamic_moe_router.spec`). Pure and ``jax.jit``-compatible with ``policy``,
+    The same arguments and results (ids in int32, the one
+    :class:`~dynamic_moe_router.core.Routing` type), computed by the same shared math
+    (:mod:`dynamic_moe_router.core`). Pure and ``jax.jit``-compatible with ``policy``,
     ``native_k``, ``normalize``, ``scaling`` and ``layer`` static.
 
     ``validate=True`` checks on the host that ``scores`` has no NaN/``+inf`` and ``probs`` no
@@ -125,8 +93,8 @@ def route(
     num_tokens, num_experts = scores.shape
     if probs is not None:
         probs = _as_array("probs", probs, (num_tokens, num_experts))
-    spec.check_native_k(native_k, num_experts)
-    spec.check_normalize(normalize)
+    core.check_native_k(native_k, num_experts)
+    core.check_normalize(normalize)
     layer_policy = policy.for_layer(layer)
     layer_policy.k_range(native_k, num_experts)  # a PolicyError before the host checks
     if gate is not None:
@@ -134,7 +102,7 @@ def route(
     if validate and num_tokens:
         _check_finite("scores", scores, layer, allow_neg_inf=True)
         _check_finite("probabilities", scores if probs is None else probs, layer, allow_neg_inf=False)
-    r = spec.route(
+    return core.route(
         JAX_OPS,
         scores,
         layer_policy,
@@ -144,4 +112,3 @@ def route(
         normalize=normalize,
         scaling=scaling,
     )
-    return Routing(ids=r.ids, weights=r.weights, counts=r.counts, num_experts=r.num_experts)

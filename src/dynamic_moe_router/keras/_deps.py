@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from .._preload import load_triton_before_tensorflow
 from ..errors import MissingDependencyError
 
 __all__ = ["INSTALL_HINT", "backend", "require"]
@@ -14,6 +15,7 @@ INSTALL_HINT = 'pip install "dynamic-moe-router-kit[tf]"'
 
 def require(name: str) -> ModuleType:
     """Import ``name`` (``"keras"``, ``"keras_hub"``, ...) or raise :class:`MissingDependencyError`."""
+    load_triton_before_tensorflow()
     try:
         return importlib.import_module(name)
     except ImportError as err:

@@ -16,9 +16,9 @@ def is_concrete(x: Any) -> bool:
         return True
     name = keras.backend.backend()
     if name == "jax":
-        import jax
+        from jax.core import Tracer
 
-        return not isinstance(x, jax.core.Tracer)
+        return not isinstance(x, Tracer)
     if name == "tensorflow":
         import tensorflow as tf
 

@@ -53,7 +53,7 @@ def mixtral_backbone_config(config: Any) -> dict[str, Any]:
         "num_key_value_heads": config.num_key_value_heads,
         "num_experts": config.num_local_experts,
         "top_k": config.num_experts_per_tok,
-        "rope_max_wavelength": float(theta),
+        "rope_max_wavelength": float(theta),  # pyright: ignore[reportArgumentType] (None raised above)
         "layer_norm_epsilon": config.rms_norm_eps,
         "sliding_window": config.sliding_window,
         "router_jitter_noise": 0.0,

@@ -1,7 +1,7 @@
 """The Keras experts forward: SwiGLU experts computed on the kept (token, expert) pairs only.
 
 Input: ``hidden (T, H)``, ``ids (T, k)`` with sentinel ``E`` and ``weights (T, k)`` (zero at
-sentinels), the routing contract. Methods:
+sentinels), the routing contract. Experts backends (``backend=``; ``method=`` before 0.2):
 
 * ``"sorted"`` (eager, every backend, through ``keras.ops``): the kept pairs are found on the host
   (one sync, as the PyTorch ``loop`` backend) and grouped by expert; each expert with rows gathers
@@ -33,15 +33,22 @@ from typing import Any
 
 import keras
 import numpy as np
-from keras import ops
+from keras import ops as _keras_ops
 
-from .. import spec
+from .. import core
+from .._deprecation import renamed_argument, warn_renamed
+from ..backends import BACKEND_TABLE, backend_names
 from ..errors import BackendUnavailableError, RoutingInputError
 from ._tensors import is_concrete, to_numpy
 
-__all__ = ["METHODS", "PairCounter", "SwiGLUBank", "experts_forward", "resolve_method"]
+#: ``keras.ops``, typed loosely: its inferred result types are incomplete (some read as None)
+ops: Any = _keras_ops
 
-METHODS = ("auto", "sorted", "segments", "ragged_dot", "dense")
+__all__ = ["BACKENDS", "ExpertsCounter", "SwiGLUBank", "experts_forward", "resolve_backend"]
+
+#: the experts backends of the Keras integration (``backend=``; ``method=`` before 0.2), from the
+#: backend table :data:`dynamic_moe_router.backends.BACKEND_TABLE`
+BACKENDS: tuple[str, ...] = backend_names("keras")
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,7 @@ class SwiGLUBank:
 
 
 @dataclass
-class PairCounter:
+class ExpertsCounter:
     """Counts of one MoE layer: calls, tokens, kept pairs computed, and the k histogram.
 
     Updated from host values in eager mode, through ``jax.debug.callback`` under ``jax.jit`` and
@@ -148,57 +155,75 @@ def _weights(bank: SwiGLUBank) -> dict[str, Any]:
     return {n: _value(getattr(bank, n)) for n in names if getattr(bank, n) is not None}
 
 
-def resolve_method(method: str, hidden: Any) -> str:
-    """The method ``"auto"`` stands for, or ``method`` itself if it can run here.
+def resolve_backend(backend: str, hidden: Any) -> str:
+    """The experts backend ``"auto"`` stands for, or ``backend`` itself if it can run here.
 
     Raises:
-        BackendUnavailableError: ``method`` cannot run on this backend or in this (traced) context.
+        RoutingInputError: an unknown ``backend``.
+        BackendUnavailableError: ``backend`` cannot run on this Keras backend or in this (traced) context.
     """
-    if method not in METHODS:
-        raise RoutingInputError(f"method must be one of {METHODS}, got {method!r}")
-    backend = keras.backend.backend()
+    if backend not in BACKENDS:
+        raise RoutingInputError(f"experts backend (method=) must be one of {BACKENDS}, got {backend!r}")
+    keras_backend = keras.backend.backend()
     concrete = is_concrete(hidden)
-    if method == "auto":
-        if backend == "tensorflow":
+    if backend == "auto":
+        if keras_backend == "tensorflow":
             return "segments"
         if concrete:
             return "sorted"
-        return "ragged_dot" if backend == "jax" else "dense"
-    if method == "sorted" and not concrete:
+        return "ragged_dot" if keras_backend == "jax" else "dense"
+    if backend == "sorted" and not concrete:
         raise BackendUnavailableError(
-            "method 'sorted' reads the routing on the host and cannot run while tracing (jax.jit / "
-            "tf.function); use method='auto'"
+            "experts backend 'sorted' reads the routing on the host and cannot run while tracing (jax.jit / "
+            "tf.function); use backend='auto'"
         )
-    if method == "segments" and backend != "tensorflow":
-        raise BackendUnavailableError(f"method 'segments' needs the TensorFlow backend, not {backend!r}")
-    if method == "ragged_dot" and backend != "jax":
-        raise BackendUnavailableError(f"method 'ragged_dot' needs the JAX backend, not {backend!r}")
-    return method
+    if backend == "segments" and keras_backend != "tensorflow":
+        raise BackendUnavailableError(
+            f"experts backend 'segments' needs the TensorFlow backend, not {keras_backend!r}"
+        )
+    if backend == "ragged_dot" and keras_backend != "jax":
+        raise BackendUnavailableError(
+            f"experts backend 'ragged_dot' needs the JAX backend, not {keras_backend!r}"
+        )
+    return backend
 
 
+@renamed_argument("method", "backend")
 def experts_forward(
     hidden: Any,  # (T, H)
     ids: Any,  # (T, k) int, sentinel E
     weights: Any,  # (T, k), 0 at sentinels
     bank: SwiGLUBank,
     *,
-    method: str = "auto",
-    counter: PairCounter | None = None,
+    backend: str = "auto",
+    counter: ExpertsCounter | None = None,
 ) -> Any:  # (T, H)
     """Weighted sum of the kept experts' outputs for every token, computing only the kept pairs.
 
+    ``backend`` is one of :data:`BACKENDS` (see the module docstring; ``method=`` is its deprecated
+    name).
+
     Raises:
-        RoutingInputError: shapes that do not fit, or an unknown ``method``.
-        BackendUnavailableError: ``method`` cannot run on this backend / in this context.
+        RoutingInputError: shapes that do not fit, or an unknown ``backend``.
+        BackendUnavailableError: ``backend`` cannot run on this Keras backend / in this context.
     """
-    spec.check_experts_inputs(tuple(hidden.shape), tuple(ids.shape), tuple(weights.shape))
+    core.check_experts_inputs(tuple(hidden.shape), tuple(ids.shape), tuple(weights.shape))
     if hidden.shape[-1] is not None and int(hidden.shape[-1]) != bank.hidden_size:
         raise RoutingInputError(
             f"experts_forward: hidden size {hidden.shape[-1]} does not match the experts' {bank.hidden_size}"
         )
-    chosen = resolve_method(method, hidden)
-    fn = {"sorted": _sorted, "segments": _segments, "ragged_dot": _ragged_dot, "dense": _dense}[chosen]
-    return fn(hidden, ids, weights, bank, counter)
+    chosen = resolve_backend(backend, hidden)
+    return _IMPLS[chosen](hidden, ids, weights, bank, counter)
+
+
+_RENAMED = {"METHODS": "BACKENDS", "PairCounter": "ExpertsCounter", "resolve_method": "resolve_backend"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RENAMED:
+        warn_renamed(f"dynamic_moe_router.keras.experts.{name}", _RENAMED[name])
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _bucket(n: int) -> int:
@@ -207,7 +232,7 @@ def _bucket(n: int) -> int:
     return -(-n // step) * step
 
 
-def _sorted(hidden, ids, weights, bank, counter):  # type: ignore[no-untyped-def]
+def _sorted(hidden, ids, weights, bank, counter):
     num_experts, k = bank.num_experts, int(ids.shape[1])
     flat = to_numpy(ids).reshape(-1).astype(np.int64)  # (T*k,) host copy of the routing
     if flat.size and (flat.min() < 0 or flat.max() > num_experts):
@@ -241,7 +266,7 @@ def _sorted(hidden, ids, weights, bank, counter):  # type: ignore[no-untyped-def
     return ops.zeros_like(hidden) if out is None else out
 
 
-def _segments(hidden, ids, weights, bank, counter):  # type: ignore[no-untyped-def]
+def _segments(hidden, ids, weights, bank, counter):
     import tensorflow as tf
 
     num_experts = bank.num_experts
@@ -270,7 +295,7 @@ def _segments(hidden, ids, weights, bank, counter):  # type: ignore[no-untyped-d
     return tf.math.unsorted_segment_sum(y, tokens, tf.shape(hidden)[0])
 
 
-def _ragged_dot(hidden, ids, weights, bank, counter):  # type: ignore[no-untyped-def]
+def _ragged_dot(hidden, ids, weights, bank, counter):
     import jax
     import jax.numpy as jnp
 
@@ -299,7 +324,7 @@ def _ragged_dot(hidden, ids, weights, bank, counter):  # type: ignore[no-untyped
     return jax.ops.segment_sum(y, tokens, num_segments=num_tokens)
 
 
-def _dense(hidden, ids, weights, bank, counter):  # type: ignore[no-untyped-def]
+def _dense(hidden, ids, weights, bank, counter):
     num_experts = bank.num_experts
     full = ops.sum(
         ops.one_hot(ids, num_experts + 1, dtype=weights.dtype)[..., :num_experts] * weights[..., None], axis=1
@@ -316,3 +341,9 @@ def _dense(hidden, ids, weights, bank, counter):  # type: ignore[no-untyped-def]
         counts = to_numpy(ops.sum(ops.cast(ids < num_experts, "int32"), axis=1))
         counter.add(counts, executed=counts.size * num_experts)
     return ops.sum(y * ops.cast(ops.transpose(full), y.dtype)[:, :, None], axis=0)
+
+
+# the kernels of the Keras entries of the backend table, looked up once
+_IMPLS: dict[str, Callable[..., Any]] = {
+    b.name: b.load() for b in BACKEND_TABLE if b.framework == "keras" and b.impl is not None
+}

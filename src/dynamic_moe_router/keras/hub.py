@@ -33,19 +33,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from keras import ops
+from keras import ops as _keras_ops
 
-from ..errors import (
-    AlreadyPatchedError,
-    NoMoELayersError,
-    NotPatchedError,
-    PolicyError,
-    UnsupportedModeError,
-    UnsupportedModelError,
-)
+from .. import core
+from .._deprecation import renamed_argument, warn_renamed
+from ..errors import NoMoELayersError, PolicyError, UnsupportedModeError, UnsupportedModelError
 from ..policies import RoutingPolicy, StaticTopK
-from .experts import METHODS, PairCounter, SwiGLUBank, experts_forward
+from .experts import BACKENDS, ExpertsCounter, SwiGLUBank, experts_forward
 from .routing import route
+
+#: ``keras.ops``, typed loosely: its inferred result types are incomplete (some read as None)
+ops: Any = _keras_ops
 
 __all__ = [
     "HUB_FAMILIES",
@@ -60,7 +58,6 @@ __all__ = [
 
 _HANDLE_ATTR = "_dmr_keras_patch_handle"
 _COMPILED = ("predict_function", "generate_function", "test_function", "train_function")
-_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -70,7 +67,7 @@ class HubFamily:
     name: str
     block_class: str
     router: str  # attribute of the router Dense (H -> E)
-    renorm: str  # "always" or "config" (the block's norm_top_k_prob)
+    renorm: core.WeightRule  # "always" or "config" (the block's norm_top_k_prob)
     bank: Callable[[Any], SwiGLUBank]
     shared: Callable[[Any, Any], Any] | None = None  # (block, h (T, H)) -> (T, H)
 
@@ -211,18 +208,23 @@ def find_moe_layers(model: Any) -> list[HubMoELayer]:
 class DynamicBlockCall:
     """The replacement ``call`` of one keras-hub sparse MoE block."""
 
-    def __init__(self, layer: HubMoELayer, policy: RoutingPolicy, method: str, validate: bool) -> None:
+    def __init__(self, layer: HubMoELayer, policy: RoutingPolicy, backend: str, validate: bool) -> None:
         self.layer = layer
-        self.method = method
+        self.backend = backend
         self.validate = validate
-        self.counter = PairCounter()
+        self.counter = ExpertsCounter()
         self.policy = policy
 
     @property
+    def method(self) -> str:
+        """Deprecated name of :attr:`backend`."""
+        warn_renamed(f"{type(self).__name__}.method", f"{type(self).__name__}.backend")
+        return self.backend
+
+    @property
     def normalize(self) -> str:
-        block = self.layer.block
-        renorm = self.layer.family.renorm == "always" or bool(getattr(block, "norm_top_k_prob", False))
-        return "sum" if renorm else "none"
+        flag = getattr(self.layer.block, "norm_top_k_prob", None)
+        return "sum" if core.renormalises(self.layer.family.renorm, flag) else "none"
 
     def __call__(self, hidden_states: Any, attention_mask: Any = None, training: Any = None) -> Any:
         layer, block = self.layer, self.layer.block
@@ -245,114 +247,59 @@ class DynamicBlockCall:
         )
         weights = ops.cast(r.weights, h.dtype)  # (T, k_max)
         out = experts_forward(
-            h, r.ids, weights, layer.family.bank(block), method=self.method, counter=self.counter
+            h, r.ids, weights, layer.family.bank(block), backend=self.backend, counter=self.counter
         )
         if layer.family.shared is not None:
             out = out + layer.family.shared(block, h)
         return ops.reshape(out, shape), logits
 
 
-def _validate_policy(policy: Any, layers: list[HubMoELayer]) -> None:
-    if not isinstance(policy, RoutingPolicy):
-        raise PolicyError(
-            f"policy must be a RoutingPolicy (e.g. dmr.TopP(p=0.6)), got {type(policy).__name__}",
-            field="policy",
-        )
-    indices = sorted({layer.index for layer in layers})
-    stray = sorted(set(policy.layers()) - set(indices))
-    if stray:
-        raise PolicyError(
-            f"per_layer overrides name layers {stray} that have no MoE block; the MoE layers are {indices}",
-            field="overrides",
-        )
-    for layer in layers:
-        try:
-            policy.for_layer(layer.index).k_range(layer.native_k, layer.num_experts)
-        except PolicyError as err:
-            raise PolicyError(
-                f"MoE layer {layer.index} (E={layer.num_experts}, native k={layer.native_k}): {err}",
-                field=err.field,
-            ) from err
+class KerasPatchHandle(core.PatchHandleBase):
+    """What :func:`patch` returns: the patch's layers, policy, counters and undo
+    (the lifecycle of :class:`dynamic_moe_router.core.PatchHandleBase`)."""
 
-
-class KerasPatchHandle:
-    """What :func:`patch` returns: the patch's layers, policy, counters and undo."""
+    handle_attr = _HANDLE_ATTR
+    kind = "keras-hub "
 
     def __init__(
-        self, model: Any, layers: list[HubMoELayer], policy: RoutingPolicy, method: str, validate: bool
-    ):
-        self._model = model
-        self.layers = layers
-        self.family = layers[0].family.name
-        self.policy = policy
-        self.method = method
-        self.calls = [DynamicBlockCall(layer, policy, method, validate) for layer in layers]
-        self._saved: list[tuple[Any, str, Any]] = []
-        self.active = False
+        self, model: Any, layers: list[HubMoELayer], policy: RoutingPolicy, backend: str, validate: bool
+    ) -> None:
+        super().__init__(model, layers, policy, family=layers[0].family.name)
+        self.backend = backend
+        self.calls = [DynamicBlockCall(layer, policy, backend, validate) for layer in layers]
 
-    def _save_and_set(self, obj: Any, name: str, value: Any) -> None:
-        self._saved.append((obj, name, obj.__dict__.get(name, _MISSING)))
-        object.__setattr__(obj, name, value)
+    @property
+    def method(self) -> str:
+        """Deprecated name of :attr:`backend`."""
+        warn_renamed(f"{type(self).__name__}.method", f"{type(self).__name__}.backend")
+        return self.backend
 
-    def _apply(self) -> None:
-        try:
-            for layer, call in zip(self.layers, self.calls, strict=True):
-                self._save_and_set(layer.block, "call", call)
-            for owner in self._owners():
-                for name in _COMPILED:  # compiled functions captured the original calls
-                    if name in owner.__dict__:
-                        self._save_and_set(owner, name, None)
-            self._save_and_set(_backbone(self._model), _HANDLE_ATTR, self)
-        except BaseException:
-            self._undo()
-            raise
-        self.active = True
+    def _install(self) -> None:
+        for layer, call in zip(self.layers, self.calls, strict=True):
+            self._set(layer.block, "call", call)
+        for owner in self._owners():
+            for name in _COMPILED:  # compiled functions captured the original calls
+                if name in owner.__dict__:
+                    self._set(owner, name, None)
+
+    def _handle_owner(self) -> Any:
+        return _backbone(self._model)
 
     def _owners(self) -> list[Any]:
         """The model and, for a task model, its backbone (both may hold compiled functions)."""
         backbone = _backbone(self._model)
         return [self._model] if backbone is self._model else [self._model, backbone]
 
-    def _undo(self) -> None:
-        while self._saved:
-            obj, name, old = self._saved.pop()
-            if old is _MISSING:
-                obj.__dict__.pop(name, None)
-            else:
-                object.__setattr__(obj, name, old)
-        self.active = False
-
-    def unpatch(self) -> None:
-        """Restore the model exactly as it was before :func:`patch`."""
-        if not self.active:
-            raise NotPatchedError("this keras-hub patch was already undone; nothing to unpatch")
-        self._undo()
-
-    def set_policy(self, policy: RoutingPolicy) -> None:
-        """Switch every layer to ``policy``, validated for all layers first (all or nothing)."""
-        _validate_policy(policy, self.layers)
+    def _policy_changed(self, policy: Any) -> None:
         for call in self.calls:
             call.policy = policy
         for owner in self._owners():
             for name in _COMPILED:  # traced functions captured the old policy
                 if owner.__dict__.get(name) is not None:
                     object.__setattr__(owner, name, None)
-        self.policy = policy
 
-    def executed_pairs(self) -> int:
-        """(token, expert) pairs the patched experts computed since patching (or the last reset)."""
-        return sum(c.counter.executed_pairs for c in self.calls)
-
-    def reset_counters(self) -> None:
-        for c in self.calls:
-            c.counter.reset()
-
-    def __repr__(self) -> str:
-        state = "active" if self.active else "undone"
-        return (
-            f"KerasPatchHandle(family={self.family!r}, layers={[layer.index for layer in self.layers]}, "
-            f"policy={self.policy!r}, {state})"
-        )
+    def counters(self) -> list[ExpertsCounter]:
+        return [c.counter for c in self.calls]
 
 
 def get_patch(model: Any) -> KerasPatchHandle | None:
@@ -360,12 +307,13 @@ def get_patch(model: Any) -> KerasPatchHandle | None:
     return _backbone(model).__dict__.get(_HANDLE_ATTR)
 
 
+@renamed_argument("method", "backend")
 def patch(
     model: Any,
     policy: RoutingPolicy | None = None,
     *,
     replace: bool = False,
-    method: str = "auto",
+    backend: str = "auto",
     validate: bool = True,
 ) -> KerasPatchHandle:
     """Give every sparse MoE block of a keras-hub model dynamic routing with ``policy`` (in place).
@@ -375,57 +323,39 @@ def patch(
             ``Qwen3_5MoeBackbone``) or a task model holding one (``MixtralCausalLM``, ...).
         policy: the routing policy; default ``StaticTopK()`` (the model's own routing).
         replace: allow patching an already patched model (its patch is undone first).
-        method: experts method (see :mod:`dynamic_moe_router.keras.experts`); ``"auto"`` by default.
+        backend: experts backend (see :mod:`dynamic_moe_router.keras.experts`); ``"auto"`` by
+            default. (``method=`` is its deprecated name.)
         validate: check router probabilities for NaN/inf in eager calls (a host sync per layer).
 
     Raises:
         UnsupportedModelError: not a keras-hub transformer, or an MoE layer of an unsupported family.
         NoMoELayersError: no sparse MoE block.
-        PolicyError: the policy does not fit a layer, or an unknown ``method``.
+        PolicyError: the policy does not fit a layer, or an unknown ``backend``.
         AlreadyPatchedError: already patched and ``replace`` is False.
 
     Nothing is changed when any of them is raised.
     """
     policy = StaticTopK() if policy is None else policy
-    if method not in METHODS:
-        raise PolicyError(f"method must be one of {METHODS}, got {method!r}", field="method")
+    if backend not in BACKENDS:
+        raise PolicyError(
+            f"experts backend (method=) must be one of {BACKENDS}, got {backend!r}", field="backend"
+        )
     if not isinstance(validate, bool):
         raise PolicyError(f"validate must be True or False, got {validate!r}", field="validate")
     layers = find_moe_layers(model)
     existing = get_patch(model)
-    if existing is not None and not replace:
-        raise AlreadyPatchedError(
-            f"this keras-hub {existing.family} model is already patched with {existing.policy!r}; call "
-            "dynamic_moe_router.keras.unpatch(model) first, use handle.set_policy(policy), or pass "
-            "replace=True"
-        )
-    _validate_policy(policy, layers)
-    handle = KerasPatchHandle(model, layers, policy, method, validate)
-    if existing is not None:
-        existing.unpatch()
-    try:
-        handle._apply()
-    except BaseException:
-        if existing is not None:
-            existing._apply()
-        raise
-    return handle
+    core.refuse_if_patched(existing, replace, unpatch_call="dynamic_moe_router.keras.unpatch(model)")
+    core.validate_policy(policy, layers)
+    return core.apply_replacing(KerasPatchHandle(model, layers, policy, backend, validate), existing)
 
 
 def unpatch(model: Any) -> None:
     """Undo :func:`patch`: the model's outputs are exactly those of the unpatched model."""
-    handle = get_patch(model)
-    if handle is None:
-        raise NotPatchedError(f"{type(model).__name__} is not patched by dynamic-moe-router; nothing to undo")
-    handle.unpatch()
+    core.require_handle(get_patch(model), model).unpatch()
 
 
 @contextmanager
 def patched(model: Any, policy: RoutingPolicy | None = None, **kwargs: Any) -> Iterator[KerasPatchHandle]:
     """:func:`patch` on entry, :func:`unpatch` on exit (also on error)."""
-    handle = patch(model, policy, **kwargs)
-    try:
+    with core.undo_on_exit(patch(model, policy, **kwargs)) as handle:
         yield handle
-    finally:
-        if handle.active:
-            handle.unpatch()

@@ -15,17 +15,27 @@ from typing import Any
 
 import keras
 import numpy as np
-from keras import ops
+from keras import ops as _keras_ops
 
+from .. import core
+from .._deprecation import renamed_argument, warn_renamed
 from ..errors import PolicyError, UnsupportedModelError
 from ..policies import RoutingPolicy, StaticTopK, policy_from_dict, policy_to_dict
-from .experts import METHODS, PairCounter, SwiGLUBank, experts_forward
+from .experts import BACKENDS, ExpertsCounter, SwiGLUBank, experts_forward
 from .routing import route
+
+#: ``keras.ops``, typed loosely: its inferred result types are incomplete (some read as None)
+ops: Any = _keras_ops
 
 __all__ = ["DynamicMoE"]
 
 #: transformers sparse MoE blocks :meth:`DynamicMoE.from_transformers` reads, and their weight rule
-_HF_BLOCKS = {"MixtralSparseMoeBlock", "OlmoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock"}
+#: (:func:`dynamic_moe_router.core.renormalises`; "config" reads the router's ``norm_topk_prob``)
+_HF_BLOCKS: dict[str, core.WeightRule] = {
+    "MixtralSparseMoeBlock": "always",
+    "OlmoeSparseMoeBlock": "config",
+    "Qwen3MoeSparseMoeBlock": "config",
+}
 
 
 @keras.saving.register_keras_serializable(package="dynamic_moe_router")
@@ -39,9 +49,12 @@ class DynamicMoE(keras.layers.Layer):
         native_k: the model's own top-k (``StaticTopK()`` reproduces it).
         policy: a :class:`~dynamic_moe_router.RoutingPolicy` (default ``StaticTopK()``).
         normalize: ``"sum"`` (renormalise the kept weights) or ``"none"``.
-        method: experts method, see :mod:`dynamic_moe_router.keras.experts`.
+        backend: experts backend, see :mod:`dynamic_moe_router.keras.experts` (``method=`` is its
+            deprecated name).
         validate: check the router's probabilities for NaN/inf (eager calls only).
-        layer_index: the MoE layer index, for ``PerLayer`` policies and messages.
+        layer: the MoE layer index, for ``PerLayer`` policies and messages (``layer_index=`` is
+            its deprecated name).
+        method, layer_index: the deprecated names of ``backend`` and ``layer``.
 
     Call: ``x (..., H) -> (..., H)``. ``layer.counter`` counts tokens and computed pairs.
 
@@ -63,11 +76,21 @@ class DynamicMoE(keras.layers.Layer):
         native_k: int,
         policy: RoutingPolicy | None = None,
         normalize: str = "sum",
-        method: str = "auto",
+        backend: str = "auto",
         validate: bool = True,
+        layer: int | None = None,
+        method: str | None = None,
         layer_index: int | None = None,
         **kwargs: Any,
     ) -> None:
+        # keras reads __init__'s own signature, so the deprecated names are parameters, not a wrapper
+        backend_arg = "backend"  # the name the caller used, for the error's field
+        if method is not None:
+            warn_renamed("DynamicMoE(method=...)", "backend=...")
+            backend, backend_arg = method, "method"
+        if layer_index is not None:
+            warn_renamed("DynamicMoE(layer_index=...)", "layer=...")
+            layer = layer_index
         super().__init__(**kwargs)
         for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -82,18 +105,38 @@ class DynamicMoE(keras.layers.Layer):
             )
         if normalize not in ("sum", "none"):
             raise PolicyError(f"normalize must be 'sum' or 'none', got {normalize!r}", field="normalize")
-        if method not in METHODS:
-            raise PolicyError(f"method must be one of {METHODS}, got {method!r}", field="method")
+        if backend not in BACKENDS:
+            raise PolicyError(
+                f"experts backend ({backend_arg}=) must be one of {BACKENDS}, got {backend!r}",
+                field=backend_arg,
+            )
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.native_k = native_k
         self.normalize = normalize
-        self.method = method
+        self.backend = backend
         self.validate = validate
-        self.layer_index = layer_index
-        self.counter = PairCounter()
+        self.layer = layer
+        self.counter = ExpertsCounter()
         self.set_policy(StaticTopK() if policy is None else policy)
+
+    @property
+    def method(self) -> str:
+        """Deprecated name of :attr:`backend`."""
+        warn_renamed("DynamicMoE.method", "DynamicMoE.backend")
+        return self.backend
+
+    @method.setter
+    def method(self, value: str) -> None:
+        warn_renamed("DynamicMoE.method", "DynamicMoE.backend")
+        self.backend = value
+
+    @property
+    def layer_index(self) -> int | None:
+        """Deprecated name of :attr:`layer`."""
+        warn_renamed("DynamicMoE.layer_index", "DynamicMoE.layer")
+        return self.layer
 
     def set_policy(self, policy: RoutingPolicy) -> None:
         """Switch the policy (validated against ``E`` and ``native_k`` first)."""
@@ -102,7 +145,7 @@ class DynamicMoE(keras.layers.Layer):
                 f"policy must be a RoutingPolicy (e.g. dmr.TopP(p=0.6)), got {type(policy).__name__}",
                 field="policy",
             )
-        policy.for_layer(self.layer_index).k_range(self.native_k, self.num_experts)
+        policy.for_layer(self.layer).k_range(self.native_k, self.num_experts)
         self.policy = policy
 
     def build(self, input_shape: tuple[int | None, ...]) -> None:
@@ -126,11 +169,11 @@ class DynamicMoE(keras.layers.Layer):
             self.policy,
             native_k=self.native_k,
             normalize=self.normalize,
-            layer=self.layer_index,
+            layer=self.layer,
             validate=self.validate,
         )
         weights = ops.cast(r.weights, h.dtype)  # (T, k_max)
-        y = experts_forward(h, r.ids, weights, self.bank, method=self.method, counter=self.counter)
+        y = experts_forward(h, r.ids, weights, self.bank, backend=self.backend, counter=self.counter)
         return ops.reshape(y, shape)
 
     def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
@@ -147,9 +190,9 @@ class DynamicMoE(keras.layers.Layer):
                 "native_k": self.native_k,
                 "policy": policy_to_dict(self.policy),
                 "normalize": self.normalize,
-                "method": self.method,
+                "backend": self.backend,
                 "validate": self.validate,
-                "layer_index": self.layer_index,
+                "layer": self.layer,
             }
         )
         return config
@@ -163,8 +206,9 @@ class DynamicMoE(keras.layers.Layer):
 
     # -- transformers blocks -------------------------------------------------------------------
     @classmethod
+    @renamed_argument("layer_index", "layer")
     def from_transformers(
-        cls, block: Any, policy: RoutingPolicy | None = None, *, layer_index: int | None = None, **kwargs: Any
+        cls, block: Any, policy: RoutingPolicy | None = None, *, layer: int | None = None, **kwargs: Any
     ) -> DynamicMoE:
         """A layer with the router and expert weights of a transformers sparse MoE block.
 
@@ -183,19 +227,19 @@ class DynamicMoE(keras.layers.Layer):
             )
         gate, experts = block.gate, block.experts
         num_experts, hidden = (int(n) for n in gate.weight.shape)
-        renorm = True if name == "MixtralSparseMoeBlock" else bool(getattr(gate, "norm_topk_prob", False))
-        layer = cls(
+        renorm = core.renormalises(_HF_BLOCKS[name], getattr(gate, "norm_topk_prob", None))
+        moe = cls(
             num_experts=num_experts,
             hidden_size=hidden,
             intermediate_size=int(experts.down_proj.shape[-1]),
             native_k=int(gate.top_k),
             policy=policy,
             normalize="sum" if renorm else "none",
-            layer_index=layer_index,
+            layer=layer,
             **kwargs,
         )
-        layer.load_transformers_weights(block)
-        return layer
+        moe.load_transformers_weights(block)
+        return moe
 
     def load_transformers_weights(self, block: Any) -> None:
         """Copy ``block``'s router and expert weights (shapes must match this layer)."""

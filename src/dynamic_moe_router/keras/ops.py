@@ -1,9 +1,9 @@
-"""``KerasOps``: the :class:`~dynamic_moe_router.spec.Ops` adapter written with ``keras.ops``.
+"""``KerasOps``: the :class:`~dynamic_moe_router.core.Ops` adapter written with ``keras.ops``.
 
 It runs on every Keras 3 backend; the tests cover TensorFlow and JAX. The index dtype (``"int"``)
 is ``int32``, the dtype ``keras.ops.top_k`` returns on TensorFlow and on JAX without x64.
 ``keras.ops.top_k`` breaks exact ties toward the lower index on TensorFlow (``tf.math.top_k``) and
-JAX (``jax.lax.top_k``), the cross-framework rule of the spec.
+JAX (``jax.lax.top_k``), the cross-framework rule of the core.
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
-from keras import ops
+from keras import ops as _keras_ops
+
+#: ``keras.ops``, typed loosely: its inferred result types are incomplete (some read as None)
+ops: Any = _keras_ops
 
 __all__ = ["KERAS_OPS", "KerasOps"]
 
@@ -22,7 +25,7 @@ _DTYPES = {"int": "int32", "float32": "float32", "bool": "bool"}
 
 @dataclass(frozen=True)
 class KerasOps:
-    """``keras.ops`` implementation of :class:`~dynamic_moe_router.spec.Ops` (index dtype int32)."""
+    """``keras.ops`` implementation of :class:`~dynamic_moe_router.core.Ops` (index dtype int32)."""
 
     name: str = "keras"
 

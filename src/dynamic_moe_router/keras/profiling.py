@@ -1,7 +1,8 @@
 """``profile(model)`` for a patched keras-hub model: tokens, kept pairs and routed FLOPs per layer.
 
-It reads the counters of the patch (see :class:`~.experts.PairCounter`) and reports them in the
-library's :class:`~dynamic_moe_router.ProfileReport` (routed FLOPs = pairs x ``6 H I``). Dense
+It reads the counters of the patch (see :class:`~.experts.ExpertsCounter`) and reports them in the
+library's framework-neutral :class:`~dynamic_moe_router.report.ProfileReport` (routed FLOPs =
+pairs x ``6 H I``). Dense
 FLOPs (attention, shared experts) are not measured for Keras models (``dense_flops_measured`` is
 False).
 """
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..errors import NotPatchedError
+from ..report import LayerStats, ProfileReport
 from .hub import get_patch
 
 __all__ = ["profile"]
@@ -28,8 +30,6 @@ def profile(model: Any) -> Iterator[Any]:
     Raises:
         NotPatchedError: ``model`` is not patched by :func:`dynamic_moe_router.keras.patch`.
     """
-    from ..profiling import LayerStats, ProfileReport
-
     handle = get_patch(model)
     if handle is None:
         raise NotPatchedError(

@@ -8,33 +8,44 @@ between layers, threads and saved files.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-import torch
-
+from .._atomic import write_text_atomic
+from .._version import __version__
 from ..errors import PolicyError
 
 if TYPE_CHECKING:
-    from ..spec import Ops
+    import torch
 
-__all__ = ["POLICY_REGISTRY", "RoutingPolicy", "register_policy"]
+    from ..core import Ops
+
+__all__ = ["POLICY_REGISTRY", "RoutingPolicy", "policy_to_dict", "register_policy", "save_policy"]
 
 
 class RoutingPolicy:
     """Base class of every routing policy.
 
     Subclasses are frozen dataclasses registered with :func:`register_policy`. They implement
-    :meth:`k_range` (the bounds of k for a layer) and :meth:`keep_counts_ops` (k per token, against
-    the framework-neutral :class:`~dynamic_moe_router.spec.Ops`; the torch :meth:`keep_counts`
-    calls it).
+    :meth:`k_range` (the bounds of k for a layer) and one counting method, :meth:`keep_counts_ops`
+    (k per token, against the framework-neutral :class:`~dynamic_moe_router.core.Ops`), which
+    serves every framework; :meth:`keep_counts` is the same count on torch tensors.
     """
 
     #: Stable name used in policy files and on the command line (``"top_p"``).
     type_name: ClassVar[str] = ""
     #: Version of the policy's file schema; bumped when fields change meaning.
     version: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # a policy written against the torch-only API (it overrides keep_counts, not
+        # keep_counts_ops) keeps working in torch; with another framework it gets a PolicyError
+        if "keep_counts" in cls.__dict__ and "keep_counts_ops" not in cls.__dict__:
+            cls.keep_counts_ops = _torch_only_counts(cls.__dict__["keep_counts"])
 
     # -- the contract -------------------------------------------------------------------------
     def k_range(self, native_k: int, num_experts: int) -> tuple[int, int]:
@@ -45,23 +56,6 @@ class RoutingPolicy:
         """
         raise NotImplementedError
 
-    def keep_counts(
-        self,
-        ranked_probs: torch.Tensor,  # (T, k_max): the policy distribution at the ranked candidates
-        probs: torch.Tensor,  # (T, E): the full policy distribution
-        k_min: int,
-        k_max: int,
-    ) -> torch.Tensor:  # (T,) int64 in [k_min, k_max]
-        """Number of leading ranked candidates each token keeps (torch): :meth:`keep_counts_ops`
-        with :data:`~dynamic_moe_router.spec.TORCH_OPS`."""
-        if type(self).keep_counts_ops is RoutingPolicy.keep_counts_ops:
-            raise NotImplementedError(
-                f"{type(self).__name__} implements neither keep_counts nor keep_counts_ops"
-            )
-        from ..spec import TORCH_OPS
-
-        return self.keep_counts_ops(TORCH_OPS, ranked_probs, probs, k_min, k_max)
-
     def keep_counts_ops(
         self,
         ops: Ops,
@@ -70,19 +64,27 @@ class RoutingPolicy:
         k_min: int,
         k_max: int,
     ) -> Any:  # (T,) ops' "int" dtype, in [k_min, k_max]
-        """:meth:`keep_counts` for any framework, written against the :class:`~dynamic_moe_router.spec.Ops`
-        adapter ``ops`` (see :mod:`dynamic_moe_router.spec`); the built-in policies implement this.
+        """Number of leading ranked candidates each token keeps: the policy's one counting method.
 
-        The default serves a policy that only implements the torch :meth:`keep_counts`: it calls
-        it for a torch adapter and raises :class:`~dynamic_moe_router.PolicyError` for another one.
+        Written against the :class:`~dynamic_moe_router.core.Ops` adapter ``ops`` (see
+        :mod:`dynamic_moe_router.core`), so the same code runs in torch, JAX and Keras.
+        ``ranked_probs (T, k_max)`` is the policy distribution at the family's ranked candidates,
+        ``probs (T, E)`` the whole distribution (either may be ``None`` when a policy does not read
+        it).
         """
-        if getattr(ops, "name", None) == "torch" and type(self).keep_counts is not RoutingPolicy.keep_counts:
-            return self.keep_counts(ranked_probs, probs, k_min, k_max)
-        raise PolicyError(
-            f"{type(self).__name__} implements keep_counts for torch only; implement "
-            f"keep_counts_ops(ops, ranked_probs, probs, k_min, k_max) (see dynamic_moe_router.spec) "
-            f"to use it with {getattr(ops, 'name', ops)!r}"
-        )
+        raise NotImplementedError(f"{type(self).__name__} does not implement keep_counts_ops")
+
+    def keep_counts(
+        self,
+        ranked_probs: torch.Tensor,  # (T, k_max): the policy distribution at the ranked candidates
+        probs: torch.Tensor,  # (T, E): the full policy distribution
+        k_min: int,
+        k_max: int,
+    ) -> torch.Tensor:  # (T,) int64 in [k_min, k_max]
+        """:meth:`keep_counts_ops` on torch tensors (with :data:`~dynamic_moe_router.core.TORCH_OPS`)."""
+        from ..core import TORCH_OPS
+
+        return self.keep_counts_ops(TORCH_OPS, ranked_probs, probs, k_min, k_max)
 
     def for_layer(self, layer: int | None) -> RoutingPolicy:
         """The policy that applies to MoE layer ``layer`` (itself, except for :class:`PerLayer`)."""
@@ -95,14 +97,10 @@ class RoutingPolicy:
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict stamped with the policy type and schema version."""
-        from ._io import policy_to_dict
-
         return policy_to_dict(self)
 
-    def save(self, path: str) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write the policy as JSON to ``path`` (atomically: no half-written file on failure)."""
-        from ._io import save_policy
-
         save_policy(self, path)
 
     def describe(self) -> str:
@@ -112,6 +110,41 @@ class RoutingPolicy:
             value = getattr(self, f.name)
             parts.append(f"{f.name}={'native' if value is None else value}")
         return f"{self.type_name}({', '.join(parts)})"
+
+
+def _torch_only_counts(torch_counts: Callable[..., Any]) -> Callable[..., Any]:
+    """``keep_counts_ops`` for a policy that implements only the torch ``keep_counts``."""
+
+    def keep_counts_ops(
+        self: RoutingPolicy, ops: Any, ranked_probs: Any, probs: Any, k_min: int, k_max: int
+    ) -> Any:
+        if getattr(ops, "name", None) == "torch":
+            return torch_counts(self, ranked_probs, probs, k_min, k_max)
+        raise PolicyError(
+            f"{type(self).__name__} implements keep_counts for torch only; implement "
+            f"keep_counts_ops(ops, ranked_probs, probs, k_min, k_max) (see dynamic_moe_router.core) "
+            f"to use it with {getattr(ops, 'name', ops)!r}"
+        )
+
+    return keep_counts_ops
+
+
+def policy_to_dict(policy: RoutingPolicy) -> dict[str, Any]:
+    """Serialise a policy (recursively for ``PerLayer``) to a JSON-ready dict."""
+    data: dict[str, Any] = {}
+    for f in dataclasses.fields(policy):  # type: ignore[arg-type]
+        value = getattr(policy, f.name)
+        if isinstance(value, RoutingPolicy):
+            value = policy_to_dict(value)
+        elif f.name == "overrides":
+            value = {str(k): policy_to_dict(v) for k, v in value.items()}
+        data[f.name] = value
+    return {"_type": policy.type_name, "_version": policy.version, "_data": data, "dmr_version": __version__}
+
+
+def save_policy(policy: RoutingPolicy, path: str | os.PathLike[str]) -> None:
+    """Write ``policy`` to ``path`` as JSON, atomically (temporary file, then rename)."""
+    write_text_atomic(path, json.dumps(policy_to_dict(policy), indent=2, sort_keys=True) + "\n")
 
 
 POLICY_REGISTRY: dict[str, type[RoutingPolicy]] = {}

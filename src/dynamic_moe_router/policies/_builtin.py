@@ -4,17 +4,23 @@ All of them read the *policy distribution* ``probs (T, E)`` of a layer (for soft
 softmax itself; other families define it in :mod:`dynamic_moe_router.hf.families`) and return how
 many of the family's ranked candidates each token keeps. The candidates kept are always a prefix of
 the family's own ranking.
+
+Each policy's whole count is its :meth:`~RoutingPolicy.keep_counts_ops`, written once against the
+framework-neutral :class:`~dynamic_moe_router.core.Ops` adapter: ``counts (T,)`` in the adapter's
+``"int"`` dtype, within ``[k_min, k_max]``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import PolicyError
-from ..spec import Ops
-from ..spec._policies import entropy_counts, relative_threshold_counts, static_counts, top_p_counts
 from ._base import RoutingPolicy, check_bounds, check_float, check_int, register_policy, resolve_bounds
+
+if TYPE_CHECKING:
+    from ..core import Ops
 
 __all__ = ["EntropyAdaptive", "RelativeThreshold", "StaticTopK", "TopP"]
 
@@ -50,7 +56,9 @@ class StaticTopK(RoutingPolicy):
         return k, k
 
     def keep_counts_ops(self, ops: Ops, ranked_probs: Any, probs: Any, k_min: int, k_max: int) -> Any:
-        return static_counts(ops, ranked_probs, k_max)
+        source = ranked_probs if ranked_probs is not None else probs  # (T, ...): gives T only
+        per_token = ops.astype(ops.sum(source), "int")  # (T,), values replaced below
+        return ops.full_like(per_token, k_max)
 
 
 @register_policy("top_p")
@@ -81,7 +89,11 @@ class TopP(RoutingPolicy):
         return resolve_bounds(self, self.min_k, self.max_k, native_k, num_experts)
 
     def keep_counts_ops(self, ops: Ops, ranked_probs: Any, probs: Any, k_min: int, k_max: int) -> Any:
-        return top_p_counts(ops, ranked_probs, self.p, k_min, k_max)
+        before = ops.cumsum(ranked_probs) - ranked_probs  # (T, k_max): mass ranked earlier
+        first = ops.arange(k_max, ranked_probs) == 0  # (k_max,)
+        before = ops.where(first, ops.full_like(before, 0.0), before)
+        counts = ops.sum(ops.astype(before < self.p, "int"))  # (T,)
+        return ops.clip(counts, k_min, k_max)
 
 
 @register_policy("relative_threshold")
@@ -113,7 +125,10 @@ class RelativeThreshold(RoutingPolicy):
         return resolve_bounds(self, self.min_k, self.max_k, native_k, num_experts)
 
     def keep_counts_ops(self, ops: Ops, ranked_probs: Any, probs: Any, k_min: int, k_max: int) -> Any:
-        return relative_threshold_counts(ops, ranked_probs, self.beta, k_min, k_max)
+        top = ops.amax(ranked_probs, keepdims=True)  # (T, 1)
+        passes = ranked_probs >= self.beta * top  # (T, k_max)
+        counts = ops.sum(ops.cumprod(ops.astype(passes, "int")))  # (T,) length of the passing prefix
+        return ops.clip(counts, k_min, k_max)
 
 
 @register_policy("entropy")
@@ -151,4 +166,10 @@ class EntropyAdaptive(RoutingPolicy):
         return resolve_bounds(self, self.min_k, self.max_k, native_k, num_experts)
 
     def keep_counts_ops(self, ops: Ops, ranked_probs: Any, probs: Any, k_min: int, k_max: int) -> Any:
-        return entropy_counts(ops, probs, self.low, self.high, k_min, k_max)
+        num_experts = int(probs.shape[-1])
+        entropy = -ops.sum(ops.xlogy(probs, probs))  # (T,) nats
+        h = entropy / math.log(num_experts) if num_experts > 1 else ops.full_like(entropy, 0.0)
+        t = ops.clip((h - self.low) / (self.high - self.low), 0.0, 1.0)
+        span = k_max - k_min
+        extra = ops.clip(ops.astype(ops.floor(t * (span + 1)), "int"), 0, span)  # (T,)
+        return extra + k_min

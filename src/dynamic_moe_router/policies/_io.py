@@ -18,25 +18,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._atomic import write_text_atomic
-from .._version import __version__
 from ..errors import PolicyError, PolicyFileError
-from ._base import POLICY_REGISTRY, RoutingPolicy
+from ._base import POLICY_REGISTRY, RoutingPolicy, policy_to_dict, save_policy
 
 __all__ = ["load_policy", "parse_policy", "policy_from_dict", "policy_to_dict", "save_policy"]
-
-
-def policy_to_dict(policy: RoutingPolicy) -> dict[str, Any]:
-    """Serialise a policy (recursively for ``PerLayer``) to a JSON-ready dict."""
-    data: dict[str, Any] = {}
-    for f in dataclasses.fields(policy):  # type: ignore[arg-type]
-        value = getattr(policy, f.name)
-        if isinstance(value, RoutingPolicy):
-            value = policy_to_dict(value)
-        elif f.name == "overrides":
-            value = {str(k): policy_to_dict(v) for k, v in value.items()}
-        data[f.name] = value
-    return {"_type": policy.type_name, "_version": policy.version, "_data": data, "dmr_version": __version__}
 
 
 def policy_from_dict(obj: Any, *, where: str = "policy") -> RoutingPolicy:
@@ -78,7 +63,7 @@ def policy_from_dict(obj: Any, *, where: str = "policy") -> RoutingPolicy:
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         if name == "default":
-            value = policy_from_dict(value, where=f"{where}.default")
+            value = None if value is None else policy_from_dict(value, where=f"{where}.default")
         elif name == "overrides":
             if not isinstance(value, dict):
                 raise PolicyFileError(f"{where}.overrides: expected an object of layer -> policy")
@@ -95,11 +80,6 @@ def policy_from_dict(obj: Any, *, where: str = "policy") -> RoutingPolicy:
         return cls(**kwargs)
     except PolicyError as err:
         raise PolicyFileError(f"{where}: invalid {type_name} policy: {err}") from err
-
-
-def save_policy(policy: RoutingPolicy, path: str | os.PathLike[str]) -> None:
-    """Write ``policy`` to ``path`` as JSON, atomically (temporary file, then rename)."""
-    write_text_atomic(path, json.dumps(policy_to_dict(policy), indent=2, sort_keys=True) + "\n")
 
 
 def load_policy(path: str | os.PathLike[str]) -> RoutingPolicy:
@@ -124,7 +104,7 @@ def load_policy(path: str | os.PathLike[str]) -> RoutingPolicy:
     return policy_from_dict(obj, where=str(p))
 
 
-def parse_policy(spec: str) -> RoutingPolicy:
+def parse_policy(text: str) -> RoutingPolicy:
     """A policy from a file path or a short spec ``NAME[:key=value,...]`` (values are JSON literals).
 
     Example:
@@ -134,30 +114,30 @@ def parse_policy(spec: str) -> RoutingPolicy:
         >>> parse_policy("static_top_k")
         StaticTopK(k=None)
     """
-    if spec.endswith(".json") or Path(spec).is_file():
-        return load_policy(spec)
-    name, _, rest = spec.partition(":")
+    if text.endswith(".json") or Path(text).is_file():
+        return load_policy(text)
+    name, _, rest = text.partition(":")
     cls = POLICY_REGISTRY.get(name.strip())
     if cls is None or name.strip() == "per_layer":
         raise PolicyFileError(
-            f"policy spec {spec!r}: unknown policy {name!r}; use one of "
+            f"policy spec {text!r}: unknown policy {name!r}; use one of "
             f"{', '.join(sorted(k for k in POLICY_REGISTRY if k != 'per_layer'))} or a policy JSON file"
         )
     kwargs: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, eq, raw = item.partition("=")
         if not eq:
-            raise PolicyFileError(f"policy spec {spec!r}: expected key=value, got {item!r}")
+            raise PolicyFileError(f"policy spec {text!r}: expected key=value, got {item!r}")
         try:
             kwargs[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
             raise PolicyFileError(
-                f"policy spec {spec!r}: value {raw!r} of {key!r} is not a number/null"
+                f"policy spec {text!r}: value {raw!r} of {key!r} is not a number/null"
             ) from None
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(kwargs) - names
     if unknown:
         raise PolicyFileError(
-            f"policy spec {spec!r}: unknown fields {sorted(unknown)}; known: {sorted(names)}"
+            f"policy spec {text!r}: unknown fields {sorted(unknown)}; known: {sorted(names)}"
         )
     return cls(**kwargs)

@@ -18,6 +18,11 @@ __all__ = ["PerLayer"]
 class PerLayer(RoutingPolicy):
     """Use ``overrides[i]`` for MoE layer ``i`` and ``default`` everywhere else.
 
+    With ``default=None`` the overrides must cover every MoE layer of the model: patching a model
+    with a layer that has no override then raises a :class:`~dynamic_moe_router.PolicyError`
+    naming it. Calibrated per-layer policies are written this way, so their files carry no
+    default that is never used.
+
     Layer indices are the decoder-layer indices of the model (``model.layers[i]``), the same
     numbers ``dmr inspect`` and profiling reports print. Patching a model with an override for a
     layer that has no MoE block raises a :class:`~dynamic_moe_router.PolicyError` listing the MoE
@@ -28,15 +33,25 @@ class PerLayer(RoutingPolicy):
         >>> pol = dmr.PerLayer(dmr.StaticTopK(), {3: dmr.TopP(p=0.5)})
         >>> pol.for_layer(3), pol.for_layer(0)
         (TopP(p=0.5, min_k=1, max_k=None), StaticTopK(k=None))
+        >>> only = dmr.PerLayer(None, {0: dmr.TopP(p=0.5)})
+        >>> try:
+        ...     only.for_layer(1)
+        ... except dmr.PolicyError as err:
+        ...     print(str(err).split(";")[0])
+        per_layer: layer 1 has no override and the policy has no default
+
     """
 
-    default: RoutingPolicy = field(default_factory=lambda: _static())
+    default: RoutingPolicy | None = field(default_factory=lambda: _static())
     overrides: Mapping[int, RoutingPolicy] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.default, RoutingPolicy) or isinstance(self.default, PerLayer):
+        if self.default is not None and (
+            not isinstance(self.default, RoutingPolicy) or isinstance(self.default, PerLayer)
+        ):
             raise PolicyError(
-                f"per_layer: default must be a non-PerLayer policy, got {self.default!r}", field="default"
+                f"per_layer: default must be a non-PerLayer policy or None, got {self.default!r}",
+                field="default",
             )
         if not isinstance(self.overrides, Mapping):
             raise PolicyError(
@@ -56,6 +71,11 @@ class PerLayer(RoutingPolicy):
                     field="overrides",
                 )
             clean[key] = pol
+        if self.default is None and not clean:
+            raise PolicyError(
+                "per_layer: without a default policy the overrides must name at least one layer",
+                field="overrides",
+            )
         object.__setattr__(self, "overrides", MappingProxyType(dict(sorted(clean.items()))))
 
     def __hash__(self) -> int:
@@ -72,6 +92,12 @@ class PerLayer(RoutingPolicy):
     def for_layer(self, layer: int | None) -> RoutingPolicy:
         if layer is not None and layer in self.overrides:
             return self.overrides[layer]
+        if self.default is None:
+            raise PolicyError(
+                f"per_layer: layer {layer} has no override and the policy has no default; add an override "
+                f"for layer {layer} or give a default policy",
+                field="overrides",
+            )
         return self.default
 
     def layers(self) -> tuple[int, ...]:
@@ -84,19 +110,15 @@ class PerLayer(RoutingPolicy):
             field="overrides",
         )
 
-    def keep_counts(self, ranked_probs, probs, k_min, k_max):  # type: ignore[override]
-        raise PolicyError(
-            "per_layer: resolve the layer first with policy.for_layer(layer)", field="overrides"
-        )
-
-    def keep_counts_ops(self, ops, ranked_probs, probs, k_min, k_max):  # type: ignore[override]
+    def keep_counts_ops(self, ops: Any, ranked_probs: Any, probs: Any, k_min: int, k_max: int) -> Any:
         raise PolicyError(
             "per_layer: resolve the layer first with policy.for_layer(layer)", field="overrides"
         )
 
     def describe(self) -> str:
         inner = ", ".join(f"{k}: {v.describe()}" for k, v in self.overrides.items())
-        return f"per_layer(default={self.default.describe()}, overrides={{{inner}}})"
+        default = "none" if self.default is None else self.default.describe()
+        return f"per_layer(default={default}, overrides={{{inner}}})"
 
 
 def _static() -> RoutingPolicy:

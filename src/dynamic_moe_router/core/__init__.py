@@ -1,4 +1,6 @@
-"""The framework-neutral routing specification: the policy and routing math, written once.
+"""The framework-neutral core: the routing math, the routing contract, the patch lifecycle.
+
+(Formerly ``dynamic_moe_router.spec``; that name still imports, with a ``DeprecationWarning``.)
 
 The math of every built-in policy (``keep_counts``) and of routing (``select``,
 ``combine_weights``, the sentinel) is written against a small array-ops adapter, :class:`Ops`.
@@ -8,9 +10,9 @@ models run through it), JAX uses ``dynamic_moe_router.jax.JaxOps``, Keras 3 uses
 
 .. code-block:: python
 
-    from dynamic_moe_router import spec
+    from dynamic_moe_router import core
 
-    routed = spec.route(MyOps(), scores, policy, native_k=2, probs=probs, normalize="sum")
+    routed = core.route(MyOps(), scores, policy, native_k=2, probs=probs, normalize="sum")
     routed.ids, routed.weights, routed.counts  # arrays of the adapter's framework
 
 **The Ops protocol.** An adapter is any object with a ``name`` (``str``, used in messages) and
@@ -54,28 +56,37 @@ an all-equal row of 8 ranks ``[6, 5, 4, 7, ...]``), and the torch path keeps ``t
 across frameworks whenever no two of a token's scores tie at the ``k_max`` boundary or inside
 the kept prefix (``keras.ops.top_k`` on its torch backend also inherits ``torch.topk``'s order).
 
-**Policies.** Every policy has ``keep_counts_ops(ops, ranked_probs, probs, k_min, k_max) ->
-counts (T,)`` (the math, from :mod:`._policies`); its torch ``keep_counts(ranked_probs, probs,
-k_min, k_max)`` calls it with :data:`TORCH_OPS`. A user policy that only implements the torch
-``keep_counts`` keeps working with torch and raises a ``PolicyError`` with another adapter.
+**Policies.** A policy counts with one method, ``keep_counts_ops(ops, ranked_probs, probs, k_min,
+k_max) -> counts (T,)``, written against this adapter (each built-in policy holds its math in that
+method, in :mod:`dynamic_moe_router.policies`); ``policy.keep_counts(ranked_probs, probs, k_min,
+k_max)`` is the same count on torch tensors. A user policy written before this core existed, which
+overrides only the torch ``keep_counts``, keeps working with torch and raises a ``PolicyError`` with
+another adapter.
 
-**Checks** are per framework (they read values on the host), with shared rules and messages on
-plain Python values: :func:`check_matrix` (2-D, floating, same shape as scores),
-:func:`check_native_k`, :func:`check_normalize`, :func:`non_finite_error` (the typed error for
-NaN/inf scores, to raise when a framework counted the bad tokens) and
-:func:`check_experts_inputs`.
+**Checks** share their rules and messages: :func:`check_finite` (NaN/inf router scores, written
+once against the adapter; it reads a count on the host), :func:`check_matrix` (2-D, floating,
+same shape as scores), :func:`check_native_k`, :func:`check_normalize`,
+:func:`non_finite_error` (the typed error for NaN/inf scores) and :func:`check_experts_inputs`.
 
 Example:
     >>> import torch, dynamic_moe_router as dmr
-    >>> from dynamic_moe_router import spec
+    >>> from dynamic_moe_router import core
     >>> probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.9, 0.05, 0.03, 0.02]])
-    >>> r = spec.route(spec.TORCH_OPS, probs, dmr.TopP(p=0.7), native_k=2, normalize="sum")
+    >>> r = core.route(core.TORCH_OPS, probs, dmr.TopP(p=0.7), native_k=2, normalize="sum")
     >>> r.ids.tolist(), r.counts.tolist()
     ([[0, 1], [0, 4]], [2, 1])
     >>> tied = torch.ones(1, 8)
-    >>> spec.TorchOps(stable_ties=True).top_k(tied, 3)[1].tolist()
+    >>> core.TorchOps(stable_ties=True).top_k(tied, 3)[1].tolist()
     [[0, 1, 2]]
+
+**Weights and patching.** :func:`renormalises` / :func:`weight_rule_text` are the families'
+kept-weight rule; :class:`PatchHandleBase`, :func:`validate_policy` and friends are the patch
+lifecycle the transformers and keras-hub integrations share (:mod:`._patch`).
+
+PyTorch is imported only when :data:`TORCH_OPS` or :class:`TorchOps` is first used.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from ._checks import (
     NORMALIZE_MODES,
@@ -87,32 +98,79 @@ from ._checks import (
     non_finite_error,
 )
 from ._ops import Array, DType, Ops
-from ._policies import entropy_counts, relative_threshold_counts, static_counts, top_p_counts
-from ._routing import Routed, Selected, apply_sentinel, combine_weights, keep_counts, route, select
-from ._torch import TORCH_OPS, TorchOps
+from ._patch import (
+    PatchHandleBase,
+    PatchLayer,
+    apply_replacing,
+    refuse_if_patched,
+    require_handle,
+    set_attribute,
+    undo_on_exit,
+    validate_policy,
+)
+from ._routing import (
+    Routed,
+    Routing,
+    Selected,
+    apply_sentinel,
+    check_finite,
+    combine_weights,
+    host_int,
+    keep_counts,
+    route,
+    select,
+)
+
+if TYPE_CHECKING:
+    from ._torch import TORCH_OPS, TorchOps
+from ._rules import WEIGHT_RULES, WeightRule, renormalises, weight_rule_doc, weight_rule_text
 
 __all__ = [
     "NORMALIZE_MODES",
     "TORCH_OPS",
+    "WEIGHT_RULES",
     "Array",
     "DType",
     "Normalize",
     "Ops",
+    "PatchHandleBase",
+    "PatchLayer",
     "Routed",
+    "Routing",
     "Selected",
     "TorchOps",
+    "WeightRule",
+    "apply_replacing",
     "apply_sentinel",
     "check_experts_inputs",
+    "check_finite",
     "check_matrix",
     "check_native_k",
     "check_normalize",
     "combine_weights",
-    "entropy_counts",
+    "host_int",
     "keep_counts",
     "non_finite_error",
-    "relative_threshold_counts",
+    "refuse_if_patched",
+    "renormalises",
+    "require_handle",
     "route",
     "select",
-    "static_counts",
-    "top_p_counts",
+    "set_attribute",
+    "undo_on_exit",
+    "validate_policy",
+    "weight_rule_doc",
+    "weight_rule_text",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("TORCH_OPS", "TorchOps"):  # imports torch only when asked for
+        from . import _torch
+
+        return getattr(_torch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,4 +1,4 @@
-"""``TorchOps``: the :class:`~dynamic_moe_router.spec.Ops` adapter for PyTorch (the reference)."""
+"""``TorchOps``: the :class:`~dynamic_moe_router.core.Ops` adapter for PyTorch (the reference)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ _DTYPES = {"int": torch.long, "float32": torch.float32, "bool": torch.bool}
 
 @dataclass(frozen=True)
 class TorchOps:
-    """PyTorch implementation of :class:`~dynamic_moe_router.spec.Ops` (index dtype int64).
+    """PyTorch implementation of :class:`~dynamic_moe_router.core.Ops` (index dtype int64).
 
     ``stable_ties=False`` (the default, what :func:`dynamic_moe_router.route` and patched models
     use) ranks with ``torch.topk``, exactly like the transformers families, whose order among

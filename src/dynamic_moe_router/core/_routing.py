@@ -1,8 +1,9 @@
 """The routing math (select, combine weights, sentinel), written once against :class:`~._ops.Ops`.
 
-No value checks happen here (they need a host sync and differ per framework); the rules and
-messages of the checks are in :mod:`._checks`. Every function is pure and traceable: with static
-``policy``, ``native_k``, ``normalize``, ``scaling`` and ``layer`` it runs under ``jax.jit``.
+The only value check here is :func:`check_finite` (it reads a count on the host, so callers run
+it on concrete arrays); the other rules and messages are in :mod:`._checks`. Every other function
+is pure and traceable: with static ``policy``, ``native_k``, ``normalize``, ``scaling`` and
+``layer`` it runs under ``jax.jit``.
 """
 
 from __future__ import annotations
@@ -10,10 +11,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from ._checks import check_normalize
+from ._checks import check_normalize, non_finite_error
 from ._ops import Array, Ops
 
-__all__ = ["Routed", "Selected", "apply_sentinel", "combine_weights", "keep_counts", "route", "select"]
+__all__ = [
+    "Routed",
+    "Routing",
+    "Selected",
+    "apply_sentinel",
+    "check_finite",
+    "combine_weights",
+    "host_int",
+    "keep_counts",
+    "route",
+    "select",
+]
 
 A = TypeVar("A")
 
@@ -39,13 +51,80 @@ class Selected(Generic[A]):
 
 
 @dataclass(frozen=True)
-class Routed(Generic[A]):
-    """The routing contract as plain arrays: ``ids`` (sentinel ``num_experts``), ``weights``, ``counts``."""
+class Routing(Generic[A]):
+    """The routing contract, one type for every framework (torch, JAX, Keras, any :class:`~._ops.Ops`).
+
+    ``ids (T, k_max)`` in the adapter's ``"int"`` dtype with the sentinel ``num_experts`` in every
+    unused slot, ``weights (T, k_max)`` exactly zero at sentinels, ``counts (T,)`` the kept experts
+    per token; the kept slots of a token are a prefix. The arrays are of the framework that
+    produced them (``torch.Tensor``, ``jax.Array``, a Keras backend tensor); under JAX the type is
+    a pytree with ``num_experts`` static.
+
+    Example:
+        >>> import torch
+        >>> from dynamic_moe_router.core import Routing
+        >>> r = Routing(ids=torch.tensor([[0, 1], [1, 2]]), weights=torch.tensor([[0.7, 0.3], [1.0, 0.0]]),
+        ...             counts=torch.tensor([2, 1]), num_experts=2)
+        >>> r.sentinel, r.k_max, r.kept.tolist(), r.kept_pairs()
+        (2, 2, [[True, True], [True, False]], 3)
+    """
 
     ids: A  # (T, k_max) "int", sentinel = num_experts
     weights: A  # (T, k_max), 0 at sentinels
     counts: A  # (T,) "int"
     num_experts: int
+
+    @property
+    def sentinel(self) -> int:
+        """The id that marks an unused slot (equal to ``num_experts``)."""
+        return self.num_experts
+
+    @property
+    def k_max(self) -> int:
+        """The width of ``ids`` and ``weights``: the layer policy's largest k."""
+        ids: Any = self.ids
+        return int(ids.shape[-1])
+
+    @property
+    def kept(self) -> A:  # (T, k_max) bool
+        """Mask of the kept slots."""
+        ids: Any = self.ids
+        return ids < self.num_experts
+
+    def kept_pairs(self) -> int:
+        """Number of (token, expert) pairs an experts forward must compute (reads the value on the
+        host: a device sync, and not possible on traced values such as under ``jax.jit``)."""
+        return host_int(self.counts)
+
+
+#: The earlier name of :class:`Routing` in this package.
+Routed = Routing
+
+
+def host_int(x: Any) -> int:
+    """The sum of all entries of ``x``, as a Python int read on the host (any framework)."""
+    total = x.sum() if hasattr(x, "sum") else None  # torch, JAX, NumPy
+    if total is None:
+        import numpy as np
+
+        total = np.asarray(x).sum()  # TensorFlow eager tensors
+    return int(total)
+
+
+def check_finite(ops: Ops, name: str, x: Array, layer: int | None, *, allow_neg_inf: bool) -> None:
+    """Raise :class:`~dynamic_moe_router.NonFiniteRouterScoresError` if a row of ``x (T, E)`` holds NaN
+    or an infinity (``-inf`` allowed with ``allow_neg_inf``): one rule for every framework.
+
+    It reads a count on the host (a device sync), so call it on concrete arrays only.
+    """
+    num_tokens, num_experts = (int(n) for n in x.shape)
+    ok = ops.astype(ops.isfinite(x), "int")  # (T, E)
+    if allow_neg_inf:
+        ok = ok + ops.astype(x == float("-inf"), "int")
+    bad_rows = ops.astype(ops.sum(ok) < num_experts, "int")  # (T,)
+    n_bad = host_int(bad_rows)
+    if n_bad:
+        raise non_finite_error(name, layer, n_bad, num_tokens)
 
 
 def keep_counts(
@@ -126,11 +205,11 @@ def route(
     normalize: str = "none",
     scaling: float = 1.0,
     layer: int | None = None,
-) -> Routed[Any]:
+) -> Routing[Any]:
     """The whole of :func:`dynamic_moe_router.route` without its host checks."""
     sel = select(ops, scores, policy, native_k=native_k, probs=probs, layer=layer)
     source = (scores if probs is None else probs) if gate is None else gate
     ranked_gate = ops.take_along_axis(source, sel.ranked_ids)  # (T, k_max)
     weights = combine_weights(ops, ranked_gate, sel.keep, normalize, scaling)
     ids = apply_sentinel(ops, sel.ranked_ids, sel.keep, sel.num_experts)
-    return Routed(ids=ids, weights=weights, counts=sel.counts, num_experts=sel.num_experts)
+    return Routing(ids=ids, weights=weights, counts=sel.counts, num_experts=sel.num_experts)

@@ -1,4 +1,4 @@
-"""The array-ops protocol the shared routing math is written against (see :mod:`..spec`)."""
+"""The array-ops protocol the shared routing math is written against (see :mod:`dynamic_moe_router.core`)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ class Ops(Protocol):
     (which must not change the array's dtype, as in torch and JAX).
     """
 
-    #: Framework name, used in error messages (``"torch"``, ``"jax"``, ``"keras"``).
-    name: str
+    @property
+    def name(self) -> str:
+        """Framework name, used in error messages (``"torch"``, ``"jax"``, ``"keras"``)."""
+        ...
 
     def top_k(self, x: Array, k: int) -> tuple[Array, Array]:
         """``(values, indices)`` of the ``k`` largest entries of each row of ``x (T, E)``.

@@ -1,0 +1,123 @@
+"""``profile(model)`` for transformers models: routed-expert pairs and FLOPs, kept apart from everything else.
+
+The report is a :class:`~dynamic_moe_router.report.ProfileReport` (see :mod:`dynamic_moe_router.report`
+for the accounting). Executed pairs come from the patched experts' own counters (rows actually fed
+to the expert GEMMs); for an unpatched model they are the native pairs. Shared-expert, attention
+and other dense FLOPs (routers, dense MLP layers, lm_head) are *measured* with
+``torch.utils.flop_counter.FlopCounterMode`` per module, excluding the routed experts; they do
+not depend on the policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import torch
+
+from ..report import LayerStats, ProfileReport
+from .layers import MoELayer, find_moe_layers, model_family, unwrap
+from .patching import get_patch
+
+__all__ = ["LayerStats", "ProfileReport", "profile"]
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the CPU SDPA kernel (not in torch's table): ``QK^T`` and ``AV`` for full masks."""
+    *batch, s, d = query_shape
+    length, dv = key_shape[-2], value_shape[-1]
+    b = 1
+    for n in batch:
+        b *= n
+    return 2 * b * s * length * d + 2 * b * s * length * dv
+
+
+def _flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_flops
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+@contextmanager
+def profile(model: torch.nn.Module, *, count_dense: bool = True) -> Iterator[ProfileReport]:
+    """Count routed pairs and FLOPs of everything ``model`` runs inside the block.
+
+    Works on patched models (the dynamic routing) and on unpatched ones (the native routing).
+    ``count_dense=False`` skips the FLOP counter for shared experts, attention and other layers
+    (faster; those fields are then 0 and ``dense_flops_measured`` is False).
+
+    Example:
+        >>> import torch, dynamic_moe_router as dmr
+        >>> from dynamic_moe_router.hf.tiny import tiny_model
+        >>> model = tiny_model("mixtral")
+        >>> with dmr.patched(model, dmr.StaticTopK(k=1)), dmr.profile(model) as report:
+        ...     _ = model(torch.tensor([[5, 6, 7, 8]]))
+        >>> d = report.to_dict()
+        >>> d["tokens"], d["executed_pairs"], d["native_pairs"], d["routed_flop_reduction"]
+        (4, 8, 16, 0.5)
+    """
+    root = unwrap(model)
+    family = model_family(root)
+    handle = get_patch(root)
+    layers: list[MoELayer] = handle.layers if handle is not None else find_moe_layers(root, family)[0]
+    counters = [e.counter for e in handle.experts] if handle is not None else [None] * len(layers)
+    start = [c.executed_pairs if c is not None else 0 for c in counters]
+    stats = [
+        LayerStats(layer.index, layer.num_experts, layer.native_k, layer.flops_per_pair) for layer in layers
+    ]
+    report = ProfileReport(
+        family=family.model_type,
+        policy=handle.policy.describe() if handle is not None else "native (unpatched)",
+        layers=stats,
+        dense_measured=count_dense,
+    )
+
+    def make_hook(st: LayerStats, num_experts: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            ids = (
+                args[1]
+                if len(args) > 1
+                else next(v for k, v in kwargs.items() if "index" in k or "indices" in k)
+            )
+            counts = (ids < num_experts).sum(dim=-1)  # (T,)
+            hist = torch.bincount(counts, minlength=ids.shape[-1] + 1).tolist()
+            if len(st.k_histogram) < len(hist):
+                st.k_histogram += [0] * (len(hist) - len(st.k_histogram))
+            for k, n in enumerate(hist):
+                st.k_histogram[k] += n
+            st.tokens += int(hidden.shape[0])
+            st.kept_pairs += int(counts.sum())
+
+        return hook
+
+    with ExitStack() as stack:
+        for layer, st in zip(layers, stats, strict=False):
+            h = layer.experts.register_forward_pre_hook(make_hook(st, layer.num_experts), with_kwargs=True)
+            stack.callback(h.remove)
+        counter = stack.enter_context(_flop_counter()) if count_dense else None
+        yield report
+    for st, c, s in zip(stats, counters, start, strict=False):
+        st.executed_pairs = c.executed_pairs - s if c is not None else st.kept_pairs
+    if counter is not None:
+        _split_dense(report, root, layers, counter.get_flop_counts())
+
+
+def _split_dense(report: ProfileReport, root: torch.nn.Module, layers: list[MoELayer], counts: dict) -> None:
+    prefix = type(root).__name__
+    names = {id(m): f"{prefix}.{n}" if n else prefix for n, m in root.named_modules()}
+
+    def total(name: str) -> int:
+        return int(sum(counts.get(name, {}).values()))
+
+    whole = total("Global")
+    routed = sum(total(names[id(layer.experts)]) for layer in layers)
+    shared = sum(total(names[id(m)]) for layer in layers for m in layer.shared)
+    attention = sum(total(n) for n in {v for v in names.values() if v.endswith("self_attn")})
+    report.shared_expert_flops = shared
+    report.attention_flops = attention
+    report.other_flops = whole - routed - shared - attention

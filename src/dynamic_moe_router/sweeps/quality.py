@@ -1,0 +1,466 @@
+"""``dmr bench``: the quality / routed-FLOP sweep on the reference models (the main job).
+
+For each model it evaluates, on the same test tokens and task items, the native routing, the
+static baselines, a sweep of each dynamic policy family and the calibrated policy:
+
+* ``native``: the model's own top-k;
+* ``static``: uniform reduced top-k (every ``k`` below the native one) and a per-layer reduced
+  top-k (``k - 1`` in the least sensitive layers, chosen on the valid split, about 35% fewer pairs);
+* ``lu_median``: relative threshold with a per-layer ``beta`` = the median ratio of the last native
+  candidate's probability to the top one on the valid split (Lu et al. 2024, generalised to any k);
+* ``top_p`` (Huang et al. 2024), ``relative_threshold`` and ``entropy`` over fixed operating points;
+* ``calibrated``: ``calibrate(target_reduction=0.35)`` on the valid split (all families, per layer).
+
+Quality: perplexity on the first ``ppl_tokens`` tokens of the Gutenberg test split (windows of
+512), BLiMP (the first ``blimp_limit`` pairs of each of its 67 paradigms) and LAMBADA (the first
+``lambada_limit`` passages). Differences against native come with paired standard errors.
+
+No lost work: after every finished row (and every calibration measurement) the state is written
+atomically to ``quality_flops.partial.json`` in the output folder. ``run_bench(..., resume=True)``
+(``dmr bench --resume``) reads it back, keeps the finished rows as they are and computes only the
+rest; the partial file is removed once the complete result is written. Paths in the result are
+relative to the repository (see :func:`portable_path`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._atomic import write_text_atomic
+from .._progress import Progress
+from .._progress import task as _task
+from .._version import __version__
+from ..calibrate import calibrate, calibration_windows
+from ..data import data_file, read_jsonl
+from ..errors import PolicyError, ResumeError
+from ..eval import evaluate, load_checkpoint
+from ..hf.layers import find_moe_layers
+from ..hf.patching import patched
+from ..policies import (
+    EntropyAdaptive,
+    PerLayer,
+    RelativeThreshold,
+    RoutingPolicy,
+    StaticTopK,
+    TopP,
+    policy_from_dict,
+)
+
+__all__ = [
+    "FAMILIES",
+    "PARTIAL_NAME",
+    "PLOT_NAME",
+    "QUICK",
+    "RESULT_NAME",
+    "BenchSettings",
+    "portable_path",
+    "run_bench",
+    "summary_table",
+]
+
+#: the point families of the sweep, in order (``native`` is always run: every change is against it)
+FAMILIES = ("native", "static", "lu_median", "top_p", "relative_threshold", "entropy", "calibrated")
+RESULT_NAME = "quality_flops.json"
+PARTIAL_NAME = "quality_flops.partial.json"
+PLOT_NAME = "pareto.png"
+#: the repository root when the package runs from a checkout (``src/dynamic_moe_router/sweeps``)
+_REPO = Path(__file__).resolve().parents[3]
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """How much test data each point is scored on, and how the calibrated point is found."""
+
+    ppl_tokens: int = 16384
+    blimp_limit: int = 5
+    lambada_limit: int = 150
+    calibration_tokens: int = 4096
+    calibration_target: float = 0.35
+    batch_size: int = 16
+    #: bisection steps of the calibration (``calibrate(iterations=...)``)
+    calibration_iterations: int = 8
+
+
+#: ``dmr bench --quick``: the same sweep on less data (about a minute on 2 CPU cores); a smoke run,
+#: not the published numbers
+QUICK = BenchSettings(
+    ppl_tokens=1024, blimp_limit=1, lambada_limit=10, calibration_tokens=512, calibration_iterations=4
+)
+
+
+def portable_path(path: str | os.PathLike[str]) -> str:
+    """``path`` relative to the repository when it lies in it or beside it (``../shared/data/...``),
+    else as given, so result files do not record the machine they ran on.
+
+    Example:
+        >>> from dynamic_moe_router.sweeps.quality import _REPO, portable_path
+        >>> portable_path(_REPO / "models" / "ref-olmoe")
+        'models/ref-olmoe'
+    """
+    p = Path(os.path.abspath(path))  # symlinks kept: a linked models/ folder stays in the repository
+    if (_REPO / "pyproject.toml").is_file():
+        for base, prefix in ((_REPO, ""), (_REPO.parent, "../")):
+            try:
+                return prefix + p.relative_to(base).as_posix()
+            except ValueError:
+                continue
+    return str(path)
+
+
+def _valid_documents() -> list[str]:
+    return [r["text"] for r in read_jsonl(data_file("gutenberg/valid.jsonl"))]
+
+
+@torch.no_grad()
+def _lu_median_betas(model, windows: torch.Tensor) -> dict[int, float]:  # type: ignore[no-untyped-def]
+    """Per layer, the median over tokens of p_(k) / p_(1) under the native routing (softmax routers)."""
+    out = model(windows[:, :-1], output_router_logits=True)
+    layers = find_moe_layers(model)[0]
+    betas = {}
+    for layer, logits in zip(layers, out.router_logits, strict=True):  # logits: (T, E)
+        top = torch.topk(torch.softmax(logits.float(), -1), layer.native_k, dim=-1).values  # (T, k)
+        betas[layer.index] = float((top[:, -1] / top[:, 0]).median())
+    return betas
+
+
+@torch.no_grad()
+def _static_per_layer(model, windows: torch.Tensor, target: float) -> RoutingPolicy:  # type: ignore[no-untyped-def]
+    """``k - 1`` in the least sensitive layers (NLL when only that layer drops one expert), until
+    the pair reduction reaches ``target``."""
+    layers = find_moe_layers(model)[0]
+
+    def nll(policy: RoutingPolicy) -> float:
+        with patched(model, policy):
+            logits = model(windows[:, :-1]).logits.float()  # (N, context, V)
+        flat = logits.reshape(-1, logits.shape[-1])
+        return float(torch.nn.functional.cross_entropy(flat, windows[:, 1:].reshape(-1)))
+
+    cost = {
+        layer.index: nll(PerLayer(StaticTopK(), {layer.index: StaticTopK(k=layer.native_k - 1)}))
+        for layer in layers
+    }
+    native_pairs = sum(layer.native_k for layer in layers)
+    chosen: dict[int, RoutingPolicy] = {}
+    for index in sorted(cost, key=cost.__getitem__):
+        if len(chosen) / native_pairs >= target:  # each chosen layer drops one pair per token
+            break
+        k = next(layer.native_k for layer in layers if layer.index == index)
+        chosen[index] = StaticTopK(k=k - 1)
+    return PerLayer(StaticTopK(), chosen)
+
+
+@dataclass(frozen=True)
+class _Point:
+    family: str
+    label: str
+    make: Callable[[], RoutingPolicy | None]
+
+
+class _Model:
+    """One model's sweep: its points (policies made lazily, the expensive ones only when reached)."""
+
+    def __init__(self, model, tokenizer, settings: BenchSettings, state: dict[str, Any], save, log, progress):  # type: ignore[no-untyped-def]
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.state, self.save, self.log, self.progress = state, save, log, progress
+        self.layers = find_moe_layers(model)[0]
+
+    @cached_property
+    def documents(self) -> list[str]:
+        return _valid_documents()
+
+    @cached_property
+    def windows(self) -> torch.Tensor:
+        return calibration_windows(self.tokenizer, self.documents, self.settings.calibration_tokens)
+
+    def _calibrated(self) -> RoutingPolicy:
+        s = self.settings
+        self.log(f"calibrating to {s.calibration_target:.0%} fewer routed FLOPs on the valid split")
+        cache = self.state.setdefault("calibration_cache", {})
+        result = calibrate(
+            self.model,
+            self.tokenizer,
+            s.calibration_target,
+            documents=self.documents,
+            tokens=s.calibration_tokens,
+            iterations=s.calibration_iterations,
+            cache=cache,
+            on_measure=lambda _: self.save(),
+            progress=self.progress,
+        )
+        self.state["calibrated_label"] = (
+            f"{result.family}{' per layer' if result.per_layer else ''} @{s.calibration_target:.0%}"
+        )
+        return result.policy
+
+    def _per_layer_static(self) -> RoutingPolicy:
+        self.log("choosing the per-layer static baseline on the valid split")
+        return _static_per_layer(self.model, self.windows, 0.35)
+
+    def _lu(self) -> RoutingPolicy:
+        betas = _lu_median_betas(self.model, self.windows)
+        return PerLayer(StaticTopK(), {i: RelativeThreshold(beta=b) for i, b in betas.items()})
+
+    def points(self, families: tuple[str, ...] = FAMILIES) -> list[_Point]:
+        """The sweep's points of ``families`` (plus native, first), in a fixed order."""
+        return [p for p in self._all_points() if p.family == "native" or p.family in families]
+
+    def _all_points(self) -> list[_Point]:
+        native_k = self.layers[0].native_k
+        pts = [_Point("native", "native top-k", lambda: None)]
+        pts += [
+            _Point("static", f"uniform k={k}", lambda k=k: StaticTopK(k=k))
+            for k in range(native_k - 1, 0, -1)
+        ]
+        pts.append(_Point("static", "per-layer k-1 (least sensitive)", self._per_layer_static))
+        pts.append(_Point("lu_median", "per-layer median beta", self._lu))
+        pts += [_Point("top_p", f"p={p}", lambda p=p: TopP(p=p)) for p in (0.75, 0.6, 0.45, 0.3)]
+        pts += [
+            _Point("relative_threshold", f"beta={b}", lambda b=b: RelativeThreshold(beta=b))
+            for b in (0.2, 0.4, 0.6, 0.8)
+        ]
+        pts += [
+            _Point(
+                "entropy",
+                f"low={c}",
+                lambda c=c: EntropyAdaptive(low=c, high=round(min(1.0, c + 0.3), 3)),
+            )
+            for c in (0.5, 0.65, 0.8)
+        ]
+        pts.append(_Point("calibrated", "calibrated", self._calibrated))
+        return pts
+
+    def policy(self, point: _Point) -> RoutingPolicy | None:
+        """The point's policy: made once, kept in the partial state (so a resume does not redo it)."""
+        made = self.state.setdefault("policies", {})
+        if point.family == "native":
+            return None
+        if point.label not in made:
+            made[point.label] = point.make().to_dict()  # type: ignore[union-attr]
+            self.save()
+        return policy_from_dict(made[point.label])
+
+
+def _paired_delta(a: list[float], b: list[float]) -> tuple[float, float]:
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    mean = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    return mean, se
+
+
+def _bench_model(  # type: ignore[no-untyped-def]
+    path: Path, settings: BenchSettings, state: dict[str, Any], save, log, progress, families
+) -> dict[str, Any]:
+    model, tokenizer = load_checkpoint(path)
+    sweep = _Model(model, tokenizer, settings, state, save, log, progress)
+    layers = sweep.layers
+    points = sweep.points(families)
+    rows: list[dict[str, Any]] = state.setdefault("rows", [])
+    if rows:
+        log(f"resuming: {len(rows)} of {len(points)} points already done, kept as they are")
+    bar = _task(progress, path.name, len(points))
+    bar.advance(len(rows))
+    for n, point in enumerate(points, 1):
+        if n <= len(rows):
+            continue
+        policy = sweep.policy(point)
+        label = state.get("calibrated_label", point.label) if point.family == "calibrated" else point.label
+        start = time.time()
+        res = evaluate(
+            model,
+            tokenizer,
+            policy=policy,
+            corpora=["gutenberg_test"],
+            tasks=["blimp", "lambada"],
+            limit={"blimp": settings.blimp_limit, "lambada": settings.lambada_limit},
+            max_tokens=settings.ppl_tokens,
+            batch_size=settings.batch_size,
+            count_dense=policy is None,  # dense FLOPs do not depend on the policy: measured once
+        )
+        f = res["flops"]
+        ppl = res["perplexity"]["gutenberg_test"]
+        blimp, lambada = res["tasks"]["blimp"], res["tasks"]["lambada"]
+        if point.family == "native":
+            state["native"] = {
+                "dense_flops": f["shared_expert_flops"] + f["attention_flops"] + f["other_flops"],
+                "ppl": ppl["ppl"],
+                "blimp_item_scores": blimp["item_scores"],
+                "lambada_item_scores": lambada["item_scores"],
+                "data": {
+                    "perplexity": {
+                        "file": portable_path(ppl["file"]),
+                        "tokens": ppl["tokens"],
+                        "context": 512,
+                    },
+                    "blimp": {"file": portable_path(blimp["file"]), "items": blimp["items"]},
+                    "lambada": {"file": portable_path(lambada["file"]), "items": lambada["items"]},
+                    "calibration": {
+                        "file": portable_path(data_file("gutenberg/valid.jsonl")),
+                        "tokens": settings.calibration_tokens,
+                    },
+                },
+            }
+        native = state["native"]
+        d_blimp = _paired_delta(blimp["item_scores"], native["blimp_item_scores"])
+        d_lambada = _paired_delta(lambada["item_scores"], native["lambada_item_scores"])
+        rows.append(
+            {
+                "family": point.family,
+                "label": label,
+                "policy": None if policy is None else policy.to_dict(),
+                "routed_flop_reduction": f["routed_flop_reduction"],
+                "total_flop_reduction": (f["native_routed_flops"] - f["routed_flops"])
+                / (f["native_routed_flops"] + native["dense_flops"]),
+                "mean_k": f["mean_k"],
+                "ppl": ppl["ppl"],
+                "ppl_ci95": ppl["ppl_ci95"],
+                "ppl_rel_change": ppl["ppl"] / native["ppl"] - 1.0,
+                "blimp_acc": blimp["acc"],
+                "blimp_delta": d_blimp[0],
+                "blimp_delta_se": d_blimp[1],
+                "lambada_acc": lambada["acc"],
+                "lambada_delta": d_lambada[0],
+                "lambada_delta_se": d_lambada[1],
+                "wall_s": round(time.time() - start, 1),
+            }
+        )
+        save()
+        bar.advance()
+        r = rows[-1]
+        log(
+            f"[{n}/{len(points)}] {point.family:<18} {label:<34} routed -{r['routed_flop_reduction']:6.1%}  "
+            f"ppl {r['ppl']:7.3f} ({r['ppl_rel_change']:+.2%})  BLiMP {r['blimp_delta'] * 100:+.1f}  "
+            f"LAMBADA {r['lambada_delta'] * 100:+.1f} pts"
+        )
+    return {
+        "model": portable_path(path),
+        "family": model.config.model_type,
+        "moe_layers": len(layers),
+        "native_k": layers[0].native_k,
+        "data": state["native"]["data"],
+        "rows": rows,
+    }
+
+
+def _load_partial(partial: Path, header: dict[str, Any]) -> dict[str, Any]:
+    if not partial.is_file():
+        raise ResumeError(f"--resume: no partial results at {partial}; run without --resume to start afresh")
+    try:
+        state = json.loads(partial.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ResumeError(
+            f"--resume: {partial} is unreadable ({err}); delete it and run without --resume"
+        ) from None
+    for key, value in header.items():
+        if state.get(key) != value:
+            raise ResumeError(
+                f"--resume: {partial} holds a run with other {key} ({state.get(key)!r}, now {value!r}); "
+                "rerun with the same options, or without --resume to start afresh"
+            )
+    return state
+
+
+def run_bench(  # type: ignore[no-untyped-def]
+    models: list[Path],
+    out_dir: Path,
+    settings: BenchSettings,
+    log=print,
+    *,
+    resume: bool = False,
+    progress: Progress | None = None,
+    plot: bool = True,
+    families: tuple[str, ...] = FAMILIES,
+) -> dict[str, Any]:
+    """Run the sweep on ``models``; write ``quality_flops.json`` and ``pareto.png`` into ``out_dir``.
+
+    The state after every finished row is kept in ``out_dir/quality_flops.partial.json``;
+    ``resume=True`` continues from it (its settings, models and families must be the same).
+    ``families`` restricts the sweep to some of :data:`FAMILIES` (native is always run).
+    """
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise PolicyError(
+            f"unknown sweep families {unknown}; choose from {', '.join(FAMILIES)}", field="families"
+        )
+    families = tuple(f for f in FAMILIES if f in families)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / PARTIAL_NAME
+    header = {
+        "kind": "quality_flops.partial",
+        "settings": asdict(settings),
+        "models": [portable_path(m) for m in models],
+        "families": list(families),
+    }
+    state = _load_partial(partial, header) if resume else {**header, "elapsed_s": 0.0, "results": {}}
+    start = time.time() - state["elapsed_s"]
+
+    def save() -> None:
+        state["elapsed_s"] = round(time.time() - start, 1)
+        write_text_atomic(partial, json.dumps(state) + "\n")
+
+    torch.manual_seed(0)
+    results = []
+    for path in models:
+        log(f"== {portable_path(path)}")
+        model_state = state["results"].setdefault(portable_path(path), {})
+        results.append(_bench_model(path, settings, model_state, save, log, progress, families))
+    payload = {
+        "kind": "quality_flops",
+        "created_by": "dmr bench",
+        "settings": asdict(settings),
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+        },
+        "versions": {
+            "dynamic_moe_router": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "wall_s": round(time.time() - start, 1),
+        "models": results,
+    }
+    if families != FAMILIES:
+        payload["families"] = list(families)
+    write_text_atomic(out_dir / RESULT_NAME, json.dumps(payload, indent=1) + "\n")
+    if plot:
+        from .plot import plot_pareto
+
+        plot_pareto(payload, out_dir / PLOT_NAME)
+    partial.unlink(missing_ok=True)
+    return payload
+
+
+def summary_table(payload: dict[str, Any]) -> str:
+    """The printable table of a bench run."""
+    lines = []
+    for result in payload["models"]:
+        lines.append(f"{Path(result['model']).name} ({result['family']}, top-{result['native_k']})")
+        lines.append(
+            f"  {'family':<18} {'point':<34} {'routed':>7} {'whole':>7} {'ppl':>8} {'dppl':>7} "
+            f"{'BLiMP':>6} {'dBLiMP':>7} {'LAMB.':>6} {'dLAMB.':>7}"
+        )
+        for r in result["rows"]:
+            lines.append(
+                f"  {r['family']:<18} {r['label']:<34} {r['routed_flop_reduction']:>7.1%} "
+                f"{r['total_flop_reduction']:>7.1%} {r['ppl']:>8.3f} {r['ppl_rel_change']:>+7.2%} "
+                f"{r['blimp_acc']:>6.3f} {100 * r['blimp_delta']:>+7.1f} {r['lambada_acc']:>6.3f} "
+                f"{100 * r['lambada_delta']:>+7.1f}"
+            )
+    return "\n".join(lines)
+
+
+def with_overrides(settings: BenchSettings, **changes: Any) -> BenchSettings:
+    """``settings`` with the given fields replaced (``None`` values are ignored)."""
+    return replace(settings, **{k: v for k, v in changes.items() if v is not None})
