@@ -78,3 +78,48 @@ def test_the_sweep_and_the_library_do_not_import_matplotlib():  # type: ignore[n
     code = "import sys, dynamic_moe_router.sweeps.quality; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_failed_savefig_leaves_no_temporary_plot(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    import matplotlib.figure
+    import pytest
+
+    from dynamic_moe_router.sweeps.plot import replot
+
+    def broken(self, fname, *args, **kwargs):  # type: ignore[no-untyped-def]
+        Path(fname).write_bytes(b"half a png")  # a partly written file, then the failure
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken)
+    with pytest.raises(OSError, match="disk full"):
+        replot(ROOT / "benchmarks" / "results" / "quality_flops.json", tmp_path / "pareto.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_bench_refuses_to_overwrite_an_earlier_partial_file(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    import pytest
+
+    import dynamic_moe_router.sweeps.quality as quality
+
+    monkeypatch.setattr(quality, "load_checkpoint", lambda *_: pytest.fail("a model was loaded"))
+    partial = tmp_path / "quality_flops.partial.json"
+    partial.write_text('{"results": {"m": {"rows": [1]}}, "elapsed_s": 5}', encoding="utf-8")
+    with pytest.raises(
+        dmr.errors.ResumeError, match="pass --resume to continue it, or delete it to start over"
+    ):
+        run_bench([ROOT / "models" / "ref-olmoe"], tmp_path, BenchSettings(), log=lambda *_: None)
+    assert json.loads(partial.read_text())["elapsed_s"] == 5  # untouched
+
+
+def test_run_bench_resume_names_a_malformed_partial_file(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    import pytest
+
+    import dynamic_moe_router.sweeps.quality as quality
+
+    monkeypatch.setattr(quality, "load_checkpoint", lambda *_: pytest.fail("a model was loaded"))
+    partial = tmp_path / "quality_flops.partial.json"
+    for text in ("[]", "{}", '{"results": []}', '{"results": {}}', '{"results": {}, "elapsed_s": "x"}'):
+        partial.write_text(text, encoding="utf-8")
+        with pytest.raises(dmr.errors.ResumeError, match="not a dmr bench partial-results file") as info:
+            run_bench([ROOT / "models" / "ref-olmoe"], tmp_path, BenchSettings(), resume=True)
+        assert str(partial) in str(info.value)

@@ -128,3 +128,30 @@ def test_cli_calibrate_interrupted_then_resumed(tmp_path, capsys, monkeypatch): 
     monkeypatch.setattr(cal._Meter, "_measure", real)
     assert main(args) == 0  # a fresh run finds the same policy
     assert json.loads(capsys.readouterr().out)["policy"] == report["policy"]
+
+
+@pytest.mark.parametrize(
+    ("saved", "resume", "message"),
+    [
+        ('{"measurements": {}}', False, "pass --resume to continue it, or delete it to start over"),
+        ("[1, 2]", True, "not a dmr calibrate partial-results file"),
+        ('{"kind": "calibration.partial"}', True, "not a dmr calibrate partial-results file"),
+        ('{"measurements": [0.1, 2.0]}', True, "not a dmr calibrate partial-results file"),
+        ('{"measurements": {"native": [0.0]}}', True, "not a dmr calibrate partial-results file"),
+    ],
+)
+def test_cli_calibrate_partial_file_problems_fail_before_loading(
+    saved, resume, message, tmp_path, capsys, monkeypatch
+):  # type: ignore[no-untyped-def]
+    import dynamic_moe_router.eval as ev
+
+    monkeypatch.setattr(ev, "load_checkpoint", lambda *_: pytest.fail("a model was loaded"))
+    partial = tmp_path / "policy.json.partial.json"
+    partial.write_text(saved, encoding="utf-8")
+    args = ["calibrate", "--model", str(ROOT / "models" / "ref-mixtral"), "--target-reduction", "0.3",
+            "--out", str(tmp_path / "policy.json")]  # fmt: skip
+    assert main([*args, *(["--resume"] if resume else [])]) == 2
+    out, err = capsys.readouterr()
+    (line,) = err.strip().splitlines()
+    assert out == "" and line.startswith("error: ") and message in line and str(partial) in line
+    assert partial.read_text(encoding="utf-8") == saved  # never overwritten

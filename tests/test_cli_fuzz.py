@@ -17,6 +17,7 @@ import pytest
 
 from dynamic_moe_router import cli
 from dynamic_moe_router.cli import build_parser, main
+from dynamic_moe_router.policies import TopP
 
 ROOT = Path(__file__).resolve().parents[1]
 MIXTRAL = str(ROOT / "models" / "ref-mixtral")
@@ -40,6 +41,23 @@ def files(tmp_path_factory):  # type: ignore[no-untyped-def]
     (root / "broken").mkdir()
     (root / "broken" / "config.json").write_text("{not json", encoding="utf-8")
     (root / "result.json").write_text('{"models": "no"}', encoding="utf-8")
+    TopP(p=0.5).save(root / "policy.json")
+    (root / "bench-out").mkdir()
+    (root / "bench-out" / "pareto.png").write_bytes(b"\x89PNG")  # an earlier plot
+    # partial-results files: one left by an earlier run, and malformed ones (valid JSON, wrong shape)
+    for folder, name, text in [
+        ("stale", "policy.json.partial.json", '{"measurements": {}}'),
+        ("notdict", "policy.json.partial.json", "[1, 2]"),
+        ("nomeas", "policy.json.partial.json", '{"kind": "calibration.partial"}'),
+        ("badmeas", "policy.json.partial.json", '{"measurements": {"native": "x"}}'),
+        ("stale-bench", "quality_flops.partial.json", '{"results": {}, "elapsed_s": 0}'),
+        ("notdict-bench", "quality_flops.partial.json", '"text"'),
+        ("noresults-bench", "quality_flops.partial.json", '{"elapsed_s": 1.0}'),
+        ("noelapsed-bench", "quality_flops.partial.json", '{"results": {}}'),
+        ("badrows-bench", "quality_flops.partial.json", '{"results": {"m": {"rows": 3}}, "elapsed_s": 0}'),
+    ]:
+        (root / folder).mkdir()
+        (root / folder / name).write_text(text, encoding="utf-8")
     return root
 
 
@@ -105,7 +123,10 @@ CASES: dict[tuple[str, str], list[tuple[list[str], str]]] = {
         (["--text", "{root}/file.txt"], "has no tokenizer"),  # tiny:mixtral has none
         (["--text", "{root}/file.txt", "{root}/file.txt"], "unrecognized arguments"),
     ],
-    ("profile", "encoding"): [(["--encoding", "klingon"], "unknown text encoding")],
+    ("profile", "encoding"): [
+        (["--encoding", "klingon"], "unknown text encoding"),
+        (["--encoding", "latin-1"], "--encoding: only applies to --text"),  # random ids: no text
+    ],
     ("profile", "backend"): [(["--backend", "gpu"], "invalid choice")],
     ("profile", "json"): JSON_BAD,
     ("eval", "model"): [(["--model", v], m) for v, m in CHECKPOINT_BAD],
@@ -129,7 +150,11 @@ CASES: dict[tuple[str, str], list[tuple[list[str], str]]] = {
         (["--tasks", ","], "unknown tasks"),
         (["--tasks", "blimp,foo"], "unknown tasks ['foo']"),
     ],
-    ("eval", "limit"): ints("--limit", "0", "-3", "many"),
+    ("eval", "limit"): [
+        *ints("--limit", "0", "-3", "many"),
+        (["--limit", "5"], "--limit: only applies to tasks"),  # --text: no task by default
+        (["--tasks", "none", "--limit", "5"], "--limit: only applies to tasks"),
+    ],
     ("eval", "max_tokens"): ints("--max-tokens", "0", "-1", "1e3"),
     ("eval", "context"): [
         *ints("--context", "0", "-512", "x"),
@@ -141,6 +166,10 @@ CASES: dict[tuple[str, str], list[tuple[list[str], str]]] = {
         (["--out", "{root}/dir"], "is a directory"),
         (["--out", "{root}/newdir/"], "is a directory"),
         (["--out", "{root}/file.txt/result.json"], "is a file"),
+        (["--out", "{root}/file.txt"], "same file as --text"),
+        (["--out", "{root}/../{root_name}/file.txt"], "same file as --text"),
+        (["--policy", "{root}/policy.json", "--out", "{root}/policy.json"], "same file as --policy"),
+        (["--out", MIXTRAL + "/config.json"], "same file as --model"),
     ],
     ("eval", "json"): JSON_BAD,
     ("calibrate", "model"): [(["--model", v], m) for v, m in CHECKPOINT_BAD],
@@ -151,14 +180,26 @@ CASES: dict[tuple[str, str], list[tuple[list[str], str]]] = {
     ("calibrate", "out"): [
         (["--out", "{root}/dir"], "is a directory"),
         (["--out", "{root}/file.txt/p.json"], "is a file"),
+        (["--out", MIXTRAL + "/config.json"], "same file as --model"),
     ],
     ("calibrate", "tokens"): ints("--tokens", "0", "100", "-1", "x"),
     ("calibrate", "global_only"): [(["--global-only=1"], "--global-only")],
     ("calibrate", "report"): [
         (["--report", "{root}/dir"], "is a directory"),
         (["--report", "{root}/out/policy.json"], "the same file as --out"),
+        (["--report", "{root}/out/policy.json.partial.json"], "--report"),
+        (["--report", "{root}/out/policy.json.partial.json"], "the partial-results file of --out"),
+        (["--report", MIXTRAL + "/config.json"], "same file as --model"),
     ],
-    ("calibrate", "resume"): [(["--resume"], "no partial calibration")],
+    ("calibrate", "resume"): [
+        (["--resume"], "no partial calibration"),
+        (["--out", "{root}/stale/policy.json"], "pass --resume to continue it, or delete it to start over"),
+        (["--out", "{root}/stale/policy.json"], "{root}/stale/policy.json.partial.json"),
+        *[
+            (["--out", f"{{root}}/{d}/policy.json", "--resume"], "not a dmr calibrate partial-results file")
+            for d in ("notdict", "nomeas", "badmeas")
+        ],
+    ],
     ("calibrate", "json"): JSON_BAD,
     ("bench", "models"): [
         (["--models", "{root}/missing"], "--models"),
@@ -180,12 +221,37 @@ CASES: dict[tuple[str, str], list[tuple[list[str], str]]] = {
     ("bench", "blimp_limit"): ints("--blimp-limit", "0", "x"),
     ("bench", "lambada_limit"): ints("--lambada-limit", "0", "-150"),
     ("bench", "calibration_tokens"): ints("--calibration-tokens", "0", "511", "x"),
-    ("bench", "resume"): [(["--resume"], "no partial results")],
+    ("bench", "resume"): [
+        (["--resume"], "no partial results"),
+        (["--out-dir", "{root}/stale-bench"], "pass --resume to continue it, or delete it to start over"),
+        (["--out-dir", "{root}/stale-bench"], "{root}/stale-bench/quality_flops.partial.json"),
+        *[
+            (["--out-dir", f"{{root}}/{d}-bench", "--resume"], "not a dmr bench partial-results file")
+            for d in ("notdict", "noresults", "noelapsed", "badrows")
+        ],
+    ],
     ("bench", "replot"): [
         (["--replot", "{root}/missing.json"], "does not exist"),
         (["--replot", "{root}/dir"], "is a directory"),
         (["--replot", "{root}/result.json"], "not a dmr bench result"),
         (["--replot", "{root}/result.json", "--quick"], "only redraws the plot"),
+        *[
+            (
+                ["--replot", "{root}/result.json", *extra],
+                f"only redraws the plot, so {extra[0]} would be ignored",
+            )
+            for extra in (
+                ["--families", "top_p"],
+                ["--ppl-tokens", "256"],
+                ["--blimp-limit", "1"],
+                ["--lambada-limit", "2"],
+                ["--calibration-tokens", "512"],
+                ["--quick"],
+                ["--resume"],
+                ["--models", MIXTRAL],
+            )
+        ],
+        (["--replot", "{root}/bench-out/pareto.png"], "same file as --replot"),
     ],
     ("bench", "json"): JSON_BAD,
 }
@@ -234,7 +300,8 @@ def no_model_loads(monkeypatch):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(("command", "dest", "argv", "message"), PARAMS)
 def test_bad_value_exits_2_with_one_message(command, dest, argv, message, files, capsys, no_model_loads):  # type: ignore[no-untyped-def]
     base = [a.replace("{root}", str(files)) for a in BASE[command]]
-    bad = [a.replace("{root}", str(files)) for a in argv]
+    bad = [a.replace("{root_name}", files.name).replace("{root}", str(files)) for a in argv]
+    message = message.replace("{root}", str(files))
     if dest == "model" and command in ("inspect", "profile"):
         base = []  # the positional is replaced
     if dest == "model" and command in ("eval", "calibrate"):
@@ -280,3 +347,38 @@ def test_broken_pipe_exits_quietly():  # type: ignore[no-untyped-def]
         shell=True, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.stdout == "{\n" and proc.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--model", MIXTRAL, "--encoding", "latin-1"], "--encoding: only applies to --text files"),
+        (["eval", "--model", MIXTRAL, "--tasks", "none", "--limit", "3"], "--limit: only applies to tasks"),
+        (["profile", MIXTRAL, "--encoding", "cp1252"], "--encoding: only applies to --text"),
+    ],
+)
+def test_options_that_would_be_ignored_are_refused(argv, message, capsys, no_model_loads):  # type: ignore[no-untyped-def]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err and message in err, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "--model", MIXTRAL, "--encoding", "utf-8", "--tasks", "none"],  # the default, harmless
+        ["eval", "--model", MIXTRAL, "--text", "{root}/file.txt", "--tasks", "blimp", "--limit", "1"],
+        ["bench", "--replot", "{root}/result.json", "--out-dir", "{root}/bench-out"],
+    ],
+)
+def test_cross_checks_pass_valid_combinations(argv, files):  # type: ignore[no-untyped-def]
+    parser = build_parser()
+    args = parser.parse_args([a.replace("{root}", str(files)) for a in argv])
+    assert args._check(args) is None
+
+
+def test_symlinked_output_is_the_same_file_as_the_input(files, capsys, no_model_loads, tmp_path):  # type: ignore[no-untyped-def]
+    link = tmp_path / "link.txt"
+    link.symlink_to(files / "file.txt")
+    code = main(["eval", "--model", MIXTRAL, "--text", str(files / "file.txt"), "--out", str(link)])
+    assert code == 2 and "same file as --text" in capsys.readouterr().err

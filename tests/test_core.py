@@ -135,6 +135,9 @@ def test_set_policy_is_validated_for_every_layer_first():  # type: ignore[no-unt
     with core.undo_on_exit(handle):
         pass
     assert not handle.active
+    with pytest.raises(dmr.NotPatchedError, match="already undone; patch the model again"):
+        handle.set_policy(dmr.TopP(p=0.6))  # an undone handle changes nothing any more
+    assert handle.seen == [dmr.TopP(p=0.5)] and handle.policy == dmr.TopP(p=0.5)
     with pytest.raises(dmr.NotPatchedError, match="Model is not patched"):
         core.require_handle(None, model)
 
@@ -298,3 +301,13 @@ def test_renamed_names_warn_and_still_work():  # type: ignore[no-untyped-def]
         assert run(impl="loop") == "loop"
     with pytest.raises(TypeError, match="both impl= and backend="):
         run(impl="loop", backend="loop")
+
+
+def test_spec_attribute_warns_at_the_caller(monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.delitem(sys.modules, "dynamic_moe_router.spec", raising=False)
+    monkeypatch.delitem(vars(dmr), "spec", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert dmr.spec.route is core.route
+    deprecations = [w for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert len(deprecations) == 1 and deprecations[0].filename == __file__

@@ -331,3 +331,12 @@ def test_adapters_implement_the_ops_protocol_and_the_tie_rule():  # type: ignore
     expected = [[1, 3, 5, 0, 2]]  # descending, exact ties: the lower index first
     assert np.asarray(djax.JAX_OPS.top_k(jnp.asarray(tied), 5)[1]).tolist() == expected
     assert spec.TorchOps(stable_ties=True).top_k(torch.from_numpy(tied), 5)[1].tolist() == expected
+
+
+def test_old_and_new_backend_argument_together_are_refused():  # type: ignore[no-untyped-def]
+    x = jnp.zeros((2, 4))
+    ids = jnp.array([[0, 1], [1, 2]])
+    w = jnp.full((2, 2), 0.5)
+    gate_up, down = jnp.zeros((2, 6, 4)), jnp.zeros((2, 4, 3))
+    with pytest.raises(TypeError, match="both impl= and backend="):
+        djax.moe_forward(x, ids, w, gate_up, down, impl="blocked", backend="ragged_dot")

@@ -227,3 +227,13 @@ def test_layer_rejects_unsupported_transformers_block():  # type: ignore[no-unty
     model = tiny_model("qwen2_moe")
     with pytest.raises(dmr.UnsupportedModelError, match="Qwen2MoeSparseMoeBlock"):
         dk.DynamicMoE.from_transformers(model.model.layers[0].mlp)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "match"),
+    [({"method": "sorted"}, {"backend": "dense"}, "method= and backend="),
+     ({"layer_index": 1}, {"layer": 2}, "layer_index= and layer=")],
+)  # fmt: skip
+def test_old_and_new_argument_names_together_are_refused(old, new, match):  # type: ignore[no-untyped-def]
+    with pytest.raises(TypeError, match=match):
+        dk.DynamicMoE(8, 16, 24, native_k=2, **old, **new)

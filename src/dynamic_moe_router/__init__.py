@@ -10,14 +10,18 @@ Import it as ``dmr``::
     print(report.summary())
     dmr.unpatch(model)                            # exactly the original model again
 
-Importing the package has no side effects and imports neither PyTorch nor transformers: the public
-names below are loaded on first use (PEP 562), so ``import dynamic_moe_router`` and ``dmr --version``
-stay fast. ``dir(dmr)`` and ``dmr.__all__`` list every public name.
+Importing the package imports neither PyTorch nor transformers: the public names below are loaded
+on first use (PEP 562), so ``import dynamic_moe_router`` and ``dmr --version`` stay fast, and
+``dir(dmr)`` and ``dmr.__all__`` list every public name. Its one side effect: where both Triton and
+TensorFlow are installed, it imports Triton first, since their bundled LLVMs abort the process in
+the other order (see ``_preload.py``).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from ._preload import load_triton_before_tensorflow
@@ -95,6 +99,17 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value  # later lookups skip this function
         return value
+    if name == "spec" and f"{__name__}.spec" not in sys.modules:
+        # the module's own warning would point into importlib; point this one at the caller
+        warnings.warn(
+            "dynamic_moe_router.spec is deprecated and will be removed in the next release; use "
+            "dynamic_moe_router.core instead (same names)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return importlib.import_module(f".{name}", __name__)
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

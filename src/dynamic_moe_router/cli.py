@@ -7,7 +7,8 @@ Every subcommand takes ``--json`` for machine-readable output. Exit status:
   errors print the usage line and ``dmr CMD: error: argument --flag: ...``, errors of the library
   (:class:`~dynamic_moe_router.errors.DmrError`) print one line ``error: ...``. Never a traceback;
 * ``130``: interrupted (Ctrl-C). ``dmr bench`` and ``dmr calibrate`` keep their finished work in a
-  partial-results file, print one line saying where, and continue from it with ``--resume``;
+  partial-results file, print one line saying where, and continue from it with ``--resume``
+  (without ``--resume`` an existing partial-results file is refused, never overwritten);
 * ``141``: standard output was closed early (``dmr families --json | head -1``); nothing is printed.
 
 Progress bars (with an ETA) go to standard error and are off under ``--json``.
@@ -268,6 +269,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "per_layer": not args.global_only,
     }
     state: dict[str, Any] = {**header, "measurements": {}}
+    if not args.resume and partial.exists():
+        raise ResumeError(
+            f"{partial} holds the partial results of an earlier run; pass --resume to continue it, or "
+            "delete it to start over"
+        )
     if args.resume:
         if not partial.is_file():
             raise ResumeError(f"--resume: no partial calibration at {partial}; run without --resume")
@@ -275,6 +281,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             saved = json.loads(partial.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ResumeError(f"--resume: {partial} is unreadable ({err}); delete it and rerun") from None
+        measurements = saved.get("measurements") if isinstance(saved, dict) else None
+        if not isinstance(measurements, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
+            for v in measurements.values()
+        ):
+            raise ResumeError(
+                f"--resume: {partial} is not a dmr calibrate partial-results file (a JSON object with "
+                "'measurements' of [reduction, nll] pairs); delete it and rerun without --resume"
+            )
         changed = [k for k, v in header.items() if saved.get(k) != v]
         if changed:
             raise ResumeError(
@@ -381,6 +396,45 @@ def _bundled_models() -> list[Path]:
 
 
 # -- checks that involve several arguments (run after parsing, before any model loads) ---------------
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name one file (symbolic and hard links followed; ``b`` need not exist)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def _clash(outputs: dict[str, Any], inputs: dict[str, Any]) -> str | None:
+    """The message for the first output (``{flag: path}``) that names the same file as an input."""
+    for out_flag, out in outputs.items():
+        if out is None:
+            continue
+        for in_flag, paths in inputs.items():
+            for path in [paths] if isinstance(paths, (str, os.PathLike)) else list(paths or ()):
+                if _same_file(out, path):
+                    return (
+                        f"argument {out_flag}: {str(out)!r} is the same file as {in_flag} {str(path)!r}, "
+                        f"which would be overwritten; pass another path for {out_flag.split()[0]}"
+                    )
+    return None
+
+
+def _model_files(model: str) -> list[Path]:
+    """The files of a checkpoint directory (an output must not overwrite one)."""
+    folder = Path(model)
+    try:
+        return [f for f in folder.iterdir() if f.is_file()] if folder.is_dir() else []
+    except OSError:
+        return []
+
+
+def _explicit(args: argparse.Namespace, dest: str) -> bool:
+    """Whether an option was given on the command line (its value differs from the parser default)."""
+    return getattr(args, dest) != args._parser.get_default(dest)
+
+
 def _check_eval(args: argparse.Namespace) -> str | None:
     if args.text and args.corpus:
         return "argument --corpus: not allowed with --text; pass shared corpora or your own files, not both"
@@ -397,6 +451,16 @@ def _check_eval(args: argparse.Namespace) -> str | None:
         )
     if args.no_native and args.policy is None:
         return "argument --no-native: only meaningful with --policy (without it the run is native)"
+    if not args.text and _explicit(args, "encoding"):
+        return "argument --encoding: only applies to --text files; pass --text FILE or drop --encoding"
+    if args.limit is not None and (args.tasks == [] or (args.tasks is None and args.text)):
+        return (
+            "argument --limit: only applies to tasks, and no task runs (--tasks none, the default with "
+            "--text); pass --tasks or drop --limit"
+        )
+    if args.out:
+        inputs = {"--text": args.text, "--policy": getattr(args, "_policy_file", None)}
+        return _clash({"--out": args.out}, {**inputs, "--model": _model_files(args.model)})
     return None
 
 
@@ -405,19 +469,46 @@ def _check_profile(args: argparse.Namespace) -> str | None:
         return f"argument --text: {args.model} has no tokenizer; profile a checkpoint directory with --text"
     if args.text and not any((Path(args.model) / f).is_file() for f in check.TOKENIZER_FILES):
         return f"argument --text: {args.model!r} has no tokenizer files; save the tokenizer with the model"
+    if not args.text and _explicit(args, "encoding"):
+        return "argument --encoding: only applies to --text; pass --text FILE or drop --encoding"
     return None
 
 
 def _check_calibrate(args: argparse.Namespace) -> str | None:
-    if args.report and os.path.abspath(args.report) == os.path.abspath(args.out):
+    if args.report and _same_file(args.report, args.out):
         return "argument --report: the same file as --out; pass another path for the report"
-    return None
+    partial = str(_calibration_partial(args))
+    return _clash(
+        {"--out": args.out, "--report": args.report},
+        {"--model": _model_files(args.model), "the partial-results file of --out": partial},
+    )
+
+
+#: ``dmr bench`` options that only the sweep uses (``--replot`` draws from a saved result)
+_SWEEP_ONLY = (
+    "models",
+    "quick",
+    "ppl_tokens",
+    "blimp_limit",
+    "lambada_limit",
+    "calibration_tokens",
+    "families",
+    "resume",
+)
 
 
 def _check_bench(args: argparse.Namespace) -> str | None:
-    if args.replot and (args.resume or args.quick or args.models):
-        return (
-            "argument --replot: only redraws the plot; do not combine it with --resume, --quick or --models"
+    if args.replot:
+        given = ["--" + d.replace("_", "-") for d in _SWEEP_ONLY if _explicit(args, d)]
+        if given:
+            return (
+                f"argument --replot: only redraws the plot, so {', '.join(given)} would be ignored; "
+                "drop them, or drop --replot to run the sweep"
+            )
+        from .sweeps.quality import PLOT_NAME
+
+        return _clash(
+            {"--out-dir (its " + PLOT_NAME + ")": Path(args.out_dir) / PLOT_NAME}, {"--replot": args.replot}
         )
     if args.models and len({os.path.abspath(m) for m in args.models}) < len(args.models):
         return "argument --models: a model is listed twice; list each checkpoint once"
@@ -445,6 +536,19 @@ CHECKS: dict[str, Callable[[argparse.Namespace], str | None]] = {
 # -- the parser --------------------------------------------------------------------------------------
 def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON (and no progress bar)")
+
+
+class _PolicyArg(argparse.Action):
+    """``--policy``: parsed like ``type=check.policy``; a policy file's path is kept in ``_policy_file``
+    (so that an output cannot overwrite it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        try:
+            setattr(namespace, self.dest, check.policy(values))
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentError(self, str(err)) from None
+        is_file = values.endswith(".json") or Path(values).is_file()
+        namespace._policy_file = values if is_file else None
 
 
 def _encoding_flag(p: argparse.ArgumentParser) -> None:
@@ -548,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--policy",
-        type=check.policy,
+        action=_PolicyArg,
         help="policy JSON file or NAME:key=value,... (default: the native routing)",
     )
     p.add_argument("--no-native", action="store_true", help="with --policy: skip the native baseline run")
@@ -666,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run on less data (about a minute on 2 cores), not the published numbers",
+        help="a smoke run on less data (4.5 minutes measured on 2 cores), not the published numbers",
     )
     p.add_argument(
         "--ppl-tokens",

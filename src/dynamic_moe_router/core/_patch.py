@@ -210,6 +210,10 @@ class PatchHandleBase:
 
     def set_policy(self, policy: Any) -> None:
         """Switch every layer to ``policy``, validated for all layers first (all or nothing)."""
+        if not self.active:
+            raise NotPatchedError(
+                f"this {self.kind}patch was already undone; patch the model again instead of set_policy"
+            )
         validate_policy(policy, self.layers)
         self._policy_changed(policy)
         self.policy = policy

@@ -158,6 +158,8 @@ def moe_forward(
         True
     """
     if impl is not None:
+        if backend != "auto":
+            raise TypeError("moe_forward() got both impl= and backend=; pass only backend=")
         warn_renamed("moe_forward(impl=...)", "backend=...")
         backend = impl
     core.check_experts_inputs(tuple(hidden.shape), tuple(ids.shape), tuple(weights.shape))

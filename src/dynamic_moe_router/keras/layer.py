@@ -86,9 +86,13 @@ class DynamicMoE(keras.layers.Layer):
         # keras reads __init__'s own signature, so the deprecated names are parameters, not a wrapper
         backend_arg = "backend"  # the name the caller used, for the error's field
         if method is not None:
+            if backend != "auto":
+                raise TypeError("DynamicMoE() got both method= and backend=; pass only backend=")
             warn_renamed("DynamicMoE(method=...)", "backend=...")
             backend, backend_arg = method, "method"
         if layer_index is not None:
+            if layer is not None:
+                raise TypeError("DynamicMoE() got both layer_index= and layer=; pass only layer=")
             warn_renamed("DynamicMoE(layer_index=...)", "layer=...")
             layer = layer_index
         super().__init__(**kwargs)

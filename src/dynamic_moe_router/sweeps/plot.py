@@ -113,9 +113,14 @@ def plot_pareto(payload: dict[str, Any], path: str | Path) -> None:
     fig.tight_layout(rect=(0, 0.035 * rows + 0.01, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written temporary file is left behind
+        raise
+    finally:
+        plt.close(fig)
 
 
 def replot(result_json: str | Path, out: str | Path) -> None:
