@@ -123,3 +123,17 @@ def test_run_bench_resume_names_a_malformed_partial_file(tmp_path, monkeypatch):
         with pytest.raises(dmr.errors.ResumeError, match="not a dmr bench partial-results file") as info:
             run_bench([ROOT / "models" / "ref-olmoe"], tmp_path, BenchSettings(), resume=True)
         assert str(partial) in str(info.value)
+
+
+def test_old_bench_module_is_a_deprecated_alias(monkeypatch):  # type: ignore[no-untyped-def]
+    import importlib
+    import sys
+
+    import pytest
+
+    from dynamic_moe_router.sweeps import quality
+
+    monkeypatch.delitem(sys.modules, "dynamic_moe_router.bench", raising=False)
+    with pytest.warns(DeprecationWarning, match="dynamic_moe_router.sweeps.quality"):
+        old = importlib.import_module("dynamic_moe_router.bench")
+    assert old.run_bench is quality.run_bench and old.BenchSettings is quality.BenchSettings
