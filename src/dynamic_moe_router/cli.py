@@ -543,6 +543,8 @@ class _PolicyArg(argparse.Action):
     (so that an output cannot overwrite it)."""
 
     def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        if not isinstance(values, str):  # nargs is None: argparse passes the one string
+            raise argparse.ArgumentError(self, "expected one policy file or NAME:key=value,...")
         try:
             setattr(namespace, self.dest, check.policy(values))
         except argparse.ArgumentTypeError as err:
