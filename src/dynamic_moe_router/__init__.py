@@ -101,12 +101,9 @@ def __getattr__(name: str) -> Any:
         return value
     if name == "spec" and f"{__name__}.spec" not in sys.modules:
         # the module's own warning would point into importlib; point this one at the caller
-        warnings.warn(
-            "dynamic_moe_router.spec is deprecated and will be removed in the next release; use "
-            "dynamic_moe_router.core instead (same names)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
+        from ._deprecation import warn_renamed
+
+        warn_renamed("dynamic_moe_router.spec", "dynamic_moe_router.core (same names)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             return importlib.import_module(f".{name}", __name__)

@@ -6,15 +6,9 @@ warns once when this module is imported; import from ``dynamic_moe_router.sweeps
 
 from __future__ import annotations
 
-import warnings
-
+from ._deprecation import warn_renamed
 from .sweeps.quality import BenchSettings, run_bench, summary_table
 
-warnings.warn(
-    "dynamic_moe_router.bench is deprecated and will be removed in the next release; import "
-    "dynamic_moe_router.sweeps.quality instead (same names)",
-    DeprecationWarning,
-    stacklevel=2,
-)
+warn_renamed("dynamic_moe_router.bench", "dynamic_moe_router.sweeps.quality (same names)", stacklevel=3)
 
 __all__ = ["BenchSettings", "run_bench", "summary_table"]

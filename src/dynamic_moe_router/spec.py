@@ -7,17 +7,12 @@ per-policy count functions (``top_p_counts`` and friends) now live in each polic
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from . import core
+from ._deprecation import warn_renamed
 
-warnings.warn(
-    "dynamic_moe_router.spec is deprecated and will be removed in the next release; import "
-    "dynamic_moe_router.core instead (same names)",
-    DeprecationWarning,
-    stacklevel=2,
-)
+warn_renamed("dynamic_moe_router.spec", "dynamic_moe_router.core (same names)", stacklevel=3)
 
 __all__ = [  # core's names plus the deprecated count functions
     *core.__all__,  # pyright: ignore[reportUnsupportedDunderAll]
