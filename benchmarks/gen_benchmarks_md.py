@@ -390,7 +390,8 @@ def _label(row: dict[str, Any]) -> str:
 
 
 def _name(row: dict[str, Any]) -> str:
-    return f"{_family(row['family'])} {_label(row)}"
+    family, label = _family(row["family"]), _label(row)
+    return label if label.startswith(family) else f"{family} {label}"
 
 
 def render_quality_flops(data: dict[str, Any], path: Path) -> list[str]:
@@ -558,7 +559,11 @@ ISSUE10_TITLE = "Oracle ceiling and learned-allocator probe (research for issue 
 ISSUE10_TARGET = "35% fewer routed FLOPs at <= +1.0% perplexity (Gutenberg test)"
 ISSUE10_REDUCTION, ISSUE10_PPL = 0.35, 0.01
 #: result files without a ``benchmark`` field, recognised by the script that wrote them
-SCRIPT_KINDS = {"benchmarks/oracle.py": "oracle", "benchmarks/learned_probe.py": "learned_probe"}
+SCRIPT_KINDS = {
+    "benchmarks/oracle.py": "oracle",
+    "benchmarks/learned_probe.py": "learned_probe",
+    "benchmarks/learned_eval.py": "learned_eval",
+}
 ISSUE10_KINDS = ("oracle", "learned_probe")
 CORPORA = {"gutenberg_test": "Gutenberg test", "wikitext2_test": "WikiText-2 test"}
 
@@ -791,6 +796,275 @@ def render_issue10(
     return lines
 
 
+# -- learned allocator through the library (benchmarks/learned_eval.py) -------------------------------
+LEARNED_KIND = "learned_eval"
+LEARNED_TITLE = "Learned allocator (library) against static top-k at equal routed FLOPs"
+LEARNED_RUN = (
+    "python benchmarks/learned_eval.py --device cuda --model models/ref-olmoe --model models/ref-mixtral "
+    "--out benchmarks/results/learned.json"
+)
+#: a learned point counts as reaching 35% when its Gutenberg-test reduction is within half a point of it
+LEARNED_NEAR = 0.005
+LEARNED_BUDGET_TOL = 0.02  # WikiText-2 achieved reduction within 2 points of the target
+LEARNED_Z = 2.0  # "beats static top-k by more than 2 paired SE"
+LEARNED_WHAT = {
+    "flops": f">= {ISSUE10_REDUCTION:.0%} fewer routed FLOPs at <= +{ISSUE10_PPL:.1%} perplexity on Gutenberg "
+    "test and on WikiText-2 test",
+    "static": f"lower perplexity than static top-k at equal routed FLOPs by more than {LEARNED_Z:.0f} paired SE",
+    "budget": f"WikiText-2 test reduction within {100 * LEARNED_BUDGET_TOL:.0f} points of the target "
+    "(with compensation)",
+}
+_LEARNED_LINE = re.compile(
+    r"^- \*\*(?P<what>.+), (?P<who>[^,*]+): (?:(?P<verdict>met|missed)|(?P<n>\d+) of (?P<m>\d+) [a-z ]+)\*\*"
+)
+
+
+def _comp(comp: bool) -> str:
+    return "yes" if comp else "no"
+
+
+def _source(point: dict[str, Any]) -> str:
+    m = re.fullmatch(r"trained once at (\d+(?:\.\d+)?)", str(point.get("source", "")))
+    if m:
+        return f"trained once at {float(m[1]):.0%}, offset refit to the target"
+    if point.get("source") == "trained here":
+        return "trained for this target"
+    return str(point.get("source", "?"))
+
+
+def _variant(point: dict[str, Any]) -> str:
+    return (
+        f"{point['tag']} ({point['steps']} steps, final noise {point['noise_final']})"
+        if point.get("tag")
+        else "-"
+    )
+
+
+def _learned_row(point: dict[str, Any], first: list[str]) -> str:
+    cells = [*first, f"{point['target']:.0%}", f"{point['valid_reduction']:.1%}"]
+    for corpus in CORPORA:
+        res = point["results"][corpus]
+        cells += [f"{res['reduction']:.1%}", _chg(res["ppl_change"], res["ppl_change_se"])]
+    return "| " + " | ".join([*cells, _source(point)]) + " |"
+
+
+def _learned_verdicts(model: dict[str, Any]) -> list[str]:
+    """The three checks of issue 10 for one model of ``learned_eval.py``."""
+    name, g, w = model["model"], "gutenberg_test", "wikitext2_test"
+    lines = []
+    # (a) >= 35% fewer routed FLOPs at <= +1% perplexity on both corpora
+    floor = ISSUE10_REDUCTION - LEARNED_NEAR
+    near = [p for p in model["learned"] if p["results"][g]["reduction"] >= floor - 1e-12]
+    limit = (
+        f"limit: at least {floor:.1%} fewer routed FLOPs on Gutenberg test, i.e. within "
+        f"{100 * LEARNED_NEAR:.1f} point of {ISSUE10_REDUCTION:.0%}, and +{ISSUE10_PPL:.1%} or less on both corpora"
+    )
+    what = LEARNED_WHAT["flops"]
+    if near:
+        best = min(near, key=lambda p: max(p["results"][c]["ppl_change"] for c in CORPORA))
+        ok = max(best["results"][c]["ppl_change"] for c in CORPORA) <= ISSUE10_PPL
+        rg, rw = best["results"][g], best["results"][w]
+        tag = f", variant {best['tag']}" if best.get("tag") else ""
+        lines.append(
+            f"- **{what}, {name}: {'met' if ok else 'missed'}**: the best learned point with at least "
+            f"{floor:.1%} fewer routed FLOPs on Gutenberg test (target {best['target']:.0%}, "
+            f"{'with' if best['comp'] else 'without'} compensation{tag}) gives {rg['reduction']:.1%} fewer at "
+            f"{_chg(rg['ppl_change'], rg['ppl_change_se'])} perplexity on Gutenberg test and "
+            f"{rw['reduction']:.1%} fewer at {_chg(rw['ppl_change'], rw['ppl_change_se'])} on WikiText-2 test "
+            f"({limit})."
+        )
+    else:
+        lines.append(
+            f"- **{what}, {name}: missed**: no learned point reaches {floor:.1%} fewer routed FLOPs on "
+            f"Gutenberg test ({limit})."
+        )
+    # (b) beats the static frontier of the same compensation by more than 2 paired SE
+    rows = model["equal_flops"]
+    wins = [e for e in rows if e["ppl_vs_static"] < 0 and e["z"] < -LEARNED_Z]
+    parts = []
+    order = list(CORPORA)
+    groups = sorted(
+        dict.fromkeys((e["corpus"], e.get("tag", ""), e["comp"]) for e in rows),
+        key=lambda k: (order.index(k[0]), k[1], not k[2]),
+    )
+    for corpus, tag, comp in groups:
+        of = [e for e in rows if (e["corpus"], e.get("tag", ""), e["comp"]) == (corpus, tag, comp)]
+        got = [f"{e['target']:.0%}" for e in of if e in wins]
+        label = f"{CORPORA[corpus]}, {'with' if comp else 'without'} compensation{f', {tag}' if tag else ''}"
+        parts.append(f"{label}: {', '.join(got) if got else 'none'} ({len(got)} of {len(of)})")
+    lines.append(
+        f"- **{LEARNED_WHAT['static']}, {name}: {len(wins)} of {len(rows)} comparisons**: the learned point is "
+        f"better by more than {LEARNED_Z:.0f} SE at the targets listed for {'; '.join(parts)}."
+    )
+    # (c) the budget tuned on Gutenberg valid transfers to WikiText-2
+    pts = [p for p in model["learned"] if not p.get("tag") and p["comp"]]
+    within = [abs(p["results"][w]["reduction"] - p["target"]) <= LEARNED_BUDGET_TOL + 1e-12 for p in pts]
+    lines.append(
+        f"- **{LEARNED_WHAT['budget']}, {name}: {sum(within)} of {len(pts)} points**: "
+        + "; ".join(
+            f"target {p['target']:.0%}: {p['results'][w]['reduction']:.1%} "
+            f"({'within' if ok else 'not within'}, {round(100 * (p['results'][w]['reduction'] - p['target']), 1) + 0.0:+.1f} points)"
+            for p, ok in zip(pts, within, strict=True)
+        )
+        + "."
+    )
+    return lines
+
+
+def render_learned(entry: tuple[Path, dict[str, Any]]) -> list[str]:
+    """``benchmarks/learned_eval.py``: the library's learned allocator against static top-k."""
+    path, data = entry
+    runs = data.get("merged_from") or [
+        {"file": path.name, "device": data.get("device"), "args": data.get("args")}
+    ]
+    devices = list(dict.fromkeys(str(r.get("device")) for r in runs))
+    gpu = all(str((r.get("args") or {}).get("device", "")).startswith("cuda") for r in runs)
+    lines = [f"## {LEARNED_TITLE}", ""]
+    how = []
+    for r in runs:
+        a = r.get("args") or {}
+        bits = [
+            f"targets {', '.join(f'{t:.0%}' for t in a.get('targets', []))}",
+            "compensation " + " and ".join(_comp(bool(c)) for c in a.get("comp_modes", [])),
+            f"{a.get('steps')} training steps",
+        ]
+        if a.get("train_once") is not None:
+            bits.append(f"one allocator per compensation mode trained at {a['train_once']:.0%}")
+        if a.get("tag"):
+            bits.append(f"tag {a['tag']} (final noise {a.get('noise_final')})")
+        if a.get("no_static"):
+            bits.append("no static baselines")
+        if str(r.get("file", "")).endswith(".partial.json"):
+            bits.append("a partial checkpoint: the run did not finish")
+        models = ", ".join(Path(m).name for m in a.get("model", []))
+        how.append(f"- {models} on {r.get('device')}: {'; '.join(bits)}.")
+    lines += [
+        f"Source: `{_rel(path)}`, written by `{data.get('script', '?')}`. The numbers come from "
+        f"{'GPU ' if gpu else ''}runs of the script on {' and '.join(devices)} (`{LEARNED_RUN}`, with the "
+        "options below)" + (f", merged with `--merge` from {len(runs)} runs:" if len(runs) > 1 else ":"),
+        "",
+        *how,
+        "",
+        "Only the library's public API is used (`dmr.train_allocator`, `dmr.learn.fit_budget`, "
+        "`dmr.LearnedAllocator`, `dmr.patched`). The allocator is trained on Gutenberg train windows and its "
+        "budget is tuned on Gutenberg valid windows (*valid* column); test text is only for reporting. The "
+        "reductions on the test corpora are read from the patch's pair counters. Perplexity changes are against "
+        "native top-k, in percent ± the paired bootstrap SE over windows in points. Static baselines (uniform "
+        "k, and per-layer k chosen greedily on valid) run with and without compensation (a dropped slot "
+        "replaced by its expert's mean output on training text).",
+        "",
+    ]
+    verdicts: list[str] = []
+    for m in data["models"]:
+        native = m["native_ppl"]
+        learned = m["learned"]
+        lines += [
+            f"### {m['model']} (top-{m['native_k']}, {m['moe_layers']} MoE layers)",
+            "",
+            "Native perplexity "
+            + ", ".join(
+                f"{native[c]:.2f} on {cname} ({m['test_tokens'][c]:,} tokens)" for c, cname in CORPORA.items()
+            )
+            + f"; {m['budget_windows']} budget windows, {m['train_windows']} training windows. The allocator's "
+            f"own FLOPs are {max(p['head_flops_vs_native_routed'] for p in learned):.2%} of the native routed "
+            "FLOPs at most (not included in the reductions); training took "
+            f"{min(p['train_seconds'] for p in learned):.0f}-{max(p['train_seconds'] for p in learned):.0f} s "
+            f"per allocator on {', '.join(dict.fromkeys(str(p['train_device']) for p in learned))}.",
+            "",
+            "Learned points:",
+            "",
+            "| compensation | target | valid | Gutenberg test reduction | Gutenberg test change "
+            "| WikiText-2 test reduction | WikiText-2 test change | source |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        lines += [_learned_row(p, [_comp(p["comp"])]) for p in learned if not p.get("tag")]
+        tagged = [p for p in learned if p.get("tag")]
+        if tagged:
+            lines += [
+                "",
+                "Variants:",
+                "",
+                "| variant | compensation | target | valid | Gutenberg test reduction | Gutenberg test change "
+                "| WikiText-2 test reduction | WikiText-2 test change | source |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---|",
+            ]
+            lines += [_learned_row(p, [_variant(p), _comp(p["comp"])]) for p in tagged]
+        lines += [
+            "",
+            "Static baselines:",
+            "",
+            "| static point | compensation | "
+            + " | ".join(f"{cname} reduction | {cname} change" for cname in CORPORA.values())
+            + " |",
+            "|---|---|" + "---:|---:|" * len(CORPORA),
+        ]
+        for s in m["static"]:
+            cells = [s["point"], _comp(s["comp"])]
+            for c in CORPORA:
+                res = s["results"][c]
+                cells += [f"{res['reduction']:.1%}", _chg(res["ppl_change"], res["ppl_change_se"])]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "At equal routed FLOPs (perplexity ratio learned / static - 1, in percent ± paired SE; the static "
+            "perplexity is interpolated per window between the two static points of the same compensation, or "
+            "native, that bracket the learned point's reduction on that corpus; **bold**: beyond "
+            f"{LEARNED_Z:.0f} SE):",
+            "",
+            "| variant | compensation | target | "
+            + " | ".join(
+                f"{cname} reduction | static between | {cname} vs static" for cname in CORPORA.values()
+            )
+            + " |",
+            "|---|---|---:|" + "---:|---|---:|" * len(CORPORA),
+        ]
+        eq = {(e.get("tag", ""), e["comp"], e["target"], e["corpus"]): e for e in m["equal_flops"]}
+        for tag, comp, target in dict.fromkeys(k[:3] for k in eq):
+            cells = [tag or "-", _comp(comp), f"{target:.0%}"]
+            for c in CORPORA:
+                e = eq.get((tag, comp, target, c))
+                if e is None:
+                    cells += ["", "", ""]
+                    continue
+                lo, _, hi = e["static_between"].partition("..")
+                between = f"{float(lo):.1%}" + (f" .. {float(hi):.1%}" if hi else "")
+                txt = f"{100 * e['ppl_vs_static']:+.2f} ± {100 * e['se']:.2f}"
+                cells += [f"{e['reduction']:.1%}", between, f"**{txt}**" if abs(e["z"]) >= LEARNED_Z else txt]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        verdicts += _learned_verdicts(m)
+    lines += ["### Targets", "", *verdicts, ""]
+    return lines
+
+
+def _learned_section(
+    found: dict[str, list[tuple[Path, dict[str, Any]]]], results: Path, notes: list[str]
+) -> list[tuple[str, list[str]]]:
+    entries = found.get(LEARNED_KIND, [])
+    notes += [
+        f"`{_rel(path)}` was skipped: only one `{LEARNED_KIND}` result is shown." for path, _ in entries[1:]
+    ]
+    if not entries:
+        return [
+            (
+                LEARNED_TITLE,
+                [
+                    f"## {LEARNED_TITLE}",
+                    "",
+                    f"_Skipped: no `{LEARNED_KIND}` result file in `{_rel(results)}/`._",
+                    "",
+                ],
+            )
+        ]
+    try:
+        return [(LEARNED_TITLE, render_learned(entries[0]))]
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+        notes.append(
+            f"`{_rel(entries[0][0])}` was skipped: it lacks expected fields ({type(err).__name__}: {err})."
+        )
+        return []
+
+
 RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = {
     "quality_flops": ("Quality and routed FLOPs: reference models", render_quality_flops),
     "cpu_experts": ("CPU: one MoE experts layer", render_cpu_experts),
@@ -816,7 +1090,7 @@ def load_results(results: Path) -> tuple[dict[str, list[tuple[Path, dict[str, An
             if isinstance(data, dict)
             else None
         )
-        if kind not in RENDERERS and kind not in ISSUE10_KINDS:
+        if kind not in RENDERERS and kind not in ISSUE10_KINDS and kind != LEARNED_KIND:
             notes.append(f"`{_rel(path)}` was skipped: unknown benchmark kind {kind!r}.")
             continue
         found.setdefault(kind, []).append((path, data))
@@ -848,6 +1122,13 @@ def _summary(sections: list[tuple[str, list[str]]]) -> list[str]:
             if i10:
                 row = rows.setdefault((title, f"{i10['who']}: {ISSUE10_TARGET}"), {"met": [], "missed": []})
                 row["met" if i10["verdict"] == "met" else "missed"].append(i10["where"])
+                continue
+            lv = _LEARNED_LINE.match(line) if title == LEARNED_TITLE else None
+            if lv:  # one check per line, or "N of M" checks
+                row = rows.setdefault((title, lv["what"]), {"met": [], "missed": []})
+                n, of = (int(lv["n"]), int(lv["m"])) if lv["n"] else (int(lv["verdict"] == "met"), 1)
+                row["met"] += [lv["who"]] * n
+                row["missed"] += [lv["who"]] * (of - n)
                 continue
             if q:
                 key = (title, _QUALITY_WHAT.format(target=q["target"]))
@@ -975,7 +1256,8 @@ def render(results: Path) -> str:
             sections.append((title, section))
     # the oracle and the learned probe share one section, after the quality section
     at = max((i + 1 for i, (t, _) in enumerate(sections) if t == RENDERERS["quality_flops"][0]), default=0)
-    sections[at:at] = _issue10_section(found, results, notes)
+    issue10 = _issue10_section(found, results, notes)
+    sections[at:at] = issue10 + _learned_section(found, results, notes)  # the learned allocator right after
     lines += _summary([(t, sec) for t, sec in sections])
     for _, section in sections:
         lines += section

@@ -35,10 +35,18 @@ def test_bench_on_a_slice(tmp_path):  # type: ignore[no-untyped-def]
         "relative_threshold",
         "entropy",
         "calibrated",
+        "learned",
     }
+    committed = {
+        f"learned {f.stem.removeprefix('learned-')}": dmr.load_policy(f)
+        for f in (ROOT / "models" / "ref-olmoe" / "allocators").glob("learned-t*.json")
+    }
+    assert sorted(r["label"] for r in rows if r["family"] == "learned") == sorted(committed)
     for r in rows:
         assert set(r) == ROW_KEYS
-        if r["policy"] is not None:
+        if r["family"] == "learned":  # weights live in the committed file: the row names its digest
+            assert r["policy"] == json.loads(json.dumps(committed[r["label"]].to_dict()))
+        elif r["policy"] is not None:
             assert dmr.policies.policy_from_dict(r["policy"])  # every point is a loadable policy
     uniform = {r["label"]: r for r in rows if r["label"].startswith("uniform")}
     assert uniform["uniform k=2"]["routed_flop_reduction"] == 0.5  # exact for static top-k

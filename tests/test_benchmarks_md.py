@@ -87,3 +87,81 @@ def test_issue10_section_numbers_come_from_the_json():  # type: ignore[no-untype
             abs(abs(round(v, places)) - x) < 1e-9 or abs(abs(round(100 * v, places)) - x) < 1e-9
             for v in numbers
         ), f"{token} in the issue-10 section is not a number of the result files"
+
+
+def _learned_section(gen, text):  # type: ignore[no-untyped-def]
+    return text.split(f"## {gen.LEARNED_TITLE}")[1].split("\n## ")[0]
+
+
+def test_learned_section_renders_from_the_committed_file():  # type: ignore[no-untyped-def]
+    gen = load_generator()
+    results = ROOT / "benchmarks" / "results"
+    payload = json.loads((results / "learned.json").read_text(encoding="utf-8"))
+    text = gen.render(results)
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    # right after the issue-10 oracle / probe section
+    assert headings[headings.index(f"## {gen.ISSUE10_TITLE}") + 1] == f"## {gen.LEARNED_TITLE}"
+    section = _learned_section(gen, text)
+    assert gen.LEARNED_RUN in section and "GPU runs" in section
+    for device in {r["device"] for r in payload["merged_from"]}:
+        assert device in section
+    summary = text.split("## Summary: targets met and missed")[1].split("\n## ")[0]
+    for what in gen.LEARNED_WHAT.values():
+        assert f"| {gen.LEARNED_TITLE} | {what} |" in summary
+    g, w = "gutenberg_test", "wikitext2_test"
+    for model in payload["models"]:
+        name = model["model"]
+        assert f"### {name} (top-{model['native_k']}" in section
+        # (a) recomputed here: a point within 0.5 point of 35% on Gutenberg, +1% or less on both corpora
+        ok = any(
+            p["results"][g]["reduction"] >= 0.345
+            and max(p["results"][c]["ppl_change"] for c in (g, w)) <= 0.01
+            for p in model["learned"]
+        )
+        assert f"- **{gen.LEARNED_WHAT['flops']}, {name}: {'met' if ok else 'missed'}**: " in section
+        # (b) one comparison per equal-FLOP row, won when learned is lower by more than 2 SE
+        rows = model["equal_flops"]
+        wins = sum(e["ppl_vs_static"] < 0 and e["ppl_vs_static"] < -2 * e["se"] for e in rows)
+        assert f"- **{gen.LEARNED_WHAT['static']}, {name}: {wins} of {len(rows)} comparisons**: " in section
+        # (c) untagged points with compensation, WikiText-2 reduction within 2 points of the target
+        pts = [p for p in model["learned"] if p["comp"] and not p["tag"]]
+        near = sum(abs(p["results"][w]["reduction"] - p["target"]) <= 0.02 for p in pts)
+        assert f"- **{gen.LEARNED_WHAT['budget']}, {name}: {near} of {len(pts)} points**: " in section
+        # every learned point has its table row (target, valid reduction, Gutenberg reduction)
+        for p in model["learned"]:
+            cells = f"| {p['target']:.0%} | {p['valid_reduction']:.1%} | {p['results'][g]['reduction']:.1%} |"
+            assert cells in section
+
+
+def test_learned_section_table_numbers_come_from_the_json():  # type: ignore[no-untyped-def]
+    gen = load_generator()
+    results = ROOT / "benchmarks" / "results"
+    numbers = _json_numbers(json.loads((results / "learned.json").read_text(encoding="utf-8")), set())
+    section = _learned_section(gen, gen.render(results))
+    tables = "\n".join(line for line in section.splitlines() if line.startswith("| "))
+    tokens = re.findall(r"(?<![\w.])[-+]?\d+\.\d+", tables)
+    assert len(tokens) > 200
+    for token in tokens:
+        places = len(token.split(".")[1])
+        x = abs(float(token))
+        assert any(
+            abs(abs(round(v, places)) - x) < 1e-9 or abs(abs(round(100 * v, places)) - x) < 1e-9
+            for v in numbers
+        ), f"{token} in the learned-allocator tables is not a number of learned.json"
+
+
+def test_learned_verdict_follows_the_data(tmp_path):  # type: ignore[no-untyped-def]
+    gen = load_generator()
+    payload = json.loads((ROOT / "benchmarks" / "results" / "learned.json").read_text(encoding="utf-8"))
+    model = payload["models"][0]
+    point = model["learned"][0]
+    for res in point["results"].values():  # one point that reaches the target on both corpora
+        res.update(reduction=0.36, ppl_change=0.004)
+    (tmp_path / "learned.json").write_text(json.dumps(payload), encoding="utf-8")
+    text = gen.render(tmp_path)
+    section = _learned_section(gen, text)
+    assert f"- **{gen.LEARNED_WHAT['flops']}, {model['model']}: met**: " in section
+    assert "36.0% fewer at +0.40%" in section
+    summary = text.split("## Summary: targets met and missed")[1].split("\n## ")[0]
+    row = next(line for line in summary.splitlines() if gen.LEARNED_WHAT["flops"] in line)
+    assert row.split(" | ")[2:4] == ["1", str(len(payload["models"]) - 1)]

@@ -44,10 +44,37 @@ def test_reaches_the_requested_reduction(tokenizer, family):  # type: ignore[no-
     assert result.nll <= min(m["nll"] for m in global_only) + 1e-12  # per layer is kept only if better
 
 
+def test_learned_family_trains_on_the_train_documents_and_reaches_the_target(tokenizer):  # type: ignore[no-untyped-def]
+    long_docs = [" ".join(DOCS)] * 3
+    model = tiny_model("olmoe", vocab_size=len(tokenizer))
+    training = dmr.AllocatorTraining(steps=30, batch_windows=2, offset_iterations=12)
+    kwargs = {"documents": long_docs, "train_documents": long_docs, "training": training}
+    result = calibrate(model, tokenizer, 0.4, family="learned", tokens=512, context=128, **kwargs)
+    assert result.family == "learned" and isinstance(result.policy, dmr.LearnedAllocator)
+    assert result.reduction >= 0.39 and result.policy.record["config"]["target_reduction"] == 0.4
+    assert [m["stage"] for m in result.history] == ["native", "learned"]
+    both = calibrate(model, tokenizer, 0.4, families=("top_p", "learned"), tokens=512, context=128, **kwargs)
+    assert both.family in ("top_p", "learned")
+    assert both.nll == min(
+        m["nll"] for m in both.history if m["stage"] != "native" and m["reduction"] >= 0.39
+    )
+    with pytest.raises(dmr.TargetUnreachableError, match="learned"):  # top-4 of 8: at most 75% fewer
+        calibrate(model, tokenizer, 0.9, family="learned", tokens=512, context=128, **kwargs)
+
+
 def test_unreachable_and_invalid_targets(tokenizer):  # type: ignore[no-untyped-def]
     model = tiny_model("mixtral", vocab_size=len(tokenizer))  # top-2: at most 50% fewer routed FLOPs
     with pytest.raises(dmr.TargetUnreachableError, match="lower the target"):
-        calibrate(model, tokenizer, 0.9, documents=DOCS, tokens=256, context=128, per_layer=False)
+        calibrate(
+            model,
+            tokenizer,
+            0.9,
+            documents=DOCS,
+            tokens=256,
+            context=128,
+            per_layer=False,
+            families=tuple(KNOBS),
+        )
     for bad in (0.0, 1.0, -0.2, "0.3"):
         with pytest.raises(dmr.PolicyError, match="target_reduction"):
             calibrate(model, tokenizer, bad, documents=DOCS)

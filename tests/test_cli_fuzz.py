@@ -183,6 +183,7 @@ CASES: dict[tuple[str, str], list[tuple[list[str], str]]] = {
         (["--out", MIXTRAL + "/config.json"], "same file as --model"),
     ],
     ("calibrate", "tokens"): ints("--tokens", "0", "100", "-1", "x"),
+    ("calibrate", "train_steps"): ints("--train-steps", "0", "-2", "x", "1.5"),
     ("calibrate", "global_only"): [(["--global-only=1"], "--global-only")],
     ("calibrate", "report"): [
         (["--report", "{root}/dir"], "is a directory"),
@@ -332,11 +333,11 @@ def test_console_script_prints_no_traceback(argv, tmp_path):  # type: ignore[no-
 
 
 def test_backend_and_calibration_choices_match_the_library():  # type: ignore[no-untyped-def]
-    from dynamic_moe_router.calibrate import KNOBS
+    from dynamic_moe_router.calibrate import FAMILIES as CALIBRATION_FAMILIES
     from dynamic_moe_router.eval import CORPORA
     from dynamic_moe_router.sweeps.quality import FAMILIES
 
-    assert tuple(KNOBS) == cli.CLI_CALIBRATION_FAMILIES
+    assert tuple(CALIBRATION_FAMILIES) == cli.CLI_CALIBRATION_FAMILIES
     assert tuple(CORPORA) == cli.CLI_CORPORA
     assert FAMILIES == cli.CLI_SWEEP_FAMILIES
 

@@ -84,7 +84,7 @@ def test_flop_counter_confirms_executed_pairs(family):  # type: ignore[no-untype
             model(tokens())
         per_module = counter.get_flop_counts()
         for layer, experts in zip(handle.layers, handle.experts, strict=False):
-            name = f"{type(model).__name__}.{layer.name}.experts"
+            name = f"{type(model).__name__}.{layer.path}.experts"
             measured = sum(per_module.get(name, {}).values())
             assert measured == experts.counter.executed_pairs * layer.flops_per_pair
     assert handle.executed_pairs() < sum(tokens().numel() * layer.native_k for layer in layers)

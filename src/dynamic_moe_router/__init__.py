@@ -37,6 +37,7 @@ from .errors import (
     NotPatchedError,
     PolicyError,
     PolicyFileError,
+    PolicyMismatchError,
     ResumeError,
     RoutingInputError,
     TargetUnreachableError,
@@ -48,8 +49,10 @@ from .errors import (
 if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
     from .experts import ExpertsCounter, ExpertsLayout, experts_forward
     from .hf import PatchHandle, get_patch, patch, patched, supported_families, unpatch
+    from .learn import AllocatorTraining, train_allocator
     from .policies import (
         EntropyAdaptive,
+        LearnedAllocator,
         PerLayer,
         RelativeThreshold,
         RoutingPolicy,
@@ -71,6 +74,7 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(
         (
             "EntropyAdaptive",
+            "LearnedAllocator",
             "PerLayer",
             "RelativeThreshold",
             "RoutingPolicy",
@@ -82,6 +86,7 @@ _LAZY: dict[str, str] = {
         ),
         ".policies",
     ),
+    **dict.fromkeys(("AllocatorTraining", "train_allocator"), ".learn"),
     "ProfileReport": ".report",
     "profile": ".hf.profiling",
     "Routing": ".core",
@@ -90,7 +95,8 @@ _LAZY: dict[str, str] = {
 #: submodules reachable as attributes (``dmr.core``); ``spec`` is the deprecated name of ``core``.
 #: The optional ``jax`` and ``keras`` subpackages are imported explicitly (they need their extras).
 _SUBMODULES = frozenset(
-    ("backends", "core", "errors", "experts", "hf", "policies", "profiling", "report", "routing", "spec")
+    ("backends", "core", "errors", "experts", "hf", "learn", "policies", "profiling", "report", "routing",
+     "spec")
 )  # fmt: skip
 
 
@@ -117,6 +123,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AllocatorTraining",
     "AlreadyPatchedError",
     "BackendUnavailableError",
     "DataNotFoundError",
@@ -124,6 +131,7 @@ __all__ = [
     "EntropyAdaptive",
     "ExpertsCounter",
     "ExpertsLayout",
+    "LearnedAllocator",
     "MissingDependencyError",
     "NoMoELayersError",
     "NonFiniteRouterScoresError",
@@ -132,6 +140,7 @@ __all__ = [
     "PerLayer",
     "PolicyError",
     "PolicyFileError",
+    "PolicyMismatchError",
     "ProfileReport",
     "RelativeThreshold",
     "ResumeError",
@@ -155,5 +164,6 @@ __all__ = [
     "register_policy",
     "route",
     "supported_families",
+    "train_allocator",
     "unpatch",
 ]

@@ -15,8 +15,15 @@ candidate policy, the routed-FLOP reduction against the native top-k and the mea
    (:class:`~dynamic_moe_router.PerLayer`) is kept only if its measured NLL is lower than the
    global one's.
 
-Without a family, every family is calibrated and the one with the least NLL increase wins. A target
-that no family reaches raises :class:`~dynamic_moe_router.errors.TargetUnreachableError`.
+3. **Learned allocation** (``family="learned"``). Per-layer keep-heads are distilled on the frozen
+   model on the Gutenberg **train** split (:func:`~dynamic_moe_router.train_allocator`), their
+   budget offset is fitted on windows spread over the documents of the calibration text, and the
+   result is measured like every other candidate.
+
+Without a family, every family of ``families`` (default :data:`FAMILIES`, the learned one included;
+pass ``families=tuple(KNOBS)`` for the score families only) is calibrated and the one with the
+least NLL increase wins. A target that no family reaches raises
+:class:`~dynamic_moe_router.errors.TargetUnreachableError`.
 """
 
 from __future__ import annotations
@@ -39,7 +46,15 @@ from .hf.patching import patched
 from .policies import EntropyAdaptive, PerLayer, RelativeThreshold, RoutingPolicy, StaticTopK, TopP
 from .profiling import profile
 
-__all__ = ["KNOBS", "CalibrationResult", "Knob", "calibrate", "calibration_windows", "measurement_key"]
+__all__ = [
+    "FAMILIES",
+    "KNOBS",
+    "CalibrationResult",
+    "Knob",
+    "calibrate",
+    "calibration_windows",
+    "measurement_key",
+]
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,12 @@ KNOBS: dict[str, Knob] = {
         ),
     )
 }
+
+#: every calibration family: the score-policy knobs, then the learned allocator
+FAMILIES: tuple[str, ...] = (*KNOBS, "learned")
+#: the learned family's budget is fitted on windows spread over the calibration documents, then
+#: measured on the calibration windows: it counts as reaching the target within this margin
+LEARNED_TOLERANCE = 0.01
 
 
 @dataclass
@@ -210,6 +231,9 @@ def calibrate(
     cache: dict[str, list[float]] | None = None,
     on_measure: Callable[[dict[str, list[float]]], None] | None = None,
     progress: Progress | None = None,
+    families: Sequence[str] | None = None,
+    training: Any = None,
+    train_documents: Sequence[str] | None = None,
 ) -> CalibrationResult:
     """Find the policy reaching ``target_reduction`` of routed-expert FLOPs with the least NLL increase.
 
@@ -220,29 +244,51 @@ def calibrate(
     saves it to a partial-results file). Calibrating again with the same arguments and that cache
     replays the finished measurements without running the model. ``progress`` draws a bar with an
     ETA (the step count is an upper bound: a family that cannot reach the target stops early).
+
+    ``families`` (default: all of :data:`FAMILIES`) limits the families tried when ``family`` is
+    None. The learned family trains on ``train_documents`` (default: the Gutenberg train split) with
+    ``training`` (an :class:`~dynamic_moe_router.AllocatorTraining`; its target is replaced by
+    ``target_reduction``); its training is not cached (a resumed run trains again).
     """
     if not isinstance(target_reduction, (int, float)) or not 0.0 < target_reduction < 1.0:
         raise PolicyError(
             f"target_reduction must be in (0, 1), got {target_reduction!r}", field="target_reduction"
         )
-    if family is not None and family not in KNOBS:
-        raise PolicyError(f"unknown policy family {family!r}; choose from {', '.join(KNOBS)}", field="family")
+    names = [family] if family is not None else list(FAMILIES if families is None else families)
+    for name in names:
+        if name not in FAMILIES:
+            raise PolicyError(
+                f"unknown policy family {name!r}; choose from {', '.join(FAMILIES)}", field="family"
+            )
     if documents is None:
         from .data import data_file, read_jsonl
 
         documents = [r["text"] for r in read_jsonl(data_file("gutenberg/valid.jsonl"))]
+    if "learned" in names and train_documents is None:
+        from .data import data_file
+
+        data_file("gutenberg/train.jsonl.xz")  # missing data fails here, before any long work
     windows = calibration_windows(tokenizer, documents, tokens, context)
     layers = [layer.index for layer in find_moe_layers(model)[0]]
-    names = [family] if family else list(KNOBS)
+    knobs = [name for name in names if name in KNOBS]
     refine = per_layer and len(layers) > 1
-    steps = 1 + len(names) * ((1 + iterations) + (len(layers) + 3 * (1 + iterations) if refine else 0))
+    steps = 1 + len(knobs) * ((1 + iterations) + (len(layers) + 3 * (1 + iterations) if refine else 0))
+    steps += len(names) - len(knobs)  # the learned family's measurement
     bar = _task(progress, f"calibrating to {target_reduction:.0%} fewer routed FLOPs", steps)
     meter = _Meter(model, windows, batch_size, cache, on_measure, bar)
     _, native_nll = meter(None, stage="native")
 
     candidates: list[CalibrationResult] = []
     reachable: dict[str, float] = {}
-    for name in names:
+    if "learned" in names:
+        learned = _calibrate_learned(
+            model, tokenizer, target_reduction, documents, train_documents, training, context, progress
+        )
+        red, nll = meter(learned, stage="learned", family="learned")
+        reachable["learned"] = red
+        if red >= target_reduction - LEARNED_TOLERANCE:  # its budget was fitted on other windows
+            candidates.append(CalibrationResult(learned, "learned", red, nll, native_nll, True))
+    for name in knobs:
         knob = KNOBS[name]
         theta, red, nll = _bisect(
             lambda t, k=knob: meter(k.make(t), stage="global", family=k.name, theta=t),
@@ -258,7 +304,10 @@ def calibrate(
             )
         candidates.append(best)
     if not candidates:
-        best_seen = ", ".join(f"{k}: {v:.1%}" for k, v in reachable.items())
+        best_seen = ", ".join(
+            f"{k}: {v:.1%}{' (its fitted budget, measured here)' if k == 'learned' else ''}"
+            for k, v in reachable.items()
+        )
         raise TargetUnreachableError(
             f"no policy family reaches a {target_reduction:.1%} routed-FLOP reduction on this model "
             f"(most aggressive setting of each: {best_seen}); lower the target"
@@ -267,6 +316,26 @@ def calibrate(
     result = min(candidates, key=lambda c: c.nll)
     result.history = meter.history
     return result
+
+
+def _calibrate_learned(  # type: ignore[no-untyped-def]
+    model, tokenizer, target: float, documents, train_documents, training, context: int, progress
+) -> RoutingPolicy:
+    """Train a learned allocator (train split) and fit its budget on spread calibration windows."""
+    from dataclasses import replace
+
+    from .learn import AllocatorTraining, spread_windows, train_allocator
+
+    if train_documents is None:
+        from .data import data_file, read_jsonl
+
+        train_documents = (r["text"] for r in read_jsonl(data_file("gutenberg/train.jsonl.xz")))
+    config = replace(training or AllocatorTraining(), target_reduction=target)
+    train = spread_windows(
+        tokenizer, train_documents, per_doc=8, context=context, skip=context, max_windows=800
+    )
+    budget = spread_windows(tokenizer, documents, per_doc=2, context=context, skip=context, max_windows=64)
+    return train_allocator(model, train, budget, config, progress=progress)
 
 
 def _refine_per_layer(meter, knob, theta, layers, target, native_nll, best, iterations):  # type: ignore[no-untyped-def]

@@ -32,11 +32,13 @@ from ._version import __version__
 from .backends import BACKENDS as CLI_BACKENDS
 from .errors import DmrError, MissingDependencyError
 
-#: calibration families offered by ``--family`` (kept equal to ``calibrate.KNOBS`` by a test; a
+#: calibration families offered by ``--family`` (kept equal to ``calibrate.FAMILIES`` by a test; a
 #: literal so that building the parser does not import torch)
-CLI_CALIBRATION_FAMILIES = ("top_p", "relative_threshold", "entropy")
+CLI_CALIBRATION_FAMILIES = ("top_p", "relative_threshold", "entropy", "learned")
 #: the point families of ``dmr bench --families`` (kept equal to ``sweeps.quality.FAMILIES`` by a test)
-CLI_SWEEP_FAMILIES = ("native", "static", "lu_median", "top_p", "relative_threshold", "entropy", "calibrated")
+CLI_SWEEP_FAMILIES = (
+    "native", "static", "lu_median", "top_p", "relative_threshold", "entropy", "calibrated", "learned"
+)  # fmt: skip
 #: the shared corpora of ``dmr eval --corpus`` (kept equal to ``eval.CORPORA`` by a test)
 CLI_CORPORA = ("gutenberg_test", "wikitext2_test")
 #: exit status of an interrupted command (128 + SIGINT, the shell convention)
@@ -267,6 +269,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "family": args.family,
         "tokens": args.tokens,
         "per_layer": not args.global_only,
+        "train_steps": args.train_steps,
     }
     state: dict[str, Any] = {**header, "measurements": {}}
     if not args.resume and partial.exists():
@@ -302,6 +305,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         state["measurements"] = cache
         write_text_atomic(partial, json.dumps(state) + "\n")
 
+    from .learn import AllocatorTraining
+
+    training = AllocatorTraining(steps=args.train_steps)
     model, tokenizer = load_checkpoint(args.model)
     try:
         with _progress(args) as progress:
@@ -312,6 +318,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 family=args.family,
                 tokens=args.tokens,
                 per_layer=not args.global_only,
+                training=training,
                 cache=state["measurements"],
                 on_measure=save,
                 progress=progress,
@@ -725,7 +732,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="routed-FLOP reduction to reach, between 0 and 1, e.g. 0.35",
     )
     p.add_argument(
-        "--family", choices=list(CLI_CALIBRATION_FAMILIES), help="policy family (default: try all)"
+        "--family",
+        choices=list(CLI_CALIBRATION_FAMILIES),
+        help="policy family (default: try all; 'learned' trains per-layer heads on the train split)",
     )
     p.add_argument(
         "--out",
@@ -740,6 +749,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibration tokens from the valid split (default 8192)",
     )
     p.add_argument("--global-only", action="store_true", help="skip the per-layer refinement")
+    p.add_argument(
+        "--train-steps",
+        type=check.int_at_least(1, "a positive number of steps, e.g. 400"),
+        default=400,
+        help="training steps of the learned family (default 400: about 7 minutes on 2 CPU cores for "
+        "the reference models)",
+    )
     p.add_argument(
         "--report",
         type=check.output_file,

@@ -26,6 +26,7 @@ __all__ = [
     "NotPatchedError",
     "PolicyError",
     "PolicyFileError",
+    "PolicyMismatchError",
     "ResumeError",
     "RoutingInputError",
     "TargetUnreachableError",
@@ -53,6 +54,11 @@ class PolicyError(DmrError, ValueError):
 
 class PolicyFileError(DmrError, ValueError):
     """A policy file is malformed, of an unknown type, or of an unknown version."""
+
+
+class PolicyMismatchError(PolicyError):
+    """A policy trained for one model (a learned allocator) was applied to a model it does not fit:
+    another family, layer count, hidden size, expert count or native k."""
 
 
 class RoutingInputError(DmrError, ValueError):

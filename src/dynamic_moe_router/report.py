@@ -40,6 +40,8 @@ class LayerStats:
     kept_pairs: int = 0
     executed_pairs: int = 0
     k_histogram: list[int] = field(default_factory=list)  # k_histogram[k] = tokens that kept k experts
+    #: matmul FLOPs the policy itself spends per token (a learned allocator's head; 0 otherwise)
+    policy_flops_per_token: int = 0
 
     @property
     def native_pairs(self) -> int:
@@ -60,6 +62,7 @@ class LayerStats:
             "native_routed_flops": native * self.flops_per_pair,
             "routed_flop_reduction": 1.0 - self.executed_pairs / native if native else 0.0,
             "k_histogram": {str(k): n for k, n in enumerate(self.k_histogram)},
+            "policy_flops": self.tokens * self.policy_flops_per_token,
         }
 
 
@@ -85,6 +88,7 @@ class ProfileReport:
         routed = sum(d["routed_flops"] for d in per_layer)
         native_routed = sum(d["native_routed_flops"] for d in per_layer)
         dense = self.shared_expert_flops + self.attention_flops + self.other_flops
+        policy_flops = sum(d["policy_flops"] for d in per_layer)
         hist: dict[str, int] = {}
         for layer in self.layers:
             for k, n in enumerate(layer.k_histogram):
@@ -105,9 +109,11 @@ class ProfileReport:
             "attention_flops": self.attention_flops,
             "other_flops": self.other_flops,
             "dense_flops_measured": self.dense_measured,
-            "total_flops": routed + dense,
+            "policy_flops": policy_flops,
+            "policy_flop_fraction": policy_flops / native_routed if native_routed else 0.0,
+            "total_flops": routed + dense + policy_flops,
             "native_total_flops": native_routed + dense,
-            "total_flop_reduction": (native_routed - routed) / (native_routed + dense)
+            "total_flop_reduction": (native_routed - routed - policy_flops) / (native_routed + dense)
             if native_routed
             else 0.0,
             "k_histogram": hist,
@@ -132,6 +138,8 @@ class ProfileReport:
             f"k histogram (tokens x layers): {hist}",
             f"routed-expert FLOPs: {d['routed_flops']:.4g} of native {d['native_routed_flops']:.4g} "
             f"-> {d['routed_flop_reduction']:.1%} fewer",
+            f"policy FLOPs (the allocator's own, not routed): {d['policy_flops']:.4g} "
+            f"= {d['policy_flop_fraction']:.2%} of native routed",
             f"shared-expert FLOPs: {d['shared_expert_flops']:.4g}   "
             f"attention FLOPs: {d['attention_flops']:.4g}   other dense FLOPs: {d['other_flops']:.4g}",
             f"whole model: {d['total_flops']:.4g} of native {d['native_total_flops']:.4g} "

@@ -90,9 +90,16 @@ class PatchLayer(Protocol):
         ...
 
 
-def validate_policy(policy: Any, layers: Sequence[PatchLayer]) -> None:
+def validate_policy(
+    policy: Any, layers: Sequence[PatchLayer], *, family: str | None = None, router_input: bool = False
+) -> None:
     """Check ``policy`` against every layer; raise :class:`~dynamic_moe_router.PolicyError` naming the
-    first layer it does not fit (or override indices that name no MoE layer)."""
+    first layer it does not fit (or override indices that name no MoE layer).
+
+    ``router_input``: whether the patch hands policies the router input ``h`` (the torch patch
+    does); a policy that reads it (a learned allocator) is refused elsewhere, and checked against
+    the model (``policy.check_model(family, layers)``) where it runs.
+    """
     from ..policies import RoutingPolicy
 
     if not isinstance(policy, RoutingPolicy):
@@ -100,6 +107,14 @@ def validate_policy(policy: Any, layers: Sequence[PatchLayer]) -> None:
             f"policy must be a RoutingPolicy (e.g. dmr.TopP(p=0.6)), got {type(policy).__name__}",
             field="policy",
         )
+    if policy.reads_router_input:
+        if not router_input:
+            raise PolicyError(
+                f"{policy.type_name}: this policy reads the router input h, which only dmr.patch on a "
+                "transformers (torch) model provides; use a score policy here",
+                field="policy",
+            )
+        policy.check_model(family, layers)  # type: ignore[attr-defined]
     indices = sorted({layer.index for layer in layers})
     stray = sorted(set(policy.layers()) - set(indices))
     if stray:
@@ -152,6 +167,8 @@ class PatchHandleBase:
     handle_attr: ClassVar[str] = "_dmr_patch_handle"
     #: how messages name the patched thing (``"keras-hub "`` for keras-hub models)
     kind: ClassVar[str] = ""
+    #: whether the patched routers hand policies the router input (see :func:`validate_policy`)
+    router_input: ClassVar[bool] = False
 
     def __init__(self, model: Any, layers: Sequence[Any], policy: Any, *, family: str) -> None:
         self._model = model
@@ -214,7 +231,7 @@ class PatchHandleBase:
             raise NotPatchedError(
                 f"this {self.kind}patch was already undone; patch the model again instead of set_policy"
             )
-        validate_policy(policy, self.layers)
+        validate_policy(policy, self.layers, family=self.family, router_input=self.router_input)
         self._policy_changed(policy)
         self.policy = policy
 

@@ -23,13 +23,15 @@ import torch
 from .. import core
 from .._deprecation import warn_renamed
 from ..backends import BACKENDS
+from ..core import Selected
 from ..core._torch import TORCH_OPS
-from ..errors import PolicyError, UnsupportedModeError, UnsupportedModelError
+from ..errors import PolicyError, RoutingInputError, UnsupportedModeError, UnsupportedModelError
 from ..experts import ExpertsCounter, experts_forward, resolve_backend
 from ..policies import RoutingPolicy, StaticTopK
 from ..routing import finish, select
 from .families import FamilySpec
 from .layers import MoELayer, find_moe_layers, model_family, unwrap
+from .scoring import RouterScores
 
 __all__ = ["PatchHandle", "PatchOptions", "get_patch", "patch", "patched", "unpatch"]
 
@@ -76,6 +78,7 @@ class DynamicRouter:
         self.options = options
         self.output_order = family.router_output_order(transformers.__version__)
         self._compiled: Any = None
+        self.compensation: torch.Tensor | None = None  # (T, H), handed to the experts forward
         self.set_policy(policy)
 
     def set_policy(self, policy: RoutingPolicy) -> None:
@@ -83,6 +86,7 @@ class DynamicRouter:
         layer_policy.k_range(self.layer.native_k, self.layer.num_experts)  # raises PolicyError early
         self.policy = policy
         self._compiled = None  # recompiled for the new policy on the next call
+        self.compensation = None
 
     @property
     def renormalize(self) -> bool:
@@ -106,18 +110,23 @@ class DynamicRouter:
             # every layer guards its own router, so one code object gets one entry per layer: lift
             # dynamo's per-code-object limit (8) for this call, or layers past the 8th run uncompiled
             with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-                logits, ids, weights = self._compiled(h)
+                logits, ids, weights, comp = self._compiled(h)
         else:
-            logits, ids, weights = self._route(h)
+            logits, ids, weights, comp = self._route(h)
+        self.compensation = comp  # added to the experts' output by this layer's DynamicExperts
         if self.options.validate and h.shape[0]:
             core.check_finite(TORCH_OPS, "logits", logits, layer.index, allow_neg_inf=False)
         outputs = {"logits": logits, "weights": weights, "ids": ids}
         return tuple(outputs[name] for name in self.output_order)
 
-    def _route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Scores, policy, weights and sentinel for ``h (T, H)``: no host synchronisation."""
+    def _route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Scores, policy, weights, sentinel (and a learned allocator's compensation ``(T, H)``) for
+        ``h (T, H)``: no host synchronisation."""
         layer, router = self.layer, self.layer.router
         sc = self.family.scorer.scores(router, h, self.family.logits_dtype)
+        layer_policy = self.policy.for_layer(layer.index)
+        if layer_policy.reads_router_input:
+            return self._route_by_mask(layer_policy, h, sc)
         sel = select(
             sc.select, self.policy, native_k=layer.native_k, probs=sc.probs, layer=layer.index, validate=False
         )
@@ -125,20 +134,107 @@ class DynamicRouter:
             router, sc, sel, self.renormalize, h.dtype, self.family.weights_dtype
         )
         routing = finish(sel, weights)
-        return sc.logits, routing.ids, routing.weights
+        return sc.logits, routing.ids, routing.weights, None
+
+    def _route_by_mask(
+        self, policy: Any, h: torch.Tensor, sc: RouterScores
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Routing of a policy that returns a keep mask per ranked slot (a learned allocator).
+
+        A bool mask keeps any subset of the ranked slots: the kept ones are packed to the front (in
+        rank order), so the routing contract holds. A float mask (training: hard values with a
+        straight-through gradient) keeps every slot in the experts forward and scales each slot's
+        weight by its mask value, with the family's own weight rule, so gradients reach the mask.
+
+        With compensation (the policy holds per-expert mean outputs), kept slots keep their native
+        weights (no renormalisation over the kept ones) and each dropped native slot adds its native
+        weight times its expert's mean output: the fourth return value ``(T, H)``.
+        """
+        layer, router, scorer = self.layer, self.layer.router, self.family.scorer
+        num_experts = sc.select.shape[-1]
+        _, k_max = policy.k_range(layer.native_k, num_experts)
+        top, ranked = torch.topk(sc.select, k_max, dim=-1)  # (T, k_max), rank order
+        finite = torch.isfinite(top)  # (T, k_max): False = excluded by the family
+        ranked_probs = sc.probs.gather(1, ranked).float()  # (T, k_max)
+        mask = _at_least_top(policy.keep_mask(h, ranked_probs, sc.probs.float(), layer.index), finite)
+        wdtype = self.family.weights_dtype
+        means = policy.layer_means(layer.index, h.device) if policy.compensated else None  # (E, H)
+        if means is not None:
+            return self._compensated(sc, ranked, finite, mask, means, h)
+        if mask.dtype == torch.bool:
+            # weights on the family's ranking (sparsemixer's depend on the experts ranked before),
+            # then the kept slots packed first
+            sel = Selected(ranked_ids=ranked, keep=mask, counts=mask.sum(-1), num_experts=num_experts)
+            weights = scorer.weights(router, sc, sel, self.renormalize, h.dtype, wdtype)
+            order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)  # kept slots first
+            ranked, keep, weights = ranked.gather(1, order), mask.gather(1, order), weights.gather(1, order)
+            sel = Selected(ranked_ids=ranked, keep=keep, counts=sel.counts, num_experts=num_experts)
+        else:
+            sel = Selected(ranked_ids=ranked, keep=finite, counts=finite.sum(-1), num_experts=num_experts)
+            raw = scorer.weights(router, sc, sel, False, h.dtype, wdtype)  # (T, k_max)
+            soft = raw.float() * mask
+            if self.renormalize:  # the family's rule over the (soft) kept slots; keeps its scale
+                full = scorer.weights(router, sc, sel, True, h.dtype, wdtype).float().sum(-1, keepdim=True)
+                soft = soft / soft.sum(-1, keepdim=True).clamp_min(1e-9) * full
+            weights = soft.to(raw.dtype)
+        routing = finish(sel, weights)
+        return sc.logits, routing.ids, routing.weights, None
+
+    def _compensated(
+        self,
+        sc: RouterScores,
+        ranked: torch.Tensor,  # (T, k_max) int, k_max == native k
+        finite: torch.Tensor,  # (T, k_max) bool
+        mask: torch.Tensor,  # (T, k_max) bool, or float in training
+        means: torch.Tensor,  # (E, H) fp32 mean output of each expert
+        h: torch.Tensor,  # (T, H)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        num_experts = sc.select.shape[-1]
+        sel = Selected(ranked_ids=ranked, keep=finite, counts=finite.sum(-1), num_experts=num_experts)
+        native = self.family.scorer.weights(
+            self.layer.router, sc, sel, self.renormalize, h.dtype, self.family.weights_dtype
+        )  # (T, k_max): the native weights of the native slots
+        keep = mask
+        dropped = native.float() * (~keep if keep.dtype == torch.bool else 1.0 - keep) * finite  # (T, k_max)
+        # 2 * k_max * H FLOPs per token (LearnedAllocator.overhead_flops counts them)
+        comp = torch.einsum("tk,tkh->th", dropped, means[ranked])  # (T, H)
+        if keep.dtype == torch.bool:
+            weights = torch.where(keep, native, torch.zeros_like(native))
+            order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # kept slots first
+            ranked, keep, weights = ranked.gather(1, order), keep.gather(1, order), weights.gather(1, order)
+            sel = Selected(ranked_ids=ranked, keep=keep, counts=keep.sum(-1), num_experts=num_experts)
+        else:  # training: every slot computed, weights scaled by the (straight-through) mask
+            weights = (native.float() * keep).to(native.dtype)
+        routing = finish(sel, weights)
+        return sc.logits, routing.ids, routing.weights, comp
+
+
+def _at_least_top(mask: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """``mask (T, k_max)`` limited to the slots the family allows (``finite``), with the top slot kept
+    where nothing else is (bool; a float training mask gets the top slot's 1.0 there)."""
+    first = torch.zeros_like(finite)
+    first[:, 0] = True
+    if mask.dtype == torch.bool:
+        keep = mask & finite
+        return keep | (first & ~keep.any(-1, keepdim=True))
+    keep = mask * finite
+    return torch.where((keep.detach() > 0).any(-1, keepdim=True), keep, first.to(keep.dtype))
 
 
 class DynamicExperts:
     """Replacement experts forward: computes the kept pairs only and counts them."""
 
-    def __init__(self, layer: MoELayer, family: FamilySpec, options: PatchOptions) -> None:
+    def __init__(
+        self, layer: MoELayer, family: FamilySpec, options: PatchOptions, router: DynamicRouter
+    ) -> None:
         self.layer = layer
         self.layout = family.layout
         self.backend = options.backend
         self.counter = ExpertsCounter()
+        self.router = router
 
     def __call__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        return experts_forward(
+        out = experts_forward(
             self.layer.experts,
             hidden_states,
             top_k_index,
@@ -147,6 +243,16 @@ class DynamicExperts:
             backend=self.backend,
             counter=self.counter,
         )
+        comp, self.router.compensation = self.router.compensation, None
+        if comp is not None:  # (T, H): the dropped native slots' weighted mean outputs
+            if comp.shape != out.shape:
+                raise RoutingInputError(
+                    f"MoE layer {self.layer.index}: the compensation of the router's last call has shape "
+                    f"{tuple(comp.shape)}, the experts output {tuple(out.shape)}; the block must call its "
+                    "router, then its experts, on the same tokens"
+                )
+            out = out + comp.to(out.device, out.dtype)
+        return out
 
 
 def _forward_slot(module: torch.nn.Module) -> str:
@@ -171,6 +277,7 @@ class PatchHandle(core.PatchHandleBase):
     """
 
     handle_attr = _HANDLE_ATTR
+    router_input = True
 
     def __init__(
         self,
@@ -186,7 +293,10 @@ class PatchHandle(core.PatchHandleBase):
         self.options = options
         self.skipped = skipped
         self.routers = [DynamicRouter(layer, family, policy, options) for layer in layers]
-        self.experts = [DynamicExperts(layer, family, options) for layer in layers]
+        self.experts = [
+            DynamicExperts(layer, family, options, router)
+            for layer, router in zip(layers, self.routers, strict=True)
+        ]
 
     @property
     def spec(self) -> FamilySpec:
@@ -296,7 +406,7 @@ def patch(
         warnings.warn(
             f"dynamic-moe-router: leaving unknown MoE-like blocks unpatched: {unknown}", stacklevel=2
         )
-    core.validate_policy(policy, layers)
+    core.validate_policy(policy, layers, family=family.model_type, router_input=True)
     _check_backend(options, layers, family)
     return core.apply_replacing(PatchHandle(target, family, layers, policy, options, unknown), existing)
 

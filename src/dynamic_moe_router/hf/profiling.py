@@ -67,7 +67,16 @@ def profile(model: torch.nn.Module, *, count_dense: bool = True) -> Iterator[Pro
     counters = [e.counter for e in handle.experts] if handle is not None else [None] * len(layers)
     start = [c.executed_pairs if c is not None else 0 for c in counters]
     stats = [
-        LayerStats(layer.index, layer.num_experts, layer.native_k, layer.flops_per_pair) for layer in layers
+        LayerStats(
+            layer.index,
+            layer.num_experts,
+            layer.native_k,
+            layer.flops_per_pair,
+            policy_flops_per_token=0
+            if handle is None
+            else handle.policy.for_layer(layer.index).overhead_flops(layer.hidden_size),
+        )
+        for layer in layers
     ]
     report = ProfileReport(
         family=family.model_type,
@@ -120,4 +129,5 @@ def _split_dense(report: ProfileReport, root: torch.nn.Module, layers: list[MoEL
     attention = sum(total(n) for n in {v for v in names.values() if v.endswith("self_attn")})
     report.shared_expert_flops = shared
     report.attention_flops = attention
-    report.other_flops = whole - routed - shared - attention
+    policy = sum(st.to_dict()["policy_flops"] for st in report.layers)  # counted apart
+    report.other_flops = whole - routed - shared - attention - policy

@@ -4,10 +4,12 @@ from ._base import POLICY_REGISTRY, RoutingPolicy, register_policy
 from ._builtin import EntropyAdaptive, RelativeThreshold, StaticTopK, TopP
 from ._io import load_policy, parse_policy, policy_from_dict, policy_to_dict, save_policy
 from ._per_layer import PerLayer
+from .learned import LearnedAllocator
 
 __all__ = [
     "POLICY_REGISTRY",
     "EntropyAdaptive",
+    "LearnedAllocator",
     "PerLayer",
     "RelativeThreshold",
     "RoutingPolicy",

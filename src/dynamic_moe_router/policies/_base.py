@@ -39,6 +39,10 @@ class RoutingPolicy:
     type_name: ClassVar[str] = ""
     #: Version of the policy's file schema; bumped when fields change meaning.
     version: ClassVar[int] = 1
+    #: True for policies that read the router input ``h`` and choose a keep mask per ranked slot
+    #: (:class:`~dynamic_moe_router.LearnedAllocator`): they implement ``keep_mask(h,
+    #: ranked_probs, probs, layer)`` and run through ``dmr.patch`` only.
+    reads_router_input: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -86,6 +90,11 @@ class RoutingPolicy:
 
         return self.keep_counts_ops(TORCH_OPS, ranked_probs, probs, k_min, k_max)
 
+    def overhead_flops(self, hidden_size: int) -> int:
+        """Matmul FLOPs the policy itself spends per token and MoE layer (0 for score policies;
+        reported apart from the routed-expert FLOPs by :func:`dynamic_moe_router.profile`)."""
+        return 0
+
     def for_layer(self, layer: int | None) -> RoutingPolicy:
         """The policy that applies to MoE layer ``layer`` (itself, except for :class:`PerLayer`)."""
         return self
@@ -107,6 +116,8 @@ class RoutingPolicy:
         """A short human-readable description, e.g. ``top_p(p=0.6, min_k=1, max_k=native)``."""
         parts = []
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if f.metadata.get("json", True) is False:
+                continue
             value = getattr(self, f.name)
             parts.append(f"{f.name}={'native' if value is None else value}")
         return f"{self.type_name}({', '.join(parts)})"
@@ -133,6 +144,8 @@ def policy_to_dict(policy: RoutingPolicy) -> dict[str, Any]:
     """Serialise a policy (recursively for ``PerLayer``) to a JSON-ready dict."""
     data: dict[str, Any] = {}
     for f in dataclasses.fields(policy):  # type: ignore[arg-type]
+        if f.metadata.get("json", True) is False:  # e.g. a learned policy's tensors (own file)
+            continue
         value = getattr(policy, f.name)
         if isinstance(value, RoutingPolicy):
             value = policy_to_dict(value)

@@ -24,7 +24,7 @@ from ._base import POLICY_REGISTRY, RoutingPolicy, policy_to_dict, save_policy
 __all__ = ["load_policy", "parse_policy", "policy_from_dict", "policy_to_dict", "save_policy"]
 
 
-def policy_from_dict(obj: Any, *, where: str = "policy") -> RoutingPolicy:
+def policy_from_dict(obj: Any, *, where: str = "policy", base_dir: Path | None = None) -> RoutingPolicy:
     """Build a policy from :func:`policy_to_dict` output; every problem raises ``PolicyFileError``."""
     if not isinstance(obj, dict):
         raise PolicyFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -48,6 +48,9 @@ def policy_from_dict(obj: Any, *, where: str = "policy") -> RoutingPolicy:
     data = obj["_data"]
     if not isinstance(data, dict):
         raise PolicyFileError(f"{where}: '_data' must be an object, got {type(data).__name__}")
+    from_file_data = getattr(cls, "from_file_data", None)
+    if from_file_data is not None:  # a policy with its own file layout (LearnedAllocator's weights)
+        return from_file_data(data, where=where, base_dir=base_dir)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(data) - names
     if unknown:
@@ -101,7 +104,7 @@ def load_policy(path: str | os.PathLike[str]) -> RoutingPolicy:
         raise PolicyFileError(f"policy file {str(p)!r} is not valid JSON: {err}") from err
     except UnicodeDecodeError as err:
         raise PolicyFileError(f"policy file {str(p)!r} is not UTF-8 text: {err}") from err
-    return policy_from_dict(obj, where=str(p))
+    return policy_from_dict(obj, where=str(p), base_dir=p.parent)
 
 
 def parse_policy(text: str) -> RoutingPolicy:

@@ -47,7 +47,9 @@ class PerLayer(RoutingPolicy):
 
     def __post_init__(self) -> None:
         if self.default is not None and (
-            not isinstance(self.default, RoutingPolicy) or isinstance(self.default, PerLayer)
+            not isinstance(self.default, RoutingPolicy)
+            or isinstance(self.default, PerLayer)
+            or self.default.reads_router_input
         ):
             raise PolicyError(
                 f"per_layer: default must be a non-PerLayer policy or None, got {self.default!r}",
@@ -65,9 +67,10 @@ class PerLayer(RoutingPolicy):
                     f"per_layer: override keys must be layer indices (int >= 0), got {key!r}",
                     field="overrides",
                 )
-            if not isinstance(pol, RoutingPolicy) or isinstance(pol, PerLayer):
+            if not isinstance(pol, RoutingPolicy) or isinstance(pol, PerLayer) or pol.reads_router_input:
                 raise PolicyError(
-                    f"per_layer: override for layer {key} must be a non-PerLayer policy, got {pol!r}",
+                    f"per_layer: override for layer {key} must be a score policy (not PerLayer or a learned "
+                    f"allocator, which already has one head per layer), got {type(pol).__name__}",
                     field="overrides",
                 )
             clean[key] = pol

@@ -31,6 +31,7 @@ FAMILY_NAMES = {
     "entropy": "entropy-adaptive",
     "lu_median": "relative threshold, per-layer median (Lu et al.)",
     "calibrated": "calibrated to the target (dmr calibrate)",
+    "learned": "learned allocator (per-layer heads; committed, budget fitted on valid)",
 }
 #: the accuracy targets of the bench: routed-FLOP reductions and the perplexity budget (percent)
 ROUTED_TARGETS = (30.0,)
@@ -78,10 +79,19 @@ def plot_pareto(payload: dict[str, Any], path: str | Path) -> None:
             rows = sorted(rows, key=lambda r: r["routed_flop_reduction"])
             xs = [100 * r["routed_flop_reduction"] for r in rows]
             ys = [100 * r["ppl_rel_change"] for r in rows]
-            style = {"marker": "*", "markersize": 13} if family == "calibrated" else {"marker": "o"}
+            style = {"marker": "o"}
+            if family in ("calibrated", "learned"):
+                style = {"marker": "*" if family == "calibrated" else "P", "markersize": 11}
             ax.plot(
                 xs, ys, label=FAMILY_NAMES.get(family, family),
                 linestyle="-" if len(rows) > 1 else "none", **style,
+            )  # fmt: skip
+        ceiling = payload.get("ceiling", {}).get(Path(result["model"]).name)
+        if ceiling:
+            xs, ys = zip(*((100 * r, 100 * c) for r, c in ceiling["points"]), strict=True)
+            ax.plot(
+                xs, ys, color="grey", linestyle="--", marker=".", linewidth=1.2,
+                label="oracle ceiling (hindsight allocation on the test text, selection only)",
             )  # fmt: skip
         ax.axhline(PPL_BUDGET, color="grey", linewidth=0.9, linestyle="--")
         ax.annotate(

@@ -9,7 +9,10 @@ static baselines, a sweep of each dynamic policy family and the calibrated polic
 * ``lu_median``: relative threshold with a per-layer ``beta`` = the median ratio of the last native
   candidate's probability to the top one on the valid split (Lu et al. 2024, generalised to any k);
 * ``top_p`` (Huang et al. 2024), ``relative_threshold`` and ``entropy`` over fixed operating points;
-* ``calibrated``: ``calibrate(target_reduction=0.35)`` on the valid split (all families, per layer).
+* ``calibrated``: ``calibrate(target_reduction=0.35)`` on the valid split (the score-policy families,
+  per layer; the learned family trains, which the sweep leaves to the committed allocators);
+* ``learned``: the learned allocators committed beside the checkpoint
+  (``MODEL/allocators/learned-t*.json``, trained on the train split, budget fitted on valid).
 
 Quality: perplexity on the first ``ppl_tokens`` tokens of the Gutenberg test split (windows of
 512), BLiMP (the first ``blimp_limit`` pairs of each of its 67 paradigms) and LAMBADA (the first
@@ -42,7 +45,7 @@ from .._atomic import write_text_atomic
 from .._progress import Progress
 from .._progress import task as _task
 from .._version import __version__
-from ..calibrate import calibrate, calibration_windows
+from ..calibrate import KNOBS, calibrate, calibration_windows
 from ..data import data_file, read_jsonl
 from ..errors import PolicyError, ResumeError
 from ..eval import evaluate, load_checkpoint
@@ -55,6 +58,7 @@ from ..policies import (
     RoutingPolicy,
     StaticTopK,
     TopP,
+    load_policy,
     policy_from_dict,
 )
 
@@ -71,7 +75,11 @@ __all__ = [
 ]
 
 #: the point families of the sweep, in order (``native`` is always run: every change is against it)
-FAMILIES = ("native", "static", "lu_median", "top_p", "relative_threshold", "entropy", "calibrated")
+FAMILIES = (
+    "native", "static", "lu_median", "top_p", "relative_threshold", "entropy", "calibrated", "learned"
+)  # fmt: skip
+#: where a checkpoint's committed learned allocators live (``learned`` points), relative to it
+ALLOCATORS_GLOB = "allocators/learned-t*.json"
 RESULT_NAME = "quality_flops.json"
 PARTIAL_NAME = "quality_flops.partial.json"
 PLOT_NAME = "pareto.png"
@@ -165,14 +173,16 @@ def _static_per_layer(model, windows: torch.Tensor, target: float) -> RoutingPol
 class _Point:
     family: str
     label: str
-    make: Callable[[], RoutingPolicy | None]
+    make: Callable[[], RoutingPolicy | Path | None]  # a Path: a policy file (a learned allocator)
 
 
 class _Model:
     """One model's sweep: its points (policies made lazily, the expensive ones only when reached)."""
 
-    def __init__(self, model, tokenizer, settings: BenchSettings, state: dict[str, Any], save, log, progress):  # type: ignore[no-untyped-def]
-        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+    def __init__(
+        self, model, tokenizer, settings: BenchSettings, state: dict[str, Any], save, log, progress, path=None
+    ):  # type: ignore[no-untyped-def]
+        self.model, self.tokenizer, self.settings, self.path = model, tokenizer, settings, path
         self.state, self.save, self.log, self.progress = state, save, log, progress
         self.layers = find_moe_layers(model)[0]
 
@@ -195,6 +205,7 @@ class _Model:
             documents=self.documents,
             tokens=s.calibration_tokens,
             iterations=s.calibration_iterations,
+            families=tuple(KNOBS),
             cache=cache,
             on_measure=lambda _: self.save(),
             progress=self.progress,
@@ -239,6 +250,8 @@ class _Model:
             for c in (0.5, 0.65, 0.8)
         ]
         pts.append(_Point("calibrated", "calibrated", self._calibrated))
+        for file in sorted(Path(self.path).glob(ALLOCATORS_GLOB)) if self.path is not None else ():
+            pts.append(_Point("learned", f"learned {file.stem.removeprefix('learned-')}", lambda f=file: f))
         return pts
 
     def policy(self, point: _Point) -> RoutingPolicy | None:
@@ -247,8 +260,24 @@ class _Model:
         if point.family == "native":
             return None
         if point.label not in made:
-            made[point.label] = point.make().to_dict()  # type: ignore[union-attr]
+            made_policy = point.make()
+            if isinstance(made_policy, Path):  # a policy file with its own weights file: kept by path
+                made[point.label] = {
+                    "file": portable_path(made_policy),
+                    "sha256": getattr(load_policy(made_policy), "sha256", None),
+                }
+            else:
+                made[point.label] = made_policy.to_dict()  # type: ignore[union-attr]
             self.save()
+        if "file" in made[point.label]:
+            file = Path(made[point.label]["file"])
+            policy = load_policy(file if file.is_absolute() else _REPO / file)
+            if getattr(policy, "sha256", None) != made[point.label]["sha256"]:
+                raise ResumeError(
+                    f"--resume: {file} was retrained since the partial run began (its weights differ); "
+                    "rerun without --resume"
+                )
+            return policy
         return policy_from_dict(made[point.label])
 
 
@@ -263,7 +292,7 @@ def _bench_model(  # type: ignore[no-untyped-def]
     path: Path, settings: BenchSettings, state: dict[str, Any], save, log, progress, families
 ) -> dict[str, Any]:
     model, tokenizer = load_checkpoint(path)
-    sweep = _Model(model, tokenizer, settings, state, save, log, progress)
+    sweep = _Model(model, tokenizer, settings, state, save, log, progress, path)
     layers = sweep.layers
     points = sweep.points(families)
     rows: list[dict[str, Any]] = state.setdefault("rows", [])
@@ -382,6 +411,36 @@ def _load_partial(partial: Path, header: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+#: the hindsight oracle's result (``benchmarks/oracle.py``), drawn as the ceiling when it was run on
+#: the same test windows as the sweep
+ORACLE_RESULT = _REPO / "benchmarks" / "results" / "oracle.json"
+
+
+def _oracle_ceiling(settings: BenchSettings, models: list[str]) -> dict[str, Any]:
+    """Per model, the oracle's selection-only points (reduction, perplexity change) from
+    :data:`ORACLE_RESULT`, when it exists and scored the same number of test tokens."""
+    try:
+        oracle = json.loads(ORACLE_RESULT.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, Any] = {}
+    for m in oracle.get("models", []) if isinstance(oracle, dict) else []:
+        if (
+            not isinstance(m, dict)
+            or m.get("model") not in models
+            or m.get("test_tokens") != settings.ppl_tokens
+        ):
+            continue  # the ceiling is drawn only for the same first ppl_tokens test tokens
+        points = [
+            [p["reduction"], p["ppl_change"]]
+            for p in m.get("points", [])
+            if isinstance(p, dict) and p.get("kind") == "oracle" and {"reduction", "ppl_change"} <= set(p)
+        ]
+        if points:
+            out[m["model"]] = {"source": portable_path(ORACLE_RESULT), "points": sorted(points)}
+    return out
+
+
 def run_bench(  # type: ignore[no-untyped-def]
     models: list[Path],
     out_dir: Path,
@@ -449,6 +508,9 @@ def run_bench(  # type: ignore[no-untyped-def]
         "wall_s": round(time.time() - start, 1),
         "models": results,
     }
+    ceiling = _oracle_ceiling(settings, [Path(r["model"]).name for r in results])
+    if ceiling:
+        payload["ceiling"] = ceiling
     if families != FAMILIES:
         payload["families"] = list(families)
     write_text_atomic(out_dir / RESULT_NAME, json.dumps(payload, indent=1) + "\n")

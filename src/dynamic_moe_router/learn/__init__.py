@@ -1,0 +1,18 @@
+"""Learned allocation: train a :class:`~dynamic_moe_router.LearnedAllocator` on a frozen model.
+
+* :mod:`.windows`: training and budget windows spread over the documents of a corpus;
+* :mod:`.trainer`: :func:`train_allocator` (distillation with a routed-FLOP budget) and
+  :func:`fit_budget` (the logit offset that lands a trained allocator on a target reduction).
+"""
+
+from .trainer import AllocatorTraining, expert_means, fit_budget, measure_reduction, train_allocator
+from .windows import spread_windows
+
+__all__ = [
+    "AllocatorTraining",
+    "expert_means",
+    "fit_budget",
+    "measure_reduction",
+    "spread_windows",
+    "train_allocator",
+]

@@ -1,0 +1,450 @@
+"""Distil a :class:`~dynamic_moe_router.LearnedAllocator` on a frozen model, then fit its budget.
+
+Training (the model's own weights never change; their ``requires_grad`` flags and train/eval mode
+are restored afterwards):
+
+* the model is patched with trainable heads; every step runs the native model (the teacher) and
+  the patched one on a batch of windows;
+* loss = KL(native || dynamic) of the next-token distributions, per token, plus
+  ``lambda * (kept-pair fraction)``; ``lambda`` rises by dual ascent while the batch's hard
+  reduction is below the target, so it settles where the budget holds;
+* masks are straight-through Bernoulli: logistic noise on the keep-logits, a hard 0/1 mask forward,
+  the sigmoid's gradient backward; the experts compute every ranked slot during training, so the
+  gradient of the loss with respect to each slot's mask is pathwise (no reinforcement learning).
+
+Budget: :func:`fit_budget` bisects one global logit offset so that the routed-FLOP reduction measured
+by the library's own pair counters lands on the target on budget text (tune on valid, not test).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .._progress import Progress, task
+from .._version import __version__
+from ..errors import PolicyError, TargetUnreachableError
+from ..hf.layers import find_moe_layers, model_family, unwrap
+from ..hf.patching import patched
+from ..policies import RoutingPolicy
+from ..policies.learned import LearnedAllocator, allocator_logits
+
+__all__ = ["AllocatorTraining", "expert_means", "fit_budget", "measure_reduction", "train_allocator"]
+
+
+@dataclass(frozen=True)
+class AllocatorTraining:
+    """How :func:`train_allocator` trains (the defaults train the reference models in about 7 minutes
+    on 2 CPU cores).
+
+    Attributes:
+        target_reduction: routed-FLOP reduction the budget term aims at (and the offset is fit to).
+        k_max: ranked slots a head chooses among; ``None`` = the native k (more let hard tokens take
+            extra experts; on the reference models that bought nothing, see ORACLE_NOTES.md).
+        steps: optimiser steps.
+        batch_windows: windows per step.
+        lr: Adam learning rate of the heads.
+        lambda_lr: dual-ascent rate of the budget multiplier.
+        seed: seeds the batch order and the mask noise.
+        offset_iterations: bisection steps of :func:`fit_budget` after training.
+        noise_final: scale of the logistic mask noise at the last step (it falls linearly from 1):
+            less noise late in training trains the heads for the deterministic masks of inference.
+        compensation: replace each dropped native slot by its expert's mean output on the training
+            windows (weighted by the slot's native weight); trained with it on.
+        means_windows: training windows the compensation means are computed on.
+    """
+
+    target_reduction: float = 0.35
+    k_max: int | None = None
+    steps: int = 400
+    batch_windows: int = 4
+    lr: float = 3e-3
+    lambda_lr: float = 0.1
+    seed: int = 0
+    offset_iterations: int = 10
+    noise_final: float = 1.0
+    compensation: bool = True
+    means_windows: int = 64
+
+    def __post_init__(self) -> None:
+        t = self.target_reduction
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0:
+            raise PolicyError(f"target_reduction must be in (0, 1), got {t!r}", field="target_reduction")
+        if not isinstance(self.compensation, bool):
+            raise PolicyError(
+                f"compensation must be True or False, got {self.compensation!r}", field="compensation"
+            )
+        checks = (
+            ("steps", 1),
+            ("batch_windows", 1),
+            ("seed", 0),
+            ("offset_iterations", 1),
+            ("means_windows", 1),
+        )
+        for name, minimum in checks:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise PolicyError(f"{name} must be an integer >= {minimum}, got {value!r}", field=name)
+        if self.k_max is not None and (
+            isinstance(self.k_max, bool) or not isinstance(self.k_max, int) or self.k_max < 1
+        ):
+            raise PolicyError(f"k_max must be None or an integer >= 1, got {self.k_max!r}", field="k_max")
+        if self.compensation and self.k_max is not None:
+            raise PolicyError(
+                "compensation replaces dropped native slots, so k_max must be None (the native k); pass "
+                "compensation=False to train heads with extra slots",
+                field="k_max",
+            )
+        n = self.noise_final
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not 0.0 <= n <= 1.0:
+            raise PolicyError(f"noise_final must be in [0, 1], got {n!r}", field="noise_final")
+        for name in ("lr", "lambda_lr"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (value > 0 and math.isfinite(value))
+            ):
+                raise PolicyError(f"{name} must be a positive number, got {value!r}", field=name)
+
+
+class _TrainableHeads(RoutingPolicy):
+    """The heads during training: a keep-mask policy whose masks carry a straight-through gradient."""
+
+    reads_router_input = True
+    type_name = "learned (training)"
+
+    def __init__(self, template: LearnedAllocator, seed: int) -> None:
+        assert template.params is not None
+        self.template = template
+        self.weight = torch.nn.Parameter(template.params["weight"].clone())  # (L, k_max, D)
+        self.bias = torch.nn.Parameter(template.params["bias"].clone())  # (L, k_max)
+        self.rows = {layer: row for row, layer in enumerate(template.moe_layers)}
+        self.native = False  # True: keep exactly the native top-k (the teacher)
+        self.noise = 1.0  # scale of the logistic noise
+        self.soft: list[torch.Tensor] = []  # per layer: mean soft kept slots per token
+        self.hard: list[float] = []  # per layer: mean hard kept slots per token
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def k_range(self, native_k: int, num_experts: int) -> tuple[int, int]:
+        return self.template.k_range(native_k, num_experts)
+
+    @property
+    def compensated(self) -> bool:
+        return self.template.compensated and not self.native
+
+    def layer_means(self, layer: int, device: Any) -> torch.Tensor:
+        return self.template.layer_means(layer, device)
+
+    def check_model(self, family: str, layers: Any) -> None:
+        self.template.check_model(family, layers)
+
+    def describe(self) -> str:
+        return "learned (training)"
+
+    def keep_mask(
+        self, h: torch.Tensor, ranked_probs: torch.Tensor, probs: torch.Tensor, layer: int
+    ) -> torch.Tensor:
+        k_max, native_k = self.template.k_max, self.template.native_k
+        if self.native:
+            return (torch.arange(k_max, device=h.device) < native_k).expand(h.shape[0], k_max)
+        row = self.rows[layer]
+        w, b = self.weight[row].to(h.device), self.bias[row].to(h.device)
+        z = allocator_logits(w, b, h, ranked_probs, probs)  # (T, k_max)
+        u = torch.rand(z.shape, generator=self.generator).to(z.device).clamp(1e-6, 1 - 1e-6)
+        z = z + self.noise * (u.log() - (-u).log1p())  # logistic noise: a Bernoulli sample
+        soft = torch.sigmoid(z)
+        hard = (z > 0).float()
+        first = torch.zeros_like(hard)
+        first[:, 0] = 1.0
+        hard = torch.where(hard.sum(-1, keepdim=True) == 0, first, hard)  # at least the top slot
+        self.soft.append(soft.sum(-1).mean())
+        self.hard.append(float(hard.sum(-1).mean()))
+        return hard + soft - soft.detach()
+
+    def export(self, offset: float, record: dict[str, Any]) -> LearnedAllocator:
+        params = {"weight": self.weight.detach().cpu().clone(), "bias": self.bias.detach().cpu().clone()}
+        t = self.template
+        if t.compensation:
+            assert t.params is not None
+            params["means"] = t.params["means"]
+        return LearnedAllocator(
+            family=t.family, moe_layers=t.moe_layers, hidden_size=t.hidden_size, num_experts=t.num_experts,
+            native_k=t.native_k, k_max=t.k_max, offset=offset, compensation=t.compensation, params=params,
+            record=record,
+        )  # fmt: skip
+
+
+def _check_windows(name: str, windows: Any) -> torch.Tensor:
+    if (
+        not isinstance(windows, torch.Tensor)
+        or windows.dim() != 2
+        or windows.dtype != torch.long
+        or windows.shape[1] < 2
+    ):
+        raise PolicyError(
+            f"{name} must be an int64 tensor (N, context + 1) of token ids (see dmr.learn.spread_windows), "
+            f"got {getattr(windows, 'shape', type(windows).__name__)}",
+            field=name,
+        )
+    if windows.shape[0] == 0:
+        raise PolicyError(f"{name} holds no window", field=name)
+    return windows
+
+
+def _check_reachable(native_k: int, target: float) -> None:
+    """Every token keeps at least one slot per layer: at most ``1 - 1 / native_k`` fewer pairs."""
+    most = 1.0 - 1.0 / native_k
+    if target > most + 1e-9:
+        raise TargetUnreachableError(
+            f"learned: a {target:.1%} reduction is out of reach of a native top-{native_k} model (every "
+            f"token keeps at least one expert per layer: at most {most:.1%}); lower the target"
+        )
+
+
+@torch.no_grad()
+def expert_means(model: Any, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """``(L, E, H)`` fp32: each MoE layer's per-expert mean (unweighted) output over the tokens the
+    native routing sends to it on ``windows`` (zero for an expert that gets none): the compensation
+    values of a dropped slot.
+
+    Example:
+        >>> import torch
+        >>> from dynamic_moe_router.hf.tiny import tiny_model
+        >>> from dynamic_moe_router.learn import expert_means
+        >>> expert_means(tiny_model("olmoe"), torch.randint(0, 64, (2, 9))).shape  # 2 layers, 8 experts, H 32
+        torch.Size([2, 8, 32])
+    """
+    from ..experts._forward import _expert_mlp
+    from ..hf.families import get_family
+
+    windows = _check_windows("windows", windows)
+    root = unwrap(model)
+    family = model_family(root)
+    layout = get_family(family.model_type).layout
+    layers = find_moe_layers(root, family)[0]
+    device = next(root.parameters()).device
+    sums = torch.zeros(len(layers), layers[0].num_experts, layers[0].hidden_size, device=device)
+    counts = torch.zeros(len(layers), layers[0].num_experts, device=device)
+
+    def hook(row: int, layer: Any):  # type: ignore[no-untyped-def]
+        def capture(module: Any, args: Any, kwargs: Any) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            ids = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if "index" in k)
+            flat = ids.reshape(-1)  # (T * k,)
+            tokens = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(ids.shape[1])
+            for e in torch.unique(flat[flat < layer.num_experts]).tolist():
+                rows = tokens[flat == e]
+                y = _expert_mlp(module, e, hidden[rows], layout).float()  # (n, H)
+                sums[row, e] += y.sum(0)
+                counts[row, e] += rows.numel()
+
+        return capture
+
+    was_training = root.training
+    root.eval()
+    handles = [
+        layer.experts.register_forward_pre_hook(hook(row, layer), with_kwargs=True)
+        for row, layer in enumerate(layers)
+    ]
+    try:
+        with patched(model, validate=False):
+            for start in range(0, len(windows), batch_size):
+                model(windows[start : start + batch_size, :-1].to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        root.train(was_training)
+    return (sums / counts.clamp_min(1).unsqueeze(-1)).cpu()
+
+
+@torch.no_grad()
+def measure_reduction(model: Any, policy: RoutingPolicy, windows: torch.Tensor, batch_size: int = 8) -> float:
+    """Routed-pair (= routed-FLOP) reduction of ``policy`` on ``windows``, from the patch's counters."""
+    root = unwrap(model)
+    layers = find_moe_layers(root, model_family(root))[0]
+    device = next(root.parameters()).device
+    with patched(model, policy, validate=False) as handle:
+        for start in range(0, len(windows), batch_size):
+            model(windows[start : start + batch_size, :-1].to(device))
+        executed = handle.executed_pairs()
+    tokens = windows[:, :-1].numel()
+    native = sum(tokens * layer.native_k for layer in layers)
+    return 1.0 - executed / native
+
+
+def fit_budget(
+    model: Any,
+    policy: LearnedAllocator,
+    windows: torch.Tensor,
+    target_reduction: float,
+    *,
+    iterations: int = 10,
+    batch_size: int = 8,
+    bracket: tuple[float, float] = (-8.0, 8.0),
+    on_step: Callable[[], None] | None = None,
+) -> tuple[LearnedAllocator, float]:
+    """Bisect the global logit offset so that the reduction on ``windows`` lands on the target.
+
+    Returns the policy with the probed offset whose reduction is the least that reaches the target
+    (the most aggressive one probed when none does), and that reduction.
+
+    Example:
+        >>> import torch, dynamic_moe_router as dmr
+        >>> from dynamic_moe_router.hf.tiny import tiny_model
+        >>> from dynamic_moe_router.learn import fit_budget
+        >>> model = tiny_model("olmoe")
+        >>> windows = torch.randint(0, 64, (4, 17))
+        >>> heads = dmr.LearnedAllocator.keep_native(model)  # equal logits: keep 4 of 4 slots, or 1
+        >>> pol, red = fit_budget(model, heads, windows, 0.6, iterations=6)
+        >>> red, pol.offset <= -4.0
+        (0.75, True)
+    """
+    windows = _check_windows("windows", windows)
+    if isinstance(target_reduction, bool) or not 0.0 < float(target_reduction) < 1.0:
+        raise PolicyError(
+            f"target_reduction must be in (0, 1), got {target_reduction!r}", field="target_reduction"
+        )
+    _check_reachable(policy.native_k, target_reduction)
+    lo, hi = bracket  # a larger offset keeps more slots
+    best: tuple[float, float] | None = None
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        red = measure_reduction(model, policy.with_offset(mid), windows, batch_size)
+        if on_step is not None:
+            on_step()
+        # the least reduction that reaches the target; the largest one while none does
+        reaches, best_reaches = red >= target_reduction, best is not None and best[1] >= target_reduction
+        if (
+            best is None
+            or (reaches and (not best_reaches or red < best[1]))
+            or (not best_reaches and red > best[1])
+        ):
+            best = (mid, red)
+        if red > target_reduction:
+            lo = mid
+        else:
+            hi = mid
+    assert best is not None
+    if best[1] < target_reduction - 0.01:
+        raise TargetUnreachableError(
+            f"learned: the largest reduction probed is {best[1]:.1%} (offset {best[0]:+.3g}), short of the "
+            f"{target_reduction:.1%} target; lower the target or widen the bracket {bracket}"
+        )
+    return policy.with_offset(best[0]), best[1]
+
+
+def train_allocator(
+    model: Any,
+    train_windows: torch.Tensor,
+    budget_windows: torch.Tensor,
+    config: AllocatorTraining | None = None,
+    *,
+    progress: Progress | None = None,
+) -> LearnedAllocator:
+    """Train per-layer keep-heads on the frozen ``model`` and fit their budget (see the module doc).
+
+    Args:
+        model: a transformers MoE model of a supported family (left unpatched and unchanged).
+        train_windows: ``(N, context + 1)`` token windows to distil on (the train split).
+        budget_windows: windows the offset is fitted on (the valid split, spread over documents).
+        config: :class:`AllocatorTraining` (default: its defaults).
+        progress: draws a bar with an ETA.
+
+    Returns:
+        A :class:`~dynamic_moe_router.LearnedAllocator` whose ``record`` holds the training record
+        (config, seconds, the loss curve, the reduction on the budget windows).
+
+    Example:
+        >>> import torch, dynamic_moe_router as dmr
+        >>> from dynamic_moe_router.hf.tiny import tiny_model
+        >>> model = tiny_model("mixtral")
+        >>> data = torch.randint(0, 64, (8, 17))
+        >>> cfg = dmr.AllocatorTraining(target_reduction=0.3, steps=3, batch_windows=2, offset_iterations=4)
+        >>> pol = dmr.train_allocator(model, data, data, cfg)
+        >>> pol.k_max, len(pol.moe_layers), pol.record["config"]["steps"]
+        (2, 2, 3)
+    """
+    config = AllocatorTraining() if config is None else config
+    train_windows = _check_windows("train_windows", train_windows)
+    budget_windows = _check_windows("budget_windows", budget_windows)
+    root = unwrap(model)
+    _check_reachable(find_moe_layers(root, model_family(root))[0][0].native_k, config.target_reduction)
+    means = expert_means(model, train_windows[: config.means_windows]) if config.compensation else None
+    template = LearnedAllocator.keep_native(root, config.k_max, means=means)
+    heads = _TrainableHeads(template, config.seed)
+    device = next(root.parameters()).device
+    params = list(root.parameters())
+    saved_flags = [p.requires_grad for p in params]
+    was_training = root.training
+    history: list[dict[str, float]] = []
+    bar = task(progress, f"training allocator ({config.target_reduction:.0%} fewer routed FLOPs)",
+               config.steps + config.offset_iterations)  # fmt: skip
+    start = time.perf_counter()
+    lam = 0.0
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        root.eval()
+        opt = torch.optim.Adam([heads.weight, heads.bias], lr=config.lr)
+        order = torch.Generator().manual_seed(config.seed)
+        with patched(model, heads, validate=False):
+            for step in range(config.steps):
+                pick = torch.randint(0, len(train_windows), (config.batch_windows,), generator=order)
+                batch = train_windows[pick].to(device)  # (B, context + 1)
+                heads.native = True
+                with torch.no_grad():
+                    teacher = torch.log_softmax(model(batch[:, :-1]).logits.float(), -1)  # (B, T, V)
+                heads.native = False
+                heads.noise = 1.0 + (config.noise_final - 1.0) * step / max(1, config.steps - 1)
+                heads.soft.clear()
+                heads.hard.clear()
+                student = torch.log_softmax(model(batch[:, :-1]).logits.float(), -1)  # (B, T, V)
+                kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
+                kept = torch.stack(heads.soft).mean() / template.native_k  # soft kept-pair fraction
+                reduction = 1.0 - sum(heads.hard) / len(heads.hard) / template.native_k
+                loss = kl + lam * kept
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                lam = max(0.0, lam + config.lambda_lr * (config.target_reduction - reduction))
+                if step % 10 == 0 or step == config.steps - 1:
+                    history.append(
+                        {"step": step, "kl": float(kl.detach()), "reduction": reduction, "lambda": lam}
+                    )
+                bar.advance()
+        train_seconds = time.perf_counter() - start
+        record: dict[str, Any] = {
+            "config": asdict(config),
+            "train_seconds": train_seconds,
+            "train_windows": int(train_windows.shape[0]),
+            "budget_windows": int(budget_windows.shape[0]),
+            "context": int(train_windows.shape[1] - 1),
+            "history": history,
+            "final_lambda": lam,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "dmr_version": __version__,
+        }
+        trained = heads.export(0.0, record)
+        fitted, reduction = fit_budget(
+            model, trained, budget_windows, config.target_reduction,
+            iterations=config.offset_iterations, on_step=bar.advance,
+        )  # fmt: skip
+    finally:
+        for p, flag in zip(params, saved_flags, strict=True):
+            p.requires_grad_(flag)
+        root.train(was_training)
+    bar.finish()
+    record["budget_reduction"] = reduction
+    record["offset"] = fitted.offset
+    record["total_seconds"] = time.perf_counter() - start
+    return fitted

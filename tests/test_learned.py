@@ -1,0 +1,380 @@
+"""The learned allocator: policy contract, files, patching for every family, training, typed errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dynamic_moe_router as dmr
+from dynamic_moe_router.hf.tiny import tiny_model
+from dynamic_moe_router.learn import AllocatorTraining, fit_budget, measure_reduction, train_allocator
+
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+
+
+def random_heads(model, seed: int = 0, scale: float = 1.0, k_max: int | None = None):  # type: ignore[no-untyped-def]
+    """Keep-native heads plus random weights: masks that differ per token and layer."""
+    base = dmr.LearnedAllocator.keep_native(model, k_max)
+    g = torch.Generator().manual_seed(seed)
+    assert base.params is not None
+    weight = torch.randn(base.params["weight"].shape, generator=g) * scale
+    bias = torch.randn(base.params["bias"].shape, generator=g)
+    return dmr.LearnedAllocator(
+        family=base.family,
+        moe_layers=base.moe_layers,
+        hidden_size=base.hidden_size,
+        num_experts=base.num_experts,
+        native_k=base.native_k,
+        k_max=base.k_max,
+        params={"weight": weight, "bias": bias},
+    )
+
+
+@pytest.mark.parametrize("family", dmr.supported_families())
+def test_keep_native_heads_reproduce_the_unpatched_model(family):  # type: ignore[no-untyped-def]
+    model = tiny_model(family)
+    ids = torch.tensor([[3, 9, 4, 1, 7, 2]])
+    before = model(ids).logits
+    greedy = model.generate(ids, max_new_tokens=6, do_sample=False)
+    pol = dmr.LearnedAllocator.keep_native(model)
+    with dmr.patched(model, pol) as handle:
+        after = model(ids).logits
+        assert handle.executed_pairs() == ids.numel() * sum(layer.native_k for layer in handle.layers)
+        torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), greedy)
+    torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)  # unpatch restores exactly
+
+
+@pytest.mark.parametrize("family", dmr.supported_families())
+def test_random_heads_run_generate_and_count_their_own_flops(family):  # type: ignore[no-untyped-def]
+    model = tiny_model(family)
+    pol = random_heads(model)
+    with dmr.patched(model, pol) as handle, dmr.profile(model) as report:
+        out = model.generate(IDS, max_new_tokens=4, do_sample=False)
+        assert out.shape == (1, IDS.shape[1] + 4)
+    d = report.to_dict()
+    tokens = d["tokens"]
+    layer = handle.layers[0]
+    per_token = 2 * (layer.hidden_size + pol.k_max + 1) * pol.k_max
+    assert d["policy_flops"] == tokens * per_token * len(handle.layers)
+    assert 0 < d["kept_pairs"] <= d["native_pairs"]
+    assert d["k_histogram"].get("0", 0) == 0  # every token keeps at least one expert
+
+
+def test_masks_need_not_be_prefixes():  # type: ignore[no-untyped-def]
+    """A head that keeps only the second-ranked slot routes every token to its second expert."""
+    model = tiny_model("mixtral")
+    base = dmr.LearnedAllocator.keep_native(model)
+    assert base.params is not None
+    bias = torch.tensor([[-5.0, 5.0]]).expand_as(base.params["bias"]).clone()
+    pol = dmr.LearnedAllocator(
+        family=base.family, moe_layers=base.moe_layers, hidden_size=base.hidden_size,
+        num_experts=base.num_experts, native_k=base.native_k, k_max=base.k_max,
+        params={"weight": base.params["weight"], "bias": bias},
+    )  # fmt: skip
+    seen = []
+    with dmr.patched(model, pol) as handle:
+        router = handle.layers[0].router
+        hook = router.register_forward_hook(lambda m, a, out: seen.append(out))
+        try:
+            model(IDS)
+        finally:
+            hook.remove()
+        assert handle.executed_pairs() == IDS.numel() * len(handle.layers)
+    logits_out, weights, ids = seen[0]
+    second = torch.topk(torch.softmax(logits_out.float(), -1), 2, dim=-1).indices[:, 1]  # (T,)
+    assert torch.equal(ids[:, 0], second)
+    assert bool((ids[:, 1] == base.num_experts).all())  # sentinel after the one kept slot
+    torch.testing.assert_close(weights[:, 0].float(), torch.ones(ids.shape[0]))  # mixtral renormalises
+
+
+def test_save_load_round_trip(tmp_path):  # type: ignore[no-untyped-def]
+    model = tiny_model("olmoe")
+    pol = random_heads(model).with_offset(0.25)
+    path = tmp_path / "alloc.json"
+    pol.save(path)
+    assert (tmp_path / "alloc.safetensors").is_file()
+    loaded = dmr.load_policy(path)
+    assert loaded == pol and loaded.sha256 == pol.sha256 and loaded.offset == 0.25
+    assert loaded.params is not None and pol.params is not None
+    assert torch.equal(loaded.params["weight"], pol.params["weight"])
+    with dmr.patched(model, pol):
+        a = model(IDS).logits
+    with dmr.patched(model, loaded):
+        b = model(IDS).logits
+    assert torch.equal(a, b)
+    data = json.loads(path.read_text())
+    assert data["_type"] == "learned" and data["_data"]["weights"] == "alloc.safetensors"
+    assert "params" not in data["_data"]
+
+
+def test_corrupt_and_mismatched_files_raise_typed_errors(tmp_path):  # type: ignore[no-untyped-def]
+    model = tiny_model("olmoe")
+    pol = random_heads(model)
+    path = tmp_path / "a.json"
+    pol.save(path)
+    weights = tmp_path / "a.safetensors"
+    blob = weights.read_bytes()
+
+    weights.write_bytes(blob[:-7])  # truncated
+    with pytest.raises(dmr.PolicyFileError, match="corrupt"):
+        dmr.load_policy(path)
+    weights.write_bytes(b"not a safetensors file")
+    with pytest.raises(dmr.PolicyFileError, match="corrupt"):
+        dmr.load_policy(path)
+    random_heads(model, seed=1).save(tmp_path / "b.json")  # another policy's weights under this name
+    weights.write_bytes((tmp_path / "b.safetensors").read_bytes())
+    with pytest.raises(dmr.PolicyFileError, match="SHA-256"):
+        dmr.load_policy(path)
+    weights.unlink()
+    with pytest.raises(dmr.PolicyFileError, match="missing"):
+        dmr.load_policy(path)
+    weights.write_bytes(blob)
+    data = json.loads(path.read_text())
+    data["_data"]["weights"] = "../elsewhere.safetensors"
+    path.write_text(json.dumps(data))
+    with pytest.raises(dmr.PolicyFileError, match="file name beside"):
+        dmr.load_policy(path)
+    data["_data"]["weights"] = "a.safetensors"
+    data["_data"]["hidden_size"] = 64  # config no longer matches the tensors
+    path.write_text(json.dumps(data))
+    with pytest.raises(dmr.PolicyFileError, match="shapes"):
+        dmr.load_policy(path)
+    del data["_data"]["k_max"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(dmr.PolicyFileError, match="missing"):
+        dmr.load_policy(path)
+    with pytest.raises(dmr.PolicyError, match=r"must not end in \.safetensors"):
+        pol.save(tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("other", "match"),
+    [
+        (lambda: tiny_model("qwen3_moe"), "trained for a 'olmoe' model"),
+        (lambda: tiny_model("olmoe", num_hidden_layers=3), "the model has MoE layers"),
+        (lambda: tiny_model("olmoe", hidden_size=48), "hidden size"),
+        (lambda: tiny_model("olmoe", num_experts=16), "E=16"),
+    ],
+)
+def test_patching_a_model_the_heads_do_not_fit_raises_before_any_change(other, match):  # type: ignore[no-untyped-def]
+    pol = random_heads(tiny_model("olmoe"))
+    model = other()
+    before = model(IDS).logits
+    with pytest.raises(dmr.PolicyMismatchError, match=match):
+        dmr.patch(model, pol)
+    assert dmr.get_patch(model) is None
+    torch.testing.assert_close(model(IDS).logits, before, rtol=0, atol=0)
+    with dmr.patched(model, dmr.TopP(p=0.5)) as handle, pytest.raises(dmr.PolicyMismatchError):
+        handle.set_policy(pol)  # set_policy validates the same way
+
+
+def test_learned_policies_are_refused_where_the_router_input_is_not_seen():  # type: ignore[no-untyped-def]
+    model = tiny_model("mixtral")
+    pol = random_heads(model)
+    with pytest.raises(dmr.PolicyError, match="score policy"):
+        dmr.PerLayer(dmr.StaticTopK(), {0: pol})
+    with pytest.raises(dmr.PolicyError, match="router input"):
+        dmr.route(torch.randn(4, 8), pol, native_k=2)
+    with pytest.raises(dmr.PolicyError, match="needs its head weights"):
+        dmr.LearnedAllocator(
+            family="mixtral", moe_layers=(0,), hidden_size=32, num_experts=4, native_k=2, k_max=2
+        )
+    with pytest.raises(dmr.PolicyError, match="NaN"):
+        bad = random_heads(model)
+        assert bad.params is not None
+        w = bad.params["weight"].clone()
+        w[0, 0, 0] = float("nan")
+        dmr.LearnedAllocator(
+            family="mixtral", moe_layers=bad.moe_layers, hidden_size=32, num_experts=4, native_k=2, k_max=2,
+            params={"weight": w, "bias": bad.params["bias"]},
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("family", "compensated"),
+    [("mixtral", False), ("deepseek_v3", False), ("gpt_oss", False), ("phimoe", False), ("mixtral", True),
+     ("olmoe", True), ("phimoe", True)],
+)  # fmt: skip
+def test_training_path_with_hard_masks_equals_the_inference_path(family, compensated):  # type: ignore[no-untyped-def]
+    """The soft (straight-through) routing, fed the hard mask, gives the inference routing's output."""
+    from dynamic_moe_router.learn import expert_means
+    from dynamic_moe_router.learn.trainer import _TrainableHeads
+
+    model = tiny_model(family)
+    pol = random_heads(model, k_max=None)
+    if compensated:
+        pol = pol.with_means(expert_means(model, torch.randint(0, 64, (2, 9))))
+    with dmr.patched(model, pol):
+        expected = model(IDS).logits
+    heads = _TrainableHeads(pol, seed=0)
+
+    def hard_mask(h, ranked_probs, probs, layer):  # type: ignore[no-untyped-def]
+        keep = pol.keep_mask(h, ranked_probs, probs, layer).float()
+        return keep + 0.0 * heads.weight.sum()  # float: the training path
+
+    heads.keep_mask = hard_mask  # type: ignore[method-assign]
+    with dmr.patched(model, heads, validate=False):
+        got = model(IDS).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_training_changes_nothing_the_user_owns_and_lands_the_budget():  # type: ignore[no-untyped-def]
+    model = tiny_model("olmoe")
+    model.train()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    data = torch.randint(0, 64, (16, 33), generator=torch.Generator().manual_seed(0))
+    cfg = AllocatorTraining(target_reduction=0.4, steps=20, batch_windows=4, offset_iterations=12)
+    pol = train_allocator(model, data, data, cfg)
+    assert model.training and flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert dmr.get_patch(model) is None
+    model.eval()
+    reached = measure_reduction(model, pol, data)
+    assert reached == pytest.approx(pol.record["budget_reduction"]) if pol.record else False
+    assert abs(reached - 0.4) < 0.05  # 16 x 32 tokens: coarse, but the offset must land near it
+    history = pol.record["history"] if pol.record else []
+    assert history[0]["step"] == 0 and history[-1]["step"] == 19
+
+
+def test_training_is_deterministic_for_a_seed():  # type: ignore[no-untyped-def]
+    data = torch.randint(0, 64, (8, 17), generator=torch.Generator().manual_seed(1))
+    cfg = AllocatorTraining(target_reduction=0.3, steps=4, batch_windows=2, offset_iterations=3)
+    a = train_allocator(tiny_model("mixtral"), data, data, cfg)
+    b = train_allocator(tiny_model("mixtral"), data, data, cfg)
+    assert a == b  # same digest, offset and config
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"target_reduction": 1.0}, "target_reduction"),
+        ({"steps": 0}, "steps"),
+        ({"batch_windows": True}, "batch_windows"),
+        ({"k_max": 0}, "k_max"),
+        ({"lr": float("nan")}, "lr"),
+    ],
+)
+def test_training_config_is_validated(kwargs, field):  # type: ignore[no-untyped-def]
+    with pytest.raises(dmr.PolicyError) as err:
+        AllocatorTraining(**kwargs)
+    assert err.value.field == field
+
+
+def test_bad_windows_and_targets_fail_before_training():  # type: ignore[no-untyped-def]
+    model = tiny_model("mixtral")
+    good = torch.randint(0, 64, (2, 9))
+    with pytest.raises(dmr.PolicyError, match="int64 tensor"):
+        train_allocator(model, good.float(), good)
+    with pytest.raises(dmr.PolicyError, match="no window"):
+        train_allocator(model, good, good[:0])
+    with pytest.raises(dmr.PolicyError, match="target_reduction"):
+        fit_budget(model, dmr.LearnedAllocator.keep_native(model), good, 1.5)
+    with dmr.patched(model), pytest.raises(dmr.AlreadyPatchedError):
+        train_allocator(model, good, good, AllocatorTraining(steps=1))
+
+
+@pytest.mark.parametrize("family", dmr.supported_families())
+def test_compensation_keeps_native_when_nothing_is_dropped_and_adds_means_when_it_is(family):  # type: ignore[no-untyped-def]
+    from dynamic_moe_router.learn import expert_means
+
+    model = tiny_model(family)
+    data = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(3))
+    means = expert_means(model, data)  # (L, E, H)
+    before = model(IDS).logits
+    with dmr.patched(model, dmr.LearnedAllocator.keep_native(model, means=means)):
+        torch.testing.assert_close(model(IDS).logits, before, rtol=0, atol=1e-5)
+    n_layers = means.shape[0]
+    top1 = dmr.LearnedAllocator.fixed(model, [1] * n_layers)
+    with dmr.patched(model, top1):
+        plain = model(IDS).logits
+    zero = dmr.LearnedAllocator.fixed(model, [1] * n_layers, means=torch.zeros_like(means))
+    comp = dmr.LearnedAllocator.fixed(model, [1] * n_layers, means=means)
+    with dmr.patched(model, zero):
+        unnormalised = model(IDS).logits
+    with dmr.patched(model, comp) as handle, dmr.profile(model) as report:
+        compensated = model(IDS).logits
+        executed = handle.executed_pairs()
+    assert executed == IDS.numel() * n_layers  # compensation computes no expert
+    assert not torch.allclose(compensated, unnormalised)  # the means are added
+    d = report.to_dict()
+    hidden, k = handle.layers[0].hidden_size, top1.k_max
+    assert d["policy_flops"] == (2 * (hidden + k + 1) * k + 2 * k * hidden) * d["tokens"] * n_layers
+    assert plain.shape == compensated.shape
+
+
+def test_compensation_adds_the_native_weight_times_the_mean_of_each_dropped_slot():  # type: ignore[no-untyped-def]
+    """Layer by layer: output = sum over kept native slots of w * expert(x) + dropped w * mean."""
+    from dynamic_moe_router.learn import expert_means
+
+    model = tiny_model("olmoe")  # softmax router, no renormalisation: w = the router probability
+    means = expert_means(model, torch.randint(0, 64, (2, 17)))
+    pol = dmr.LearnedAllocator.fixed(model, [2] * means.shape[0], means=means)
+    captured = {}
+    with dmr.patched(model, pol) as handle:
+        layer = handle.layers[0]
+        hook = layer.block.register_forward_hook(lambda m, a, out: captured.update(x=a[0], y=out))
+        try:
+            model(IDS)
+        finally:
+            hook.remove()
+    x = captured["x"].reshape(-1, layer.hidden_size)  # (T, H)
+    y = captured["y"][0] if isinstance(captured["y"], tuple) else captured["y"]
+    probs = torch.softmax(torch.nn.functional.linear(x, layer.router.weight).float(), -1)  # (T, E)
+    top, ranked = torch.topk(probs, layer.native_k, dim=-1)  # (T, 4)
+    from dynamic_moe_router.experts._forward import _expert_mlp
+    from dynamic_moe_router.hf.families import get_family
+
+    layout = get_family("olmoe").layout
+    expected = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(layer.native_k):
+            e = int(ranked[t, j])
+            value = _expert_mlp(layer.experts, e, x[t : t + 1], layout)[0] if j < 2 else means[0, e]
+            expected[t] += top[t, j] * value
+    torch.testing.assert_close(y.reshape(-1, layer.hidden_size), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_token_keeps_an_allowed_expert_even_when_its_head_keeps_only_excluded_slots():  # type: ignore[no-untyped-def]
+    model = tiny_model("deepseek_v3")  # group-limited: the last ranked slots are excluded (-inf)
+    base = dmr.LearnedAllocator.keep_native(model, k_max=8)
+    assert base.params is not None
+    bias = torch.full_like(base.params["bias"], -5.0)
+    bias[:, -1] = 5.0  # keep only the last ranked slot, which the family excludes
+    pol = dmr.LearnedAllocator(
+        family=base.family, moe_layers=base.moe_layers, hidden_size=base.hidden_size,
+        num_experts=base.num_experts, native_k=base.native_k, k_max=8,
+        params={"weight": base.params["weight"], "bias": bias},
+    )  # fmt: skip
+    seen = []
+    with dmr.patched(model, pol) as handle:
+        hook = handle.layers[0].router.register_forward_hook(lambda m, a, out: seen.append(out))
+        try:
+            model(IDS)
+        finally:
+            hook.remove()
+        assert handle.executed_pairs() >= IDS.numel() * len(handle.layers)
+    _, weights, ids = seen[0]
+    assert bool((ids[:, 0] < 8).all()) and bool((weights.sum(-1) > 0).all())
+
+
+def test_compensated_round_trip_and_validation(tmp_path):  # type: ignore[no-untyped-def]
+    from dynamic_moe_router.learn import expert_means
+
+    model = tiny_model("mixtral")
+    means = expert_means(model, torch.randint(0, 64, (2, 9)))
+    pol = random_heads(model).with_means(means)
+    assert pol.compensation and pol.sha256 != random_heads(model).sha256
+    pol.save(tmp_path / "c.json")
+    loaded = dmr.load_policy(tmp_path / "c.json")
+    assert loaded == pol and loaded.params is not None
+    assert torch.equal(loaded.params["means"], means)
+    with pytest.raises(dmr.PolicyError, match="k_max must equal native_k"):
+        dmr.LearnedAllocator.keep_native(model, k_max=3, means=means)
+    with pytest.raises(dmr.PolicyError, match="compensation means have shape"):
+        random_heads(model).with_means(means[:, :3])
+    with pytest.raises(dmr.PolicyError, match="one count in"):
+        dmr.LearnedAllocator.fixed(model, [0, 2])

@@ -1,0 +1,91 @@
+"""The learned allocators committed beside the reference models: budget adherence and reproducibility.
+
+They were written by ``python training/allocators.py models/ref-olmoe models/ref-mixtral`` (the
+training of ``dmr calibrate --family learned``, on 2 CPU threads). The budget text is the
+Gutenberg valid split, spread over its books, as in training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import dynamic_moe_router as dmr
+from dynamic_moe_router.calibrate import _calibrate_learned
+from dynamic_moe_router.data import data_file, read_jsonl
+from dynamic_moe_router.eval import load_checkpoint
+from dynamic_moe_router.learn import measure_reduction, spread_windows
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ["ref-olmoe", "ref-mixtral"]
+#: the stated tolerance of a retrain: valid perplexity within 0.3% of the committed allocator's
+RETRAIN_PPL_TOLERANCE = 0.003
+
+
+def _valid() -> list[str]:
+    return [r["text"] for r in read_jsonl(data_file("gutenberg/valid.jsonl"))]
+
+
+def _budget(tokenizer) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return spread_windows(tokenizer, _valid(), per_doc=2, max_windows=64)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_committed_allocators_load_fit_their_model_and_hold_the_budget_on_valid(name, two_threads):  # type: ignore[no-untyped-def]
+    model, tokenizer = load_checkpoint(str(ROOT / "models" / name))
+    files = sorted((ROOT / "models" / name / "allocators").glob("learned-t*.json"))
+    assert [f.stem for f in files] == [
+        "learned-t25",
+        "learned-t30",
+        "learned-t35",
+        "learned-t40",
+        "learned-t50",
+    ]
+    budget = _budget(tokenizer)
+    for f in files:
+        policy = dmr.load_policy(f)
+        assert isinstance(policy, dmr.LearnedAllocator) and policy.compensation
+        target = int(f.stem.removeprefix("learned-t")) / 100
+        reached = measure_reduction(model, policy, budget)
+        assert abs(reached - target) <= 0.01, f"{f.name}: {reached:.4f} for a {target:.0%} target"
+    record = dmr.load_policy(files[2]).record or {}
+    assert record["config"]["steps"] == dmr.AllocatorTraining().steps and record["threads"] == 2
+
+
+@torch.no_grad()
+def _valid_nll(model, policy, windows: torch.Tensor) -> float:  # type: ignore[no-untyped-def]
+    total = 0.0
+    with dmr.patched(model, policy, validate=False):
+        for start in range(0, len(windows), 16):
+            w = windows[start : start + 16]
+            logits = model(w[:, :-1]).logits.float()
+            total += float(
+                torch.nn.functional.cross_entropy(logits.transpose(1, 2), w[:, 1:], reduction="sum")
+            )
+    return total / windows[:, 1:].numel()
+
+
+@pytest.fixture
+def two_threads():  # type: ignore[no-untyped-def]
+    """The committed allocators were trained on 2 threads; restore the process's count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_retrain_reproduces_the_committed_ref_olmoe_allocator(two_threads):  # type: ignore[no-untyped-def]
+    """The full default training (about 5 minutes on 2 threads) lands within the stated tolerance."""
+    path = ROOT / "models" / "ref-olmoe"
+    model, tokenizer = load_checkpoint(str(path))
+    committed = dmr.load_policy(path / "allocators" / "learned-t35.json")
+    retrained = _calibrate_learned(model, tokenizer, 0.35, _valid(), None, None, 512, None)
+    budget = _budget(tokenizer)
+    assert abs(measure_reduction(model, retrained, budget) - 0.35) <= 0.01
+    a, b = _valid_nll(model, committed, budget), _valid_nll(model, retrained, budget)
+    assert abs(math.exp(b - a) - 1.0) <= RETRAIN_PPL_TOLERANCE, (a, b)
+    print(json.dumps({"committed_sha": committed.sha256, "retrained_sha": retrained.sha256, "nll": [a, b]}))

@@ -1,0 +1,77 @@
+"""Train the learned allocators committed beside the reference models (``models/NAME/allocators/``).
+
+For each model this runs what ``dmr calibrate --family learned --target-reduction 0.35`` runs (the
+same training text, budget text and defaults of :class:`dynamic_moe_router.AllocatorTraining`), on
+this machine's CPU, and writes:
+
+* ``learned-t35.json`` + ``learned-t35.safetensors``: the allocator, its budget fitted for 35% fewer
+  routed FLOPs on the Gutenberg valid split, with its training record (time, loss curve, threads);
+* ``learned-t25.json``, ``-t30``, ``-t40``, ``-t50``: the same heads with the offset refitted for the
+  other targets; they share ``learned-t35.safetensors`` (the JSON names the weights file), so their
+  ``record`` is the 35% training's (its target, offset and budget reduction are those of t35; each
+  file's own offset is in its JSON).
+
+Run from the repository root (about 5-10 minutes per model on 2 cores)::
+
+    python training/allocators.py models/ref-olmoe models/ref-mixtral
+    # only refit the offsets of the committed heads (seconds; e.g. after a change to fit_budget)
+    python training/allocators.py --refit models/ref-olmoe models/ref-mixtral
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dynamic_moe_router._atomic import write_text_atomic
+from dynamic_moe_router.calibrate import _calibrate_learned
+from dynamic_moe_router.data import data_file, read_jsonl
+from dynamic_moe_router.eval import load_checkpoint
+from dynamic_moe_router.learn import fit_budget, spread_windows
+from dynamic_moe_router.policies import LearnedAllocator, load_policy
+
+HEADLINE = 0.35
+OTHERS = (0.25, 0.30, 0.40, 0.50)
+
+
+def main(argv: list[str]) -> int:
+    refit = "--refit" in argv
+    paths = [a for a in argv if a != "--refit"]
+    torch.set_num_threads(2)
+    valid = [r["text"] for r in read_jsonl(data_file("gutenberg/valid.jsonl"))]
+    for path in map(Path, paths):
+        model, tokenizer = load_checkpoint(str(path))
+        out = path / "allocators"
+        head = out / f"learned-t{round(HEADLINE * 100)}.json"
+        budget = spread_windows(tokenizer, valid, per_doc=2, max_windows=64)
+        if refit:
+            policy = load_policy(head)
+            assert isinstance(policy, LearnedAllocator)
+            data = json.loads(head.read_text())
+            policy, reached = fit_budget(model, policy, budget, HEADLINE)
+            data["_data"]["offset"] = policy.offset
+            write_text_atomic(head, json.dumps(data, indent=2, sort_keys=True) + "\n")
+            print(f"{path.name} {HEADLINE:.0%}: offset {policy.offset:+.4f}, valid reduction {reached:.4f}")
+        else:
+            start = time.time()
+            policy = _calibrate_learned(model, tokenizer, HEADLINE, valid, None, None, 512, None)
+            print(f"{path.name}: trained in {time.time() - start:.0f} s, {policy.describe()}", flush=True)
+            policy.save(head)
+        for target in OTHERS:
+            variant, reached = fit_budget(model, policy, budget, target)
+            data = json.loads(head.read_text())
+            data["_data"]["offset"] = variant.offset
+            write_text_atomic(
+                out / f"learned-t{round(target * 100)}.json",
+                json.dumps(data, indent=2, sort_keys=True) + "\n",
+            )
+            print(f"  {target:.0%}: offset {variant.offset:+.4f}, valid reduction {reached:.4f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
