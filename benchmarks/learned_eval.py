@@ -57,17 +57,14 @@ CORPORA = {"gutenberg_test": "gutenberg/test.jsonl", "wikitext2_test": "wikitext
 
 @torch.no_grad()
 def window_nll(model: Any, policy: Any, windows: torch.Tensor, batch: int) -> tuple[torch.Tensor, float]:
-    """Per-window mean NLL ``(W,)`` and the routed-pair reduction (pair counters) under ``policy``."""
+    """Per-window mean NLL ``(W,)`` and the routed-FLOP reduction (``dmr.profile``) under ``policy``."""
     out = []
-    layers = find_moe_layers(model, model_family(model))[0]
-    with dmr.patched(model, policy, validate=False) as handle:
+    with dmr.patched(model, policy, validate=False), dmr.profile(model, count_dense=False) as report:
         for b0 in range(0, len(windows), batch):
             w = windows[b0 : b0 + batch]
             logits = model(w[:, :-1]).logits.float()
             out.append(F.cross_entropy(logits.transpose(1, 2), w[:, 1:], reduction="none").mean(1))
-        executed = handle.executed_pairs()
-    native = windows[:, :-1].numel() * sum(layer.native_k for layer in layers)
-    return torch.cat(out).cpu(), 1.0 - executed / native
+    return torch.cat(out).cpu(), float(report.to_dict()["routed_flop_reduction"])
 
 
 def ppl_of(nll: torch.Tensor) -> float:

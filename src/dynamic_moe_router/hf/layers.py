@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from ..errors import NoMoELayersError, UnsupportedModelError
 from .families import FamilySpec, get_family, supported_families
 
-__all__ = ["MoELayer", "find_moe_layers", "model_family", "unwrap"]
+__all__ = ["MoELayer", "experts_inputs", "find_moe_layers", "model_family", "unwrap"]
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
@@ -48,6 +49,32 @@ class MoELayer:
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module to patch: the original module under ``torch.compile``'s wrapper."""
     return getattr(model, "_orig_mod", model)
+
+
+def experts_inputs(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden (T, H), ids (T, k))`` of a call to a MoE block's experts module, read from the
+    ``args`` / ``kwargs`` of a forward pre-hook (``register_forward_pre_hook(..., with_kwargs=True)``).
+
+    Positional arguments first (``experts(hidden, ids, weights)``); otherwise the ``hidden_states``
+    keyword and the keyword whose name holds ``index`` or ``indices`` (``top_k_index``,
+    ``router_indices``, ...).
+
+    Example:
+        >>> import torch
+        >>> from dynamic_moe_router.hf.layers import experts_inputs
+        >>> h, ids = torch.zeros(3, 8), torch.zeros(3, 2, dtype=torch.long)
+        >>> experts_inputs((h, ids, None), {})[1] is ids
+        True
+        >>> experts_inputs((), {"hidden_states": h, "router_indices": ids, "routing_weights": None})[0] is h
+        True
+        >>> experts_inputs((h,), {"top_k_index": ids})[1] is ids
+        True
+    """
+    hidden = args[0] if args else kwargs["hidden_states"]  # (T, H)
+    ids = (
+        args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if "index" in k or "indices" in k)
+    )  # (T, k)
+    return hidden, ids
 
 
 def model_family(model: torch.nn.Module) -> FamilySpec:

@@ -16,7 +16,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 
 from ..report import LayerStats, ProfileReport
-from .layers import MoELayer, find_moe_layers, model_family, unwrap
+from .layers import MoELayer, experts_inputs, find_moe_layers, model_family, unwrap
 from .patching import get_patch
 
 __all__ = ["LayerStats", "ProfileReport", "profile"]
@@ -87,12 +87,7 @@ def profile(model: torch.nn.Module, *, count_dense: bool = True) -> Iterator[Pro
 
     def make_hook(st: LayerStats, num_experts: int):
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            ids = (
-                args[1]
-                if len(args) > 1
-                else next(v for k, v in kwargs.items() if "index" in k or "indices" in k)
-            )
+            hidden, ids = experts_inputs(args, kwargs)  # (T, H), (T, k)
             counts = (ids < num_experts).sum(dim=-1)  # (T,)
             hist = torch.bincount(counts, minlength=ids.shape[-1] + 1).tolist()
             if len(st.k_histogram) < len(hist):

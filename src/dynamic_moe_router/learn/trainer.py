@@ -30,8 +30,9 @@ import torch
 from .._progress import Progress, task
 from .._version import __version__
 from ..errors import PolicyError, TargetUnreachableError
-from ..hf.layers import find_moe_layers, model_family, unwrap
+from ..hf.layers import experts_inputs, find_moe_layers, model_family, unwrap
 from ..hf.patching import patched
+from ..hf.profiling import profile
 from ..policies import RoutingPolicy
 from ..policies.learned import LearnedAllocator, allocator_logits
 
@@ -235,8 +236,7 @@ def expert_means(model: Any, windows: torch.Tensor, batch_size: int = 8) -> torc
 
     def hook(row: int, layer: Any):  # type: ignore[no-untyped-def]
         def capture(module: Any, args: Any, kwargs: Any) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            ids = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if "index" in k)
+            hidden, ids = experts_inputs(args, kwargs)  # (T, H), (T, k)
             flat = ids.reshape(-1)  # (T * k,)
             tokens = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(ids.shape[1])
             for e in torch.unique(flat[flat < layer.num_experts]).tolist():
@@ -266,17 +266,13 @@ def expert_means(model: Any, windows: torch.Tensor, batch_size: int = 8) -> torc
 
 @torch.no_grad()
 def measure_reduction(model: Any, policy: RoutingPolicy, windows: torch.Tensor, batch_size: int = 8) -> float:
-    """Routed-pair (= routed-FLOP) reduction of ``policy`` on ``windows``, from the patch's counters."""
-    root = unwrap(model)
-    layers = find_moe_layers(root, model_family(root))[0]
-    device = next(root.parameters()).device
-    with patched(model, policy, validate=False) as handle:
+    """Routed-FLOP reduction of ``policy`` on ``windows``, as :func:`dynamic_moe_router.profile`
+    accounts it (``routed_flop_reduction``: executed pairs from the patch's counters)."""
+    device = next(unwrap(model).parameters()).device
+    with patched(model, policy, validate=False), profile(model, count_dense=False) as report:
         for start in range(0, len(windows), batch_size):
             model(windows[start : start + batch_size, :-1].to(device))
-        executed = handle.executed_pairs()
-    tokens = windows[:, :-1].numel()
-    native = sum(tokens * layer.native_k for layer in layers)
-    return 1.0 - executed / native
+    return float(report.to_dict()["routed_flop_reduction"])
 
 
 def fit_budget(

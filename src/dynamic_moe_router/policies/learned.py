@@ -221,7 +221,7 @@ class LearnedAllocator(RoutingPolicy):
             )
         object.__setattr__(self, "sha256", digest)
         object.__setattr__(self, "params", tensors)
-        object.__setattr__(self, "_devices", {})  # device -> (weight, bias) copies
+        object.__setattr__(self, "_devices", {})  # device -> {name: tensor} copies of params (see _on)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -293,12 +293,18 @@ class LearnedAllocator(RoutingPolicy):
 
     def layer_means(self, layer: int, device: Any) -> torch.Tensor:  # (E, H) fp32
         """The compensation values of MoE layer ``layer`` (requires ``compensation``)."""
-        assert self.params is not None and self.compensation
-        devices: dict[Any, Any] = self.__dict__["_devices"]
-        key = ("means", device)
-        if key not in devices:
-            devices[key] = self.params["means"].to(device)
-        return devices[key][self.moe_layers.index(layer)]
+        assert self.compensation
+        return self._on(device)["means"][self.moe_layers.index(layer)]
+
+    def _on(self, device: Any) -> dict[str, torch.Tensor]:
+        """Every tensor of ``params`` (``weight``, ``bias``, and ``means`` with compensation) on
+        ``device``, copied once per device (the cache lives outside the frozen fields)."""
+        devices: dict[Any, dict[str, torch.Tensor]] = self.__dict__["_devices"]
+        cached = devices.get(device)
+        if cached is None:
+            assert self.params is not None
+            cached = devices[device] = {name: t.to(device) for name, t in self.params.items()}
+        return cached
 
     # -- the policy contract ---------------------------------------------------------------------
     def k_range(self, native_k: int, num_experts: int) -> tuple[int, int]:
@@ -344,15 +350,6 @@ class LearnedAllocator(RoutingPolicy):
                 )
             self.k_range(layer.native_k, layer.num_experts)
 
-    def _tensors(self, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        devices: dict[Any, tuple[torch.Tensor, torch.Tensor]] = self.__dict__["_devices"]
-        cached = devices.get(device)
-        if cached is None:
-            assert self.params is not None
-            cached = (self.params["weight"].to(device), self.params["bias"].to(device))
-            devices[device] = cached
-        return cached
-
     def keep_logits(
         self,
         h: torch.Tensor,  # (T, H)
@@ -361,9 +358,11 @@ class LearnedAllocator(RoutingPolicy):
         layer: int,
     ) -> torch.Tensor:  # (T, k_max) fp32
         """The keep-logits of MoE layer ``layer`` (offset included)."""
-        weight, bias = self._tensors(h.device)
+        tensors = self._on(h.device)
         row = self.moe_layers.index(layer)
-        return allocator_logits(weight[row], bias[row], h, ranked_probs, probs, self.offset)
+        return allocator_logits(
+            tensors["weight"][row], tensors["bias"][row], h, ranked_probs, probs, self.offset
+        )
 
     def keep_mask(
         self,
@@ -418,7 +417,7 @@ class LearnedAllocator(RoutingPolicy):
     ) -> LearnedAllocator:
         """Build the policy from a file's ``_data`` (config fields plus ``weights``, the weights file
         name relative to the JSON file); every problem raises :class:`~dynamic_moe_router.PolicyFileError`."""
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load
 
         names = {f.name for f in dataclasses.fields(cls) if f.name not in ("params", "record")} | {"weights"}
@@ -449,11 +448,10 @@ class LearnedAllocator(RoutingPolicy):
                 f"{where}: the weights file {str(weights_path)!r} is missing; keep NAME.json and "
                 "NAME.safetensors together (policy.save(path) writes both)"
             )
-        blob = weights_path.read_bytes()
         try:
-            tensors = load(blob)
-            header_len = int.from_bytes(blob[:8], "little")
-            metadata = json.loads(blob[8 : 8 + header_len]).get("__metadata__", {}) or {}
+            with safe_open(weights_path, framework="pt") as weights:
+                metadata = weights.metadata() or {}
+            tensors = load(weights_path.read_bytes())  # in memory: the file stays free to be replaced
             record = json.loads(metadata.get("record", "{}"))
             if metadata.get("sha256") != digest:
                 recorded = str(metadata.get("sha256"))[:12]
