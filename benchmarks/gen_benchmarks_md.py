@@ -23,6 +23,7 @@ from typing import Any
 from dynamic_moe_router._atomic import write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from render_decode import render_batch_aware, render_gpu_batch_aware, render_gpu_decode, render_gpu_routing
 from render_gpu import render_gpu_e2e, render_gpu_experts
 
 HERE = Path(__file__).resolve().parent
@@ -1071,6 +1072,10 @@ RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = 
     "frameworks_cpu": ("CPU: one dynamic MoE layer across frameworks", render_frameworks_cpu),
     "gpu_experts": ("GPU: one MoE experts layer at Mixtral-8x7B and OLMoE-1B-7B shapes", render_gpu_experts),
     "gpu_e2e": ("GPU: end-to-end throughput of patched models", render_gpu_e2e),
+    "batch_aware": ("Batch-aware routing: quality in batched decoding", render_batch_aware),
+    "gpu_batch_aware": ("GPU: batch-aware routing, one experts layer", render_gpu_batch_aware),
+    "gpu_decode": ("GPU: generate() end to end, eager and compiled", render_gpu_decode),
+    "gpu_routing": ("GPU: routing cost per layer in eager mode", render_gpu_routing),
 }
 
 
@@ -1228,7 +1233,9 @@ def render(results: Path) -> str:
         "number in it comes from those files. To refresh it, rerun the benchmarks (quality and routed "
         "FLOPs: `dmr bench --out-dir benchmarks/results`; the CPU experts layer: "
         "`python benchmarks/bench_cpu_experts.py`, or `--quick` for a short run; on a CUDA GPU "
-        "`python benchmarks/bench_gpu_experts.py` and `python benchmarks/bench_gpu_e2e.py`) and then the "
+        "`python benchmarks/bench_gpu_experts.py`, `python benchmarks/bench_gpu_e2e.py`, "
+        "`python benchmarks/bench_gpu_decode.py`, `python benchmarks/bench_gpu_routing.py` and "
+        "`python benchmarks/bench_gpu_batch_aware.py`) and then the "
         "generator.",
         "",
     ]

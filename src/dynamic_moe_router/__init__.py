@@ -51,6 +51,7 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs
     from .hf import PatchHandle, get_patch, patch, patched, supported_families, unpatch
     from .learn import AllocatorTraining, train_allocator
     from .policies import (
+        BatchAware,
         EntropyAdaptive,
         LearnedAllocator,
         PerLayer,
@@ -73,6 +74,7 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("PatchHandle", "get_patch", "patch", "patched", "supported_families", "unpatch"), ".hf"),
     **dict.fromkeys(
         (
+            "BatchAware",
             "EntropyAdaptive",
             "LearnedAllocator",
             "PerLayer",
@@ -126,6 +128,7 @@ __all__ = [
     "AllocatorTraining",
     "AlreadyPatchedError",
     "BackendUnavailableError",
+    "BatchAware",
     "DataNotFoundError",
     "DmrError",
     "EntropyAdaptive",

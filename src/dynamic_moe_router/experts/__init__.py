@@ -9,6 +9,7 @@ from ._forward import (
     choose_cpu_backend,
     choose_cuda_backend,
     experts_forward,
+    graph_safe_backend,
     resolve_backend,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "choose_cpu_backend",
     "choose_cuda_backend",
     "experts_forward",
+    "graph_safe_backend",
     "resolve_backend",
 ]

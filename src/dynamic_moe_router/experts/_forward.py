@@ -50,6 +50,7 @@ __all__ = [
     "choose_cpu_backend",
     "choose_cuda_backend",
     "experts_forward",
+    "graph_safe_backend",
     "resolve_backend",
 ]
 
@@ -91,6 +92,10 @@ class ExpertsCounter:
     _device: torch.Tensor | None = field(default=None, repr=False)
 
     def add(self, n: int | torch.Tensor) -> None:
+        if torch.compiler.is_compiling():
+            # inside torch.compile the count would be a graph output kept across calls (CUDA
+            # graphs overwrite it on replay) and a Python-side mutation: not counted there
+            return
         if isinstance(n, torch.Tensor):
             self._device = n.detach().to(torch.long) if self._device is None else self._device + n.detach()
         else:
@@ -260,6 +265,8 @@ def _grouped_mm_can_run(module: ExpertsModule, hidden: torch.Tensor, layout: Exp
     if hidden.dtype not in dtypes or module.gate_up_proj.dtype != hidden.dtype:
         names = ", ".join(str(d) for d in dtypes)
         return f"grouped_mm on {hidden.device.type} supports {names}; got {hidden.dtype}"
+    if torch.compiler.is_compiling() and hidden.dtype != torch.bfloat16:
+        return f"grouped_mm under torch.compile supports bf16 only (its meta kernel); got {hidden.dtype}"
     size = hidden.element_size()
     # data pointers are not known while torch.compile traces (grouped_mm itself then checks them)
     tensors = () if torch.compiler.is_compiling() else (module.gate_up_proj, module.down_proj, hidden)
@@ -368,9 +375,31 @@ def experts_forward(
     """
     core.check_experts_inputs(tuple(hidden.shape), tuple(ids.shape), tuple(weights.shape))
     chosen = resolve_backend(backend, module, hidden, ids, layout)
+    if torch.compiler.is_compiling():
+        # no Python-side state changes inside a compiled graph (they would re-specialise it on
+        # every call); the sync-free GPU paths run as one opaque custom op (see _gpu.experts_op)
+        if graph_safe_backend(chosen, module, hidden, layout):
+            return _gpu.experts_op()(hidden, ids, weights, module.gate_up_proj, module.down_proj, chosen)
+        return _eager_only(_IMPLS[chosen], module, hidden, ids, weights, layout)  # type: ignore[call-arg]  (torch.compiler.disable hides the signature)
     if counter is not None:
         counter.calls += 1
     return _IMPLS[chosen](module, hidden, ids, weights, layout, counter)
+
+
+_GPU_PATHS = frozenset({"cuda", "triton"})
+
+
+def graph_safe_backend(
+    chosen: str, module: ExpertsModule, hidden: torch.Tensor, layout: ExpertsLayout
+) -> bool:
+    """Whether the resolved backend ``chosen`` runs free of host synchronisation on this layer (the
+    Triton kernels of ``"cuda"`` / ``"triton"``), so that a CUDA graph or a compiled graph can hold it."""
+    return chosen in _GPU_PATHS and _gpu.triton_reason(module, hidden, layout) is None
+
+
+@torch.compiler.disable  # host-synchronising backends (loop, grouped): one graph break, no recompiles
+def _eager_only(impl: Callable[..., Any], module, hidden, ids, weights, layout):  # type: ignore[no-untyped-def]
+    return impl(module, hidden, ids, weights, layout, None)
 
 
 # the kernels and can-run checks of the PyTorch entries of the backend table, looked up once

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 __all__ = [
     "PairPlan",
     "decode_config",
+    "experts_op",
     "fused_path",
     "grouped_path",
     "plan_pairs",
@@ -51,9 +52,14 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_TRITON_FOUND: list[bool] = []  # find_spec costs ~35 us: looked up once per process
+
+
 @torch.compiler.assume_constant_result
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    if not _TRITON_FOUND:
+        _TRITON_FOUND.append(importlib.util.find_spec("triton") is not None)
+    return _TRITON_FOUND[0]
 
 
 def triton_reason(module: torch.nn.Module, hidden: torch.Tensor, layout: Any) -> str | None:
@@ -259,3 +265,41 @@ def fused_path(module, hidden, ids, weights, counter, configs=None):
     if counter is not None:
         counter.add(plan.n_valid[0])
     return out
+
+
+class _ExpertsWeights:
+    """The two weight tensors a path reads (what the custom op receives instead of the module)."""
+
+    def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
+        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+
+
+@torch.library.custom_op("dynamic_moe_router::experts", mutates_args=())
+def _experts_op(
+    hidden: torch.Tensor,  # (T, H)
+    ids: torch.Tensor,  # (T, k_max)
+    weights: torch.Tensor,  # (T, k_max)
+    gate_up_proj: torch.Tensor,  # (E, 2I, H)
+    down_proj: torch.Tensor,  # (E, H, I)
+    path: str,
+) -> torch.Tensor:  # (T, H)
+    module = _ExpertsWeights(gate_up_proj, down_proj)
+    run = grouped_path if path == "cuda" else fused_path
+    return run(module, hidden, ids, weights, None)
+
+
+@_experts_op.register_fake
+def _(hidden, ids, weights, gate_up_proj, down_proj, path):  # type: ignore[no-untyped-def]
+    return torch.empty_like(hidden)
+
+
+def experts_op() -> Any:
+    """``dynamic_moe_router::experts(hidden, ids, weights, gate_up_proj, down_proj, path) -> out``:
+    the sync-free paths as one opaque custom op, which is how they run inside ``torch.compile``.
+
+    Inductor then neither traces the Triton launches nor plans their buffers, and CUDA graphs
+    capture the op as it runs in eager mode. The op is registered when this module is first
+    imported (with :mod:`dynamic_moe_router.experts`, not with the top-level package): dynamo
+    cannot trace a registration, so it must exist before any compiled graph reaches it.
+    """
+    return _experts_op

@@ -26,10 +26,11 @@ from ..backends import BACKENDS
 from ..core import Selected
 from ..core._torch import TORCH_OPS
 from ..errors import PolicyError, RoutingInputError, UnsupportedModeError, UnsupportedModelError
-from ..experts import ExpertsCounter, experts_forward, resolve_backend
+from ..experts import ExpertsCounter, experts_forward, graph_safe_backend, resolve_backend
 from ..policies import RoutingPolicy, StaticTopK
 from ..routing import finish, select
 from .families import FamilySpec
+from .graphs import GraphCache, GraphPool, module_state
 from .layers import MoELayer, find_moe_layers, model_family, unwrap
 from .scoring import RouterScores
 
@@ -48,6 +49,7 @@ class PatchOptions:
     backend: str = "auto"
     validate: bool = True
     compile_routing: bool = False
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.renormalize is not None and not isinstance(self.renormalize, bool):
@@ -63,13 +65,28 @@ class PatchOptions:
                 f"compile_routing must be True or False, got {self.compile_routing!r}",
                 field="compile_routing",
             )
+        if not isinstance(self.cuda_graphs, bool):
+            raise PolicyError(
+                f"cuda_graphs must be True or False, got {self.cuda_graphs!r}", field="cuda_graphs"
+            )
+        if self.cuda_graphs and self.compile_routing:
+            raise PolicyError(
+                "cuda_graphs=True and compile_routing=True both take over the routing's launches; "
+                "choose one (cuda_graphs replays the routing and the experts as CUDA graphs)",
+                field="cuda_graphs",
+            )
 
 
 class DynamicRouter:
     """Replacement router forward: the family's scoring, then the policy, then the family's weights."""
 
     def __init__(
-        self, layer: MoELayer, family: FamilySpec, policy: RoutingPolicy, options: PatchOptions
+        self,
+        layer: MoELayer,
+        family: FamilySpec,
+        policy: RoutingPolicy,
+        options: PatchOptions,
+        pool: GraphPool | None = None,
     ) -> None:
         import transformers
 
@@ -78,6 +95,7 @@ class DynamicRouter:
         self.options = options
         self.output_order = family.router_output_order(transformers.__version__)
         self._compiled: Any = None
+        self.graphs = GraphCache(f"MoE layer {layer.index} router", pool or GraphPool())
         self.compensation: torch.Tensor | None = None  # (T, H), handed to the experts forward
         self.set_policy(policy)
 
@@ -86,6 +104,7 @@ class DynamicRouter:
         layer_policy.k_range(self.layer.native_k, self.layer.num_experts)  # raises PolicyError early
         self.policy = policy
         self._compiled = None  # recompiled for the new policy on the next call
+        self.graphs.clear()  # captured with the old policy
         self.compensation = None
 
     @property
@@ -102,7 +121,8 @@ class DynamicRouter:
                 "dynamic-moe-router-kit; call model.eval() before running a patched model"
             )
         h = hidden_states.reshape(-1, layer.hidden_size)  # (T, H)
-        if self.options.compile_routing:
+        compiling = torch.compiler.is_compiling()  # inside the user's torch.compile of the model
+        if self.options.compile_routing and not compiling:
             if self._compiled is None:  # one compiled graph per layer, shapes symbolic in T
                 self._compiled = torch.compile(
                     self._route, dynamic=True, fullgraph=True, backend=_COMPILE_BACKEND
@@ -112,12 +132,21 @@ class DynamicRouter:
             with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
                 logits, ids, weights, comp = self._compiled(h)
         else:
-            logits, ids, weights, comp = self._route(h)
+            replayed = self._replayed(h) if self.options.cuda_graphs else None
+            logits, ids, weights, comp = replayed if replayed is not None else self._route(h)
         self.compensation = comp  # added to the experts' output by this layer's DynamicExperts
-        if self.options.validate and h.shape[0]:
+        if self.options.validate and h.shape[0] and not compiling:  # a host sync: eager only
             core.check_finite(TORCH_OPS, "logits", logits, layer.index, allow_neg_inf=False)
         outputs = {"logits": logits, "weights": weights, "ids": ids}
         return tuple(outputs[name] for name in self.output_order)
+
+    def _replayed(self, h: torch.Tensor) -> tuple[Any, ...] | None:
+        """:meth:`_route` from a CUDA graph (``None``: this call runs eagerly)."""
+        if not h.is_cuda:
+            return None
+        # the policy's own tensors (a learned allocator's weights, cached per device) live as long
+        # as the policy, and set_policy drops the graphs
+        return self.graphs(self._route, h, state=module_state(self.layer.router))
 
     def _route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Scores, policy, weights, sentinel (and a learned allocator's compensation ``(T, H)``) for
@@ -225,24 +254,64 @@ class DynamicExperts:
     """Replacement experts forward: computes the kept pairs only and counts them."""
 
     def __init__(
-        self, layer: MoELayer, family: FamilySpec, options: PatchOptions, router: DynamicRouter
+        self,
+        layer: MoELayer,
+        family: FamilySpec,
+        options: PatchOptions,
+        router: DynamicRouter,
+        pool: GraphPool | None = None,
     ) -> None:
         self.layer = layer
         self.layout = family.layout
         self.backend = options.backend
+        self.cuda_graphs = options.cuda_graphs
         self.counter = ExpertsCounter()
         self.router = router
+        self.graphs = GraphCache(f"MoE layer {layer.index} experts", pool or GraphPool())
+
+    def _forward(
+        self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The experts on ``hidden (T, H)`` and the kept-pair count as a device tensor (what a
+        graph captures; the layer's counter is updated from it after each replay)."""
+        counter, layout = ExpertsCounter(), self.layout
+        out = experts_forward(
+            self.layer.experts, hidden, ids, weights, layout=layout, backend=self.backend, counter=counter
+        )
+        return out, counter._device
+
+    def _replayed(
+        self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The experts from a CUDA graph, or ``None`` where this call runs eagerly (a host-syncing
+        backend, or a call :func:`~dynamic_moe_router.hf.graphs.graph_ineligible` refuses)."""
+        if not self.cuda_graphs or not hidden.is_cuda or torch.compiler.is_compiling():
+            return None
+        experts = self.layer.experts
+        chosen = resolve_backend(self.backend, experts, hidden, ids, self.layout)
+        if not graph_safe_backend(chosen, experts, hidden, self.layout):
+            return None
+        replayed = self.graphs(self._forward, hidden, ids, weights, state=module_state(experts))
+        if replayed is None:
+            return None
+        out, pairs = replayed
+        self.counter.calls += 1
+        if pairs is not None:
+            self.counter.add(pairs)
+        return out
 
     def __call__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        out = experts_forward(
-            self.layer.experts,
-            hidden_states,
-            top_k_index,
-            top_k_weights,
-            layout=self.layout,
-            backend=self.backend,
-            counter=self.counter,
-        )
+        out = self._replayed(hidden_states, top_k_index, top_k_weights)
+        if out is None:
+            out = experts_forward(
+                self.layer.experts,
+                hidden_states,
+                top_k_index,
+                top_k_weights,
+                layout=self.layout,
+                backend=self.backend,
+                counter=self.counter,
+            )
         comp, self.router.compensation = self.router.compensation, None
         if comp is not None:  # (T, H): the dropped native slots' weighted mean outputs
             if comp.shape != out.shape:
@@ -292,9 +361,10 @@ class PatchHandle(core.PatchHandleBase):
         self.family_record = family
         self.options = options
         self.skipped = skipped
-        self.routers = [DynamicRouter(layer, family, policy, options) for layer in layers]
+        pool = GraphPool()  # every graph of this patch shares one memory pool
+        self.routers = [DynamicRouter(layer, family, policy, options, pool) for layer in layers]
         self.experts = [
-            DynamicExperts(layer, family, options, router)
+            DynamicExperts(layer, family, options, router, pool)
             for layer, router in zip(layers, self.routers, strict=True)
         ]
 
@@ -316,6 +386,10 @@ class PatchHandle(core.PatchHandleBase):
     def counters(self) -> list[ExpertsCounter]:
         return [e.counter for e in self.experts]
 
+    def graph_caches(self) -> list[GraphCache]:
+        """The CUDA graph caches of every layer's router and experts (used with ``cuda_graphs=True``)."""
+        return [c for r, e in zip(self.routers, self.experts, strict=True) for c in (r.graphs, e.graphs)]
+
 
 def _check_backend(options: PatchOptions, layers: list[MoELayer], family: FamilySpec) -> None:
     if options.backend == "auto":
@@ -325,6 +399,18 @@ def _check_backend(options: PatchOptions, layers: list[MoELayer], family: Family
         probe = torch.empty(0, layer.hidden_size, dtype=w.dtype, device=w.device)
         ids = torch.empty(0, layer.native_k, dtype=torch.long, device=w.device)
         resolve_backend(options.backend, layer.experts, probe, ids, family.layout)
+
+
+def _check_graphs(options: PatchOptions, layers: list[MoELayer]) -> None:
+    if not options.cuda_graphs:
+        return
+    devices = sorted({str(layer.experts.gate_up_proj.device) for layer in layers})
+    if any(not d.startswith("cuda") for d in devices):
+        raise PolicyError(
+            f"cuda_graphs=True needs the model's experts on a CUDA device; they are on {devices}. Move "
+            "the model first (model.cuda()) or patch without cuda_graphs",
+            field="cuda_graphs",
+        )
 
 
 def get_patch(model: torch.nn.Module) -> PatchHandle | None:
@@ -342,6 +428,7 @@ def patch(
     backend: str = "auto",
     validate: bool = True,
     compile_routing: bool = False,
+    cuda_graphs: bool = False,
 ) -> PatchHandle:
     """Give every MoE layer of ``model`` dynamic routing with ``policy`` (in place, per instance).
 
@@ -358,11 +445,20 @@ def patch(
             ``"triton"`` (see :mod:`dynamic_moe_router.experts`).
         validate: raise :class:`~dynamic_moe_router.NonFiniteRouterScoresError` when a router
             produces NaN or infinite logits (costs a host sync per layer; pass False to capture
-            the model in a CUDA graph).
+            the model in a CUDA graph). Inside a ``torch.compile`` of the model the check is not
+            run (it needs the host): a NaN row then routes to some valid experts, never out of
+            bounds. The experts' pair counters (``dmr.profile``) count eager calls only.
         compile_routing: run each layer's scoring, policy and weights through ``torch.compile``
             (``fullgraph=True``, dynamic in the number of tokens), which fuses the routing into a
             few kernels; the first call of each layer compiles (seconds). On GPU this cuts the
             routing's launch overhead (see BENCHMARKS.md).
+        cuda_graphs: in eager mode on a CUDA GPU, capture each layer's routing and experts as CUDA
+            graphs (one per number of tokens, up to 256 tokens and 8 sizes per layer) and replay
+            them: a decode step then launches two graphs per MoE layer instead of dozens of
+            kernels. Calls the graphs cannot serve (more tokens, the host-synchronising ``loop`` /
+            ``grouped`` backends, gradients, a ``torch.compile`` trace) run eagerly. A size is
+            captured the second time it is seen (milliseconds per layer). The model must be on a
+            CUDA device. See :mod:`dynamic_moe_router.hf.graphs`.
 
     Returns:
         A :class:`PatchHandle`; ``handle.unpatch()`` or :func:`unpatch` undoes the patch.
@@ -390,7 +486,11 @@ def patch(
     target = unwrap(model)
     family = model_family(target)
     options = PatchOptions(
-        renormalize=renormalize, backend=backend, validate=validate, compile_routing=compile_routing
+        renormalize=renormalize,
+        backend=backend,
+        validate=validate,
+        compile_routing=compile_routing,
+        cuda_graphs=cuda_graphs,
     )
     policy = StaticTopK() if policy is None else policy
     existing = get_patch(target)
@@ -408,6 +508,7 @@ def patch(
         )
     core.validate_policy(policy, layers, family=family.model_type, router_input=True)
     _check_backend(options, layers, family)
+    _check_graphs(options, layers)
     return core.apply_replacing(PatchHandle(target, family, layers, policy, options, unknown), existing)
 
 

@@ -1,6 +1,7 @@
 """Routing policies: frozen, validated dataclasses with a versioned JSON form."""
 
 from ._base import POLICY_REGISTRY, RoutingPolicy, register_policy
+from ._batch import BatchAware
 from ._builtin import EntropyAdaptive, RelativeThreshold, StaticTopK, TopP
 from ._io import load_policy, parse_policy, policy_from_dict, policy_to_dict, save_policy
 from ._per_layer import PerLayer
@@ -8,6 +9,7 @@ from .learned import LearnedAllocator
 
 __all__ = [
     "POLICY_REGISTRY",
+    "BatchAware",
     "EntropyAdaptive",
     "LearnedAllocator",
     "PerLayer",

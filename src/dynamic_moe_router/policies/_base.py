@@ -171,7 +171,7 @@ def register_policy(type_name: str, version: int = 1) -> Callable[[P], P]:
     Example:
         >>> from dynamic_moe_router.policies import POLICY_REGISTRY
         >>> sorted(POLICY_REGISTRY)[:3]
-        ['entropy', 'learned', 'per_layer']
+        ['batch_aware', 'entropy', 'learned']
     """
 
     def decorator(cls: P) -> P:

@@ -67,6 +67,8 @@ def policy_from_dict(obj: Any, *, where: str = "policy", base_dir: Path | None =
     for name, value in data.items():
         if name == "default":
             value = None if value is None else policy_from_dict(value, where=f"{where}.default")
+        elif name == "inner":  # a wrapper policy's wrapped policy (BatchAware)
+            value = policy_from_dict(value, where=f"{where}.inner")
         elif name == "overrides":
             if not isinstance(value, dict):
                 raise PolicyFileError(f"{where}.overrides: expected an object of layer -> policy")

@@ -1,0 +1,139 @@
+"""Eager-mode cost of one MoE layer's routing on a GPU: native, patched, patched with CUDA graphs.
+
+Run on a CUDA GPU::
+
+    python benchmarks/bench_gpu_routing.py        # writes benchmarks/results/gpu_routing.json
+
+One decoder layer of real width (bf16, random weights): the OLMoE-1B-7B shape (64 experts, k 8)
+and the Mixtral-8x7B shape (8 experts, k 2). Per token count, the router module is called in a
+loop as a model's forward calls it, in eager mode, and the wall time per call is the loop's time
+over its calls with one GPU synchronisation at the end (what a host-bound decode step pays):
+
+* ``native``: the unpatched transformers router (linear, softmax, top-k);
+* ``patched``: ``dmr.patch(model, policy, validate=False)``: the family's scoring, the policy,
+  the weights and the sentinel, op by op;
+* ``graphs``: the same with ``cuda_graphs=True`` (one graph replay plus input copy and output
+  clones per call, up to 256 tokens; above that the call runs as ``patched``).
+
+The whole MoE block (router plus experts, patched static, eager) is timed the same way, so that the
+routing's share of the layer can be read at 4096 tokens. Policies: ``StaticTopK()`` and ``TopP``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "gpu_routing.json"
+
+
+def build(shape: str):  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig
+
+    if shape == "mixtral":
+        cfg: Any = MixtralConfig(
+            vocab_size=128, hidden_size=4096, intermediate_size=14336, num_hidden_layers=1,
+            num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+        )  # fmt: skip
+    else:
+        cfg = OlmoeConfig(
+            vocab_size=128, hidden_size=2048, intermediate_size=1024, num_hidden_layers=1,
+            num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+        )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def loop_us(fn, calls: int, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
+    """Median over ``repeats`` of the wall time per call of ``calls`` back-to-back calls (one sync)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / calls)
+    return 1e6 * statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import dynamic_moe_router as dmr
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="olmoe,mixtral")
+    ap.add_argument("--tokens", default="1,32,256,4096")
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gpu_routing needs a CUDA GPU", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    cells: list[dict[str, Any]] = []
+    for shape in args.shapes.split(","):
+        model = build(shape)
+        block = model.model.layers[0].mlp
+        router = block.gate if hasattr(block, "gate") else block.router
+        hidden_size = model.config.hidden_size
+        for tokens in [int(x) for x in args.tokens.split(",")]:
+            h = torch.randn(tokens, hidden_size, device="cuda", dtype=torch.bfloat16)
+            x3 = h.unsqueeze(0)  # (1, T, H): the block's input
+            calls = max(10, args.calls if tokens <= 256 else args.calls // 10)
+            with torch.no_grad():
+                cell: dict[str, Any] = {"shape": shape, "tokens": tokens}
+                cell["native_us"] = loop_us(lambda h=h, r=router: r(h), calls)
+                cell["native_block_us"] = loop_us(lambda x3=x3, b=block: b(x3), calls)
+                for pname, policy in (("static", dmr.StaticTopK()), ("top_p", dmr.TopP(p=0.5))):
+                    for mode, kw in (("patched", {}), ("graphs", {"cuda_graphs": True})):
+                        with dmr.patched(model, policy, validate=False, **kw):
+                            cell[f"{pname}_{mode}_us"] = loop_us(lambda h=h, r=router: r(h), calls)
+                            cell[f"{pname}_{mode}_block_us"] = loop_us(lambda x3=x3, b=block: b(x3), calls)
+                for pname in ("static", "top_p"):
+                    for mode in ("patched", "graphs"):
+                        cell[f"{pname}_{mode}_over_native"] = cell[f"{pname}_{mode}_us"] / cell["native_us"]
+                        block_us = cell[f"{pname}_{mode}_block_us"]
+                        cell[f"{pname}_{mode}_share_of_block"] = cell[f"{pname}_{mode}_us"] / block_us
+            cells.append(cell)
+            print(json.dumps(cell), flush=True)
+        model = block = router = None
+        torch.cuda.empty_cache()
+    import transformers
+
+    from dynamic_moe_router._atomic import write_text_atomic
+
+    out = {
+        "benchmark": "gpu_routing",
+        "kind": "gpu_routing",
+        "schema_version": 1,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benchmarks/bench_gpu_routing.py", *(argv or sys.argv[1:])]),
+        "machine": {
+            "gpu": torch.cuda.get_device_name(0),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "wall_s": time.perf_counter() - t0,
+        "cells": cells,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.out, json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,249 @@
+"""Markdown sections for the decode result files (issue 11): ``batch_aware.json`` (quality of
+``BatchAware`` in batched decoding, CPU), ``gpu_batch_aware.json`` (its GPU layer time) and
+``gpu_decode.json`` (``generate()`` end to end on a GPU, eager and compiled) and ``gpu_routing.json``
+(the routing's eager cost per layer).
+
+Used by ``gen_benchmarks_md.py``; every number comes from the result file, and each target of the
+issue that a file can check is reported met or missed, cell by cell.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from render_gpu import _mark, _ms, _rel
+
+BATCH_AWARE_LAYER = 0.85  # layer time / static at 64-256 tokens
+BATCH_AWARE_TOKENS = (64, 128, 256)
+COMPILED_SLACK = 1.15  # compiled dynamic step <= 1.15 x pair ratio x static step, batch 1
+
+
+def render_batch_aware(data: dict[str, Any], path: Path) -> list[str]:
+    out = [
+        "## Batch-aware routing: quality in batched decoding (reference models, CPU)",
+        "",
+        f"From `{_rel(path)}` (`{data['command']}`; {data['machine']['cpu']}, "
+        f"{data['machine']['threads']} threads, torch {data['torch']}). Each batch decodes its sequences "
+        f"together, teacher-forced: a {data['prompt']}-token prompt of Gutenberg test text, then "
+        f"{data['steps']} steps, each routing one token of every sequence in one MoE call. *ppl ratio*: "
+        "decode perplexity against the native top-k on the same batch (± bootstrap standard error over "
+        "sequences); *pairs*: routed (token, expert) pairs saved in the decode steps; *distinct*: experts "
+        "one decode step touches per layer (what a bandwidth-bound GPU layer pays for). The policy also "
+        "routes the prompts, as it would in use.",
+        "",
+    ]
+    for model in data["models"]:
+        out += [
+            f"### {model['model']} (top-{model['native_k']} of {model['num_experts']} experts)",
+            "",
+            "| batch | policy | ppl ratio | pairs saved | distinct experts per step |",
+            "|---:|---|---:|---:|---:|",
+        ]
+        for r in model["rows"]:
+            out.append(
+                f"| {r['batch']} | `{r['spec']}` | {r['ppl_ratio']:.4f} ± {r['ppl_ratio_se']:.4f} | "
+                f"{r['pair_reduction']:.1%} | {r['distinct_experts_per_call']:.1f} "
+                f"({r['distinct_fraction']:.0%}) |"
+            )
+        out.append("")
+    return out
+
+
+def render_gpu_batch_aware(data: dict[str, Any], path: Path) -> list[str]:
+    m = data["machine"]
+    out = [
+        "## GPU: batch-aware routing, one experts layer at decode-batch sizes",
+        "",
+        f"From `{_rel(path)}` (`{data['command']}`; {m['gpu']}, torch {m['torch']}). Layer and routing "
+        "times by CUDA-graph replay (median); *layer ratio* = the policy's layer time / static top-k's; "
+        "*routing* = softmax + `dmr.route` (native: softmax + top-k).",
+        "",
+    ]
+    cells = data["cells"]
+    for shape in dict.fromkeys(c["shape"] for c in cells):
+        out += [
+            f"### {shape}",
+            "",
+            "| tokens | policy | pair ratio | distinct experts | layer ms | layer ratio "
+            "| routing ms (native) |",
+            "|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for c in (c for c in cells if c["shape"] == shape):
+            out.append(
+                f"| {c['tokens']} | `{c['spec']}` | {c['pair_ratio']:.3f} | {c['distinct_experts']} | "
+                f"{_ms(c['layer_ms'])} | {c['layer_ratio']:.3f} | {_ms(c['route_ms'])} "
+                f"({_ms(c['native_route_ms'])}) |"
+            )
+        out.append("")
+    out += ["### Targets", ""]
+    for shape in dict.fromkeys(c["shape"] for c in cells):
+        for tokens in BATCH_AWARE_TOKENS:
+            aware = [
+                c
+                for c in cells
+                if c["shape"] == shape and c["tokens"] == tokens and "batch_aware" in c["policy"]
+            ]
+            if not aware:
+                continue
+            best = min(aware, key=lambda c: c["layer_ratio"])
+            ok = best["layer_ratio"] <= BATCH_AWARE_LAYER
+            out.append(
+                f"- Batch-aware layer time, {shape}, {tokens} tokens: best {best['layer_ratio']:.3f} of "
+                f"static with `{best['spec']}` (limit {BATCH_AWARE_LAYER}): {_mark(ok)}."
+            )
+    out.append("")
+    return out
+
+
+def _cell_key(c: dict[str, Any]) -> tuple[Any, ...]:
+    return (c.get("shape"), c.get("mode"), c.get("prompt"), c.get("batch"))
+
+
+def render_gpu_decode(data: dict[str, Any], path: Path) -> list[str]:
+    m = data["machine"]
+    cells = [c for c in data["cells"] if c.get("mode") in ("eager", "compiled") or "error" in c]
+    out = [
+        "## GPU: generate() end to end, eager and compiled static cache",
+        "",
+        f"From `{_rel(path)}` (`{data['command']}`; {m['gpu']}, torch {m['torch']}, transformers "
+        f"{m['transformers']}). Random-weight bf16 models of real layer width; *compiled* = "
+        '`generate(..., cache_implementation="static")`, which compiles the forward with '
+        '`torch.compile(mode="reduce-overhead")`. *step* = median decode step (GPU synchronised), '
+        "*tok/s* = batch / step; *agreement* = greedy tokens equal to the unpatched model's (bf16 kernels "
+        "that sum in another order may flip near-ties of random weights); *dynamic* = `TopP` bisected for "
+        "about 30% fewer routed pairs on the prompt; *+graphs*: patched with `cuda_graphs=True` (eager "
+        "mode only).",
+        "",
+    ]
+    if any("interleaved_rounds" in c for c in data["cells"]):
+        out[-1:-1] = [
+            "",
+            "Interleaved run: every variant of a shape in one process on one model, alternating in rounds "
+            "(patch, generate, unpatch), so that the host's speed, which drifts on a shared machine, "
+            "biases no variant; the first round only warms up (graph capture, Triton compilation).",
+        ]
+    for shape in dict.fromkeys(c["shape"] for c in data["cells"]):
+        layers = next((c["layers"] for c in data["cells"] if c["shape"] == shape and "layers" in c), "?")
+        out += [
+            f"### {shape} shape, {layers} layers",
+            "",
+            "| mode | prompt | batch | variant | prefill ms | step ms | tok/s | agreement | graphs | error |",
+            "|---|---:|---:|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for c in (c for c in cells if c["shape"] == shape):
+            if "mode" not in c:
+                out.append(f"| - | - | - | {c['variant']} | | | | | | {c['error'][:160]} |")
+                continue
+            agree = f"{c['token_agreement']:.2f}" if "token_agreement" in c else "-"
+            err = c.get("error", "")[:160]
+            if err:
+                head = f"| {c['mode']} | {c['prompt']} | {c['batch']} | {c['variant']} |"
+                out.append(f"{head} | | | | | {err} |")
+                continue
+            out.append(
+                f"| {c['mode']} | {c['prompt']} | {c['batch']} | {c['variant']} | {_ms(c['prefill_ms'])} | "
+                f"{_ms(c['step_ms'])} | {c['decode_tok_s']:.0f} | {agree} | "
+                f"{c.get('compiled_graphs', '-')} |  |"
+            )
+        out.append("")
+    out += ["### Targets", "", *_decode_targets(cells), ""]
+    return out
+
+
+def _decode_targets(cells: list[dict[str, Any]]) -> list[str]:
+    by = {(*_cell_key(c), c["variant"]): c for c in cells if "step_ms" in c}
+    pair_ratio = {
+        c["shape"]: 1 - c["routed_pair_reduction_on_prompt"]
+        for c in cells
+        if c.get("variant") == "dynamic" and "routed_pair_reduction_on_prompt" in c
+    }
+    out = []
+    for shape, mode, prompt, batch in dict.fromkeys(_cell_key(c) for c in cells if "mode" in c):
+        dyn = by.get((shape, mode, prompt, batch, "dynamic"))
+        un = by.get((shape, mode, prompt, batch, "unpatched"))
+        st = by.get((shape, mode, prompt, batch, "static"))
+        where = f"{shape}, {mode}, batch {batch}, prompt {prompt}"
+        if mode == "eager" and batch in (1, 32) and dyn and un and st:
+            ok = dyn["decode_tok_s"] >= un["decode_tok_s"] and dyn["decode_tok_s"] >= st["decode_tok_s"]
+            out.append(
+                f"- Eager decode tokens/s, {where}: dynamic {dyn['decode_tok_s']:.0f} against unpatched "
+                f"{un['decode_tok_s']:.0f} and static {st['decode_tok_s']:.0f} (at least both): {_mark(ok)}."
+            )
+        dyn_g = by.get((shape, mode, prompt, batch, "dynamic+graphs"))
+        st_g = by.get((shape, mode, prompt, batch, "static+graphs"))
+        if mode == "eager" and batch in (1, 32) and dyn_g and un and st_g:
+            tok = dyn_g["decode_tok_s"]
+            ok = tok >= un["decode_tok_s"] and tok >= st_g["decode_tok_s"]
+            out.append(
+                f"- Eager decode tokens/s with `cuda_graphs=True`, {where}: dynamic+graphs {tok:.0f} "
+                f"against unpatched {un['decode_tok_s']:.0f} and static+graphs {st_g['decode_tok_s']:.0f} "
+                f"(at least both): {_mark(ok)}."
+            )
+        if mode == "compiled" and batch == 1 and dyn and st and shape in pair_ratio:
+            lim = COMPILED_SLACK * pair_ratio[shape]
+            r = dyn["step_ms"] / st["step_ms"]
+            out.append(
+                f"- Compiled decode step ratio, {where}: dynamic/static {r:.3f} for a pair ratio of "
+                f"{pair_ratio[shape]:.3f} (limit {lim:.3f}): {_mark(r <= lim)}."
+            )
+        for variant in ("static", "dynamic", "batch_aware", "static+graphs", "dynamic+graphs"):
+            key = (shape, mode, prompt, batch)
+            if any(_cell_key(c) == key and c.get("variant") == variant and "error" in c for c in cells):
+                out.append(f"- Runs without error, {where}, {variant}: it failed: **missed**.")
+    return out
+
+
+ROUTING_OVER_NATIVE = 1.5  # routing + policy <= 1.5 x native softmax + top-k, eager
+ROUTING_SHARE_4096 = 0.03  # routing <= 3% of the layer at 4096 tokens
+
+
+def render_gpu_routing(data: dict[str, Any], path: Path) -> list[str]:
+    m = data["machine"]
+    out = [
+        "## GPU: routing cost per layer in eager mode",
+        "",
+        f"From `{_rel(path)}` (`{data['command']}`; {m['gpu']}, torch {m['torch']}, transformers "
+        f"{m['transformers']}). One layer of real width, bf16; each router (and each whole MoE block) "
+        "called back to back in eager mode, wall time per call with one synchronisation per loop (what a "
+        "host-bound decode step pays). *native*: the unpatched router (linear, softmax, top-k); "
+        "*patched*: `dmr.patch(..., validate=False)`, op by op; *graphs*: with `cuda_graphs=True` (a "
+        "graph replay up to 256 tokens; above that the call runs as *patched*). *x native*: the "
+        "routing's time over native; *share*: the routing's time over its patched block's time.",
+        "",
+    ]
+    cells = data["cells"]
+    for shape in dict.fromkeys(c["shape"] for c in cells):
+        out += [
+            f"### {shape} shape",
+            "",
+            "| tokens | native µs | policy | patched µs (x native, share) | graphs µs (x native, share) |",
+            "|---:|---:|---|---:|---:|",
+        ]
+        for c in (c for c in cells if c["shape"] == shape):
+            for p, label in (("static", "StaticTopK"), ("top_p", "TopP")):
+                cols = [
+                    f"{c[f'{p}_{mode}_us']:.0f} ({c[f'{p}_{mode}_over_native']:.2f}, "
+                    f"{c[f'{p}_{mode}_share_of_block']:.1%})"
+                    for mode in ("patched", "graphs")
+                ]
+                out.append(f"| {c['tokens']} | {c['native_us']:.0f} | {label} | {cols[0]} | {cols[1]} |")
+        out.append("")
+    out += ["### Targets", ""]
+    for c in cells:
+        where = f"{c['shape']}, {c['tokens']} tokens"
+        for p, label in (("static", "StaticTopK"), ("top_p", "TopP")):
+            if c["tokens"] <= 256 or c["tokens"] == 4096:  # graphs serve up to 256 tokens only
+                r, g = c[f"{p}_patched_over_native"], c[f"{p}_graphs_over_native"]
+                out.append(
+                    f"- Routing cost over native, {where}, {label}: {r:.2f} patched, {g:.2f} with "
+                    f"`cuda_graphs=True` (limit {ROUTING_OVER_NATIVE}): {_mark(g <= ROUTING_OVER_NATIVE)}."
+                )
+            if c["tokens"] == 4096:
+                share = min(c[f"{p}_patched_share_of_block"], c[f"{p}_graphs_share_of_block"])
+                out.append(
+                    f"- Routing share of the layer, {where}, {label}: {share:.1%} "
+                    f"(limit {ROUTING_SHARE_4096:.0%}): {_mark(share <= ROUTING_SHARE_4096)}."
+                )
+    out.append("")
+    return out

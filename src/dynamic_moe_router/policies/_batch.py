@@ -1,0 +1,135 @@
+"""``BatchAware``: cut the number of distinct experts a batch touches (decode batches of 16-1024 tokens).
+
+Between about 16 and 1024 tokens an MoE layer on a GPU is bound by reading expert weights: nearly
+every expert is touched, so dropping a token's pairs saves nothing unless whole experts drop out
+of the batch. ``BatchAware`` keeps the experts that carry most of the batch's routing weight and
+trims every token's ranked slots at the first one that falls outside that set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..errors import PolicyError
+from ._base import RoutingPolicy, check_float, check_int, register_policy
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["BatchAware"]
+
+
+@register_policy("batch_aware")
+@dataclass(frozen=True)
+class BatchAware(RoutingPolicy):
+    """Wrap a score policy so that one routing call touches at most ``experts`` of the layer's experts.
+
+    Per call (a layer's batch of ``T`` tokens):
+
+    1. ``inner`` chooses each token's count as usual;
+    2. each expert's *mass* is the routing probability that the tokens' kept slots give it, summed
+       over the batch; the ``ceil(experts * E)`` experts of largest mass form the active set, plus
+       every expert in a protected slot (a token's first ``min_keep`` slots are never dropped);
+    3. each token keeps its kept slots up to (not including) its first slot on an expert outside
+       the active set. Kept slots stay a prefix of the family's ranking, as for every policy.
+
+    A token may thus keep fewer than ``inner``'s own minimum (``StaticTopK``'s k, ``TopP``'s
+    ``min_k``), never fewer than ``min_keep`` (or what ``inner`` chose, if less).
+
+    The outputs therefore depend on the composition of the batch: the same token routed with
+    other tokens may keep fewer slots. For a given batch the result is deterministic. Use it for
+    batched decoding (many sequences at once) where the experts layer is bandwidth-bound; at one
+    token per call it changes nothing beyond ``inner`` as long as ``ceil(experts * E)`` is at
+    least the token's count. Under ``experts=1.0`` it is exactly ``inner``.
+
+    Written with torch operations only: JAX and Keras raise a :class:`~dynamic_moe_router.PolicyError`.
+    Inner policies that read the router input (a learned allocator) or vary per layer
+    (``PerLayer``) cannot be wrapped; wrap each layer's policy instead (``PerLayer`` of ``BatchAware``).
+
+    Example:
+        >>> import torch, dynamic_moe_router as dmr
+        >>> probs = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.6, 0.0, 0.1, 0.3], [0.4, 0.35, 0.0, 0.25]])
+        >>> pol = dmr.BatchAware(dmr.StaticTopK(), experts=0.5)  # 2 of 4 experts, plus protected ones
+        >>> r = dmr.route(probs, pol, native_k=3)
+        >>> r.ids.tolist()  # expert 3 (mass 0.55) is out of the active set {0, 1}
+        [[0, 1, 4], [0, 4, 4], [0, 1, 4]]
+    """
+
+    inner: RoutingPolicy = field(default_factory=lambda: _static())
+    #: fraction of the layer's experts (in (0, 1]) the batch may touch beyond the protected slots
+    experts: float = 0.75
+    #: leading ranked slots of every token that are never dropped (>= 1)
+    min_keep: int = 1
+
+    def __post_init__(self) -> None:
+        from ._per_layer import PerLayer
+
+        if (
+            not isinstance(self.inner, RoutingPolicy)
+            or isinstance(self.inner, (PerLayer, BatchAware))
+            or self.inner.reads_router_input
+        ):
+            raise PolicyError(
+                f"batch_aware: inner must be a score policy (not PerLayer, BatchAware or a learned "
+                f"allocator), got {self.inner!r}; for per-layer settings use PerLayer of BatchAware",
+                field="inner",
+            )
+        check_float("experts", self.experts, low=0.0, high=1.0, low_open=True)
+        check_int("min_keep", self.min_keep, minimum=1)
+
+    def k_range(self, native_k: int, num_experts: int) -> tuple[int, int]:
+        inner_min, inner_max = self.inner.k_range(native_k, num_experts)
+        return min(inner_min, self.min_keep), inner_max  # it may trim below inner's minimum
+
+    def keep_counts(
+        self,
+        ranked_probs: torch.Tensor,  # (T, k_max) float32
+        probs: torch.Tensor,  # (T, E) float32
+        k_min: int,
+        k_max: int,
+    ) -> torch.Tensor:  # (T,) int64
+        import torch
+
+        # inner's own bounds at this k_max (for the built-in policies its minimum does not depend on
+        # the native k); k_min here is the lowered minimum of k_range
+        inner_min = self.inner.k_range(k_max, probs.shape[1])[0]
+        counts = self.inner.keep_counts(ranked_probs, probs, inner_min, k_max)  # (T,)
+        if self.experts >= 1.0 or probs.shape[0] == 0:
+            return counts
+        num_experts = probs.shape[1]
+        slots = torch.arange(k_max, device=probs.device)  # (k_max,)
+        kept = slots[None, :] < counts[:, None]  # (T, k_max)
+        # the ranked slots' expert ids, recovered from the probabilities (policies see no ids);
+        # exact: ranked_probs are probs gathered at the ranked ids, both float32
+        match = probs[:, None, :] == ranked_probs[:, :, None]  # (T, k_max, E)
+        slot_ids = match.to(torch.uint8).argmax(-1)  # (T, k_max): the first expert with that value
+        experts = torch.arange(num_experts, device=probs.device)  # (E,)
+        owner = slot_ids[:, :, None] == experts  # (T, k_max, E): one expert per slot
+        # a fixed-order reduction, not index_add_ (atomics on a GPU add in no fixed order, which
+        # could flip a near-tie of the active set between two runs of the same batch)
+        mass = ((ranked_probs * kept)[:, :, None] * owner).sum((0, 1))  # (E,)
+        n_active = max(1, math.ceil(self.experts * num_experts))
+        keep_first = self.min_keep  # >= k_min (see k_range)
+        protected = kept & (slots[None, :] < keep_first)  # (T, k_max)
+        # the active set: the largest masses plus every protected slot's expert (sync-free: no
+        # boolean indexing, so CUDA graphs and torch.compile capture it)
+        votes = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device)  # (E,)
+        votes.index_add_(0, slot_ids.reshape(-1), protected.reshape(-1).to(probs.dtype))
+        top = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device)  # (E,)
+        top.scatter_(0, mass.topk(min(n_active, num_experts)).indices, 1.0)
+        active = (votes + top) > 0  # (E,)
+        # each token's first slot at or after keep_first on an inactive expert: its new count
+        outside = ~active[slot_ids] & (slots[None, :] >= keep_first)  # (T, k_max)
+        first_out = torch.where(outside, slots[None, :], k_max).amin(-1)  # (T,)
+        return torch.minimum(counts, first_out)
+
+    def describe(self) -> str:
+        return f"batch_aware(inner={self.inner.describe()}, experts={self.experts}, min_keep={self.min_keep})"
+
+
+def _static() -> RoutingPolicy:
+    from ._builtin import StaticTopK
+
+    return StaticTopK()
