@@ -201,3 +201,18 @@ def test_replace_with_an_invalid_policy_keeps_the_old_patch():  # type: ignore[n
         dmr.patch(model, dmr.StaticTopK(k=99), replace=True)
     assert dmr.get_patch(model) is handle and handle.active
     dmr.unpatch(model)
+
+
+def test_expert_parallel_models_are_refused_with_a_typed_error():  # type: ignore[no-untyped-def]
+    from dynamic_moe_router.hf.layers import find_moe_layers
+    from dynamic_moe_router.hf.tiny import tiny_model
+
+    model = tiny_model("olmoe")
+    experts = find_moe_layers(model)[0][1].experts
+    experts._is_expert_parallel = True  # what transformers' ep_plan ("grouped_gemm") sets on a rank
+    forwards = [layer.experts.forward for layer in find_moe_layers(model)[0]]
+    message = r"MoE layer 1 .*sharded across processes.*nothing was patched"
+    with pytest.raises(dmr.UnsupportedModelError, match=message):
+        dmr.patch(model, dmr.TopP(p=0.5))
+    assert dmr.get_patch(model) is None
+    assert [layer.experts.forward for layer in find_moe_layers(model)[0]] == forwards

@@ -401,6 +401,31 @@ def _check_backend(options: PatchOptions, layers: list[MoELayer], family: Family
         resolve_backend(options.backend, layer.experts, probe, ids, family.layout)
 
 
+def _is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed support has no sharded tensors
+        return False
+    return isinstance(t, DTensor)
+
+
+def _refuse_sharded_experts(layers: list[MoELayer]) -> None:
+    """Expert- or tensor-parallel experts (transformers' ``distributed_config`` / ``ep_plan``): the
+    patch would replace transformers' dispatch and combine, so it is refused before anything changes."""
+    for layer in layers:
+        experts = layer.experts
+        if getattr(experts, "_is_expert_parallel", False) or any(
+            _is_dtensor(getattr(experts, name, None)) for name in ("gate_up_proj", "down_proj")
+        ):
+            raise UnsupportedModelError(
+                f"MoE layer {layer.index} ({layer.path}): its experts are sharded across processes "
+                "(transformers' expert or tensor parallelism: distributed_config / ep_plan). dmr.patch "
+                "does not support sharded experts yet: it would bypass transformers' dispatch and "
+                "combine. Load the model without expert parallelism (one process, or device_map='auto' "
+                "to spread whole layers over GPUs) to patch it; nothing was patched."
+            )
+
+
 def _check_graphs(options: PatchOptions, layers: list[MoELayer]) -> None:
     if not options.cuda_graphs:
         return
@@ -464,7 +489,8 @@ def patch(
         A :class:`PatchHandle`; ``handle.unpatch()`` or :func:`unpatch` undoes the patch.
 
     Raises:
-        UnsupportedModelError: the model is not of a supported family, or has unknown MoE blocks.
+        UnsupportedModelError: the model is not of a supported family, has unknown MoE blocks, or
+            its experts are sharded by transformers' expert or tensor parallelism.
         NoMoELayersError: the model has no MoE layer.
         PolicyError: the policy or an option does not fit the model's layers.
         AlreadyPatchedError: the model is already patched and ``replace`` is False.
@@ -506,6 +532,7 @@ def patch(
         warnings.warn(
             f"dynamic-moe-router: leaving unknown MoE-like blocks unpatched: {unknown}", stacklevel=2
         )
+    _refuse_sharded_experts(layers)
     core.validate_policy(policy, layers, family=family.model_type, router_input=True)
     _check_backend(options, layers, family)
     _check_graphs(options, layers)
