@@ -51,18 +51,20 @@ VARIANTS = (
 MARK = "@@cell "
 
 
-def build_model(shape: str, layers: int):  # type: ignore[no-untyped-def]
+def build_model(shape: str, layers: int, vocab: int | None = None):  # type: ignore[no-untyped-def]
+    """A random-weight bf16 causal LM of the shape's real layer width on the GPU (``vocab``: the
+    shape's own vocabulary by default)."""
     import torch
     from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig
 
     if shape == "mixtral":
         cfg: Any = MixtralConfig(
-            vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+            vocab_size=vocab or 32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
             num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
         )  # fmt: skip
     else:
         cfg = OlmoeConfig(
-            vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=layers,
+            vocab_size=vocab or 50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=layers,
             num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
         )  # fmt: skip
     torch.manual_seed(0)
@@ -159,17 +161,24 @@ def host_profile(model, prompt) -> dict[str, list[dict[str, Any]]]:  # type: ign
     return result
 
 
-def worker(args: argparse.Namespace) -> int:
+def setup(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """A worker's layer count, model and random prompts (``{length: (max batch, length)}``)."""
     import torch
-
-    import dynamic_moe_router as dmr
 
     layers = args.olmoe_layers if args.shape == "olmoe" else args.mixtral_layers
     model = build_model(args.shape, layers)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(1)
-    max_batch = max(args.batches)
-    prompts = {n: torch.randint(3, vocab, (max_batch, n), generator=gen).cuda() for n in args.prompts}
+    prompts = {n: torch.randint(3, vocab, (max(args.batches), n), generator=gen).cuda() for n in args.prompts}
+    return layers, model, prompts
+
+
+def worker(args: argparse.Namespace) -> int:
+    import torch
+
+    import dynamic_moe_router as dmr
+
+    layers, model, prompts = setup(args)
     cell: dict[str, Any] = {"shape": args.shape, "layers": layers, "variant": args.variant}
     base, _, extra = args.variant.partition("+")
     graphs = extra == "graphs"
@@ -222,11 +231,7 @@ def interleaved_worker(args: argparse.Namespace) -> int:
 
     import dynamic_moe_router as dmr
 
-    layers = args.olmoe_layers if args.shape == "olmoe" else args.mixtral_layers
-    model = build_model(args.shape, layers)
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(1)
-    prompts = {n: torch.randint(3, vocab, (max(args.batches), n), generator=gen).cuda() for n in args.prompts}
+    layers, model, prompts = setup(args)
     variants = args.variant.split(",")
     policies, info = {}, {}
     for v in variants:

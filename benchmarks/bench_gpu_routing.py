@@ -33,26 +33,11 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_gpu_decode import build_model  # noqa: E402  (the same shapes as the decode benchmark)
+
 DEFAULT_OUT = HERE / "results" / "gpu_routing.json"
-
-
-def build(shape: str):  # type: ignore[no-untyped-def]
-    from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig
-
-    if shape == "mixtral":
-        cfg: Any = MixtralConfig(
-            vocab_size=128, hidden_size=4096, intermediate_size=14336, num_hidden_layers=1,
-            num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-        )  # fmt: skip
-    else:
-        cfg = OlmoeConfig(
-            vocab_size=128, hidden_size=2048, intermediate_size=1024, num_hidden_layers=1,
-            num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
-        )  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    return model.eval()
 
 
 def loop_us(fn, calls: int, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
@@ -85,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     cells: list[dict[str, Any]] = []
     for shape in args.shapes.split(","):
-        model = build(shape)
+        model = build_model(shape, layers=1, vocab=128)  # one decoder layer; the vocabulary is not timed
         block = model.model.layers[0].mlp
         router = block.gate if hasattr(block, "gate") else block.router
         hidden_size = model.config.hidden_size

@@ -105,8 +105,8 @@ class BatchAware(RoutingPolicy):
         # exact: ranked_probs are probs gathered at the ranked ids, both float32
         match = probs[:, None, :] == ranked_probs[:, :, None]  # (T, k_max, E)
         slot_ids = match.to(torch.uint8).argmax(-1)  # (T, k_max): the first expert with that value
-        experts = torch.arange(num_experts, device=probs.device)  # (E,)
-        owner = slot_ids[:, :, None] == experts  # (T, k_max, E): one expert per slot
+        expert_ids = torch.arange(num_experts, device=probs.device)  # (E,)
+        owner = slot_ids[:, :, None] == expert_ids  # (T, k_max, E): one expert per slot
         # a fixed-order reduction, not index_add_ (atomics on a GPU add in no fixed order, which
         # could flip a near-tie of the active set between two runs of the same batch)
         mass = ((ranked_probs * kept)[:, :, None] * owner).sum((0, 1))  # (E,)
