@@ -203,16 +203,16 @@ def test_replace_with_an_invalid_policy_keeps_the_old_patch():  # type: ignore[n
     dmr.unpatch(model)
 
 
-def test_expert_parallel_models_are_refused_with_a_typed_error():  # type: ignore[no-untyped-def]
+def test_an_expert_parallel_mark_without_sharded_weights_is_refused_with_a_typed_error():  # type: ignore[no-untyped-def]
     from dynamic_moe_router.hf.layers import find_moe_layers
     from dynamic_moe_router.hf.tiny import tiny_model
 
     model = tiny_model("olmoe")
     experts = find_moe_layers(model)[0][1].experts
-    experts._is_expert_parallel = True  # what transformers' ep_plan ("grouped_gemm") sets on a rank
+    experts._is_expert_parallel = True  # transformers' mark, but the weights are plain tensors
     forwards = [layer.experts.forward for layer in find_moe_layers(model)[0]]
-    message = r"MoE layer 1 .*sharded across processes.*nothing was patched"
-    with pytest.raises(dmr.UnsupportedModelError, match=message):
+    message = r"MoE layer 1 .*expert-parallel but their weights are not sharded.*nothing was patched"
+    with pytest.raises(dmr.ExpertParallelError, match=message):
         dmr.patch(model, dmr.TopP(p=0.5))
     assert dmr.get_patch(model) is None
     assert [layer.experts.forward for layer in find_moe_layers(model)[0]] == forwards

@@ -20,6 +20,7 @@ __all__ = [
     "BackendUnavailableError",
     "DataNotFoundError",
     "DmrError",
+    "ExpertParallelError",
     "MissingDependencyError",
     "NoMoELayersError",
     "NonFiniteRouterScoresError",
@@ -85,6 +86,11 @@ class UnsupportedModelError(DmrError, TypeError):
 
 class NoMoELayersError(UnsupportedModelError):
     """The model belongs to a supported family but has no MoE layer to patch."""
+
+
+class ExpertParallelError(UnsupportedModelError):
+    """An expert-parallel model cannot be patched as loaded: the experts do not divide over the ranks,
+    or transformers' layout is one the expert-parallel patch does not support (the message says which)."""
 
 
 class AlreadyPatchedError(DmrError, RuntimeError):

@@ -42,6 +42,9 @@ class LayerStats:
     k_histogram: list[int] = field(default_factory=list)  # k_histogram[k] = tokens that kept k experts
     #: matmul FLOPs the policy itself spends per token (a learned allocator's head; 0 otherwise)
     policy_flops_per_token: int = 0
+    #: pairs each rank's experts executed, in rank order (expert-parallel models only; their sum is
+    #: ``executed_pairs``)
+    rank_executed_pairs: list[int] = field(default_factory=list)
 
     @property
     def native_pairs(self) -> int:
@@ -63,6 +66,7 @@ class LayerStats:
             "routed_flop_reduction": 1.0 - self.executed_pairs / native if native else 0.0,
             "k_histogram": {str(k): n for k, n in enumerate(self.k_histogram)},
             "policy_flops": self.tokens * self.policy_flops_per_token,
+            **({"rank_executed_pairs": list(self.rank_executed_pairs)} if self.rank_executed_pairs else {}),
         }
 
 
@@ -118,6 +122,23 @@ class ProfileReport:
             else 0.0,
             "k_histogram": hist,
             "layers": per_layer,
+            **self._expert_parallel(),
+        }
+
+    def _expert_parallel(self) -> dict[str, Any]:
+        """Per-rank load of an expert-parallel model: pairs per rank summed over layers, and the
+        imbalance ``max / mean`` (1.0 = even)."""
+        ranked = [layer.rank_executed_pairs for layer in self.layers if layer.rank_executed_pairs]
+        if not ranked:
+            return {}
+        per_rank = [sum(col) for col in zip(*ranked, strict=True)]
+        mean = sum(per_rank) / len(per_rank)
+        return {
+            "expert_parallel": {
+                "ranks": len(per_rank),
+                "rank_executed_pairs": per_rank,
+                "load_imbalance": max(per_rank) / mean if mean else 1.0,
+            }
         }
 
     def summary(self) -> str:

@@ -32,6 +32,7 @@ from ..routing import finish, select
 from .families import FamilySpec
 from .graphs import GraphCache, GraphPool, module_state
 from .layers import MoELayer, find_moe_layers, model_family, unwrap
+from .parallel import ExchangeCounter, ExpertShard, check_dispatch, expert_shard, local_weights, shard_forward
 from .scoring import RouterScores
 
 __all__ = ["PatchHandle", "PatchOptions", "get_patch", "patch", "patched", "unpatch"]
@@ -50,6 +51,7 @@ class PatchOptions:
     validate: bool = True
     compile_routing: bool = False
     cuda_graphs: bool = False
+    dispatch: str = "auto"
 
     def __post_init__(self) -> None:
         if self.renormalize is not None and not isinstance(self.renormalize, bool):
@@ -69,6 +71,7 @@ class PatchOptions:
             raise PolicyError(
                 f"cuda_graphs must be True or False, got {self.cuda_graphs!r}", field="cuda_graphs"
             )
+        check_dispatch(self.dispatch)
         if self.cuda_graphs and self.compile_routing:
             raise PolicyError(
                 "cuda_graphs=True and compile_routing=True both take over the routing's launches; "
@@ -268,6 +271,10 @@ class DynamicExperts:
         self.counter = ExpertsCounter()
         self.router = router
         self.graphs = GraphCache(f"MoE layer {layer.index} experts", pool or GraphPool())
+        #: this rank's experts when transformers split them over processes (expert parallelism)
+        self.shard: ExpertShard | None = expert_shard(layer)
+        self.dispatch = "all_reduce" if options.dispatch == "auto" else options.dispatch
+        self.exchange = ExchangeCounter()  # what the expert-parallel dispatch sent to other ranks
 
     def _forward(
         self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
@@ -285,8 +292,8 @@ class DynamicExperts:
     ) -> torch.Tensor | None:
         """The experts from a CUDA graph, or ``None`` where this call runs eagerly (a host-syncing
         backend, or a call :func:`~dynamic_moe_router.hf.graphs.graph_ineligible` refuses)."""
-        if not self.cuda_graphs or not hidden.is_cuda or torch.compiler.is_compiling():
-            return None
+        if not self.cuda_graphs or not hidden.is_cuda or torch.compiler.is_compiling() or self.shard:
+            return None  # expert-parallel layers run their collectives eagerly
         experts = self.layer.experts
         chosen = resolve_backend(self.backend, experts, hidden, ids, self.layout)
         if not graph_safe_backend(chosen, experts, hidden, self.layout):
@@ -300,8 +307,23 @@ class DynamicExperts:
             self.counter.add(pairs)
         return out
 
+    def _local(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """This rank's experts on ``hidden (N, H)`` with local ids (expert parallelism)."""
+        with local_weights(self.layer.experts):
+            return experts_forward(
+                self.layer.experts, hidden, ids, weights, layout=self.layout, backend=self.backend,
+                counter=self.counter,
+            )  # fmt: skip
+
     def __call__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        out = self._replayed(hidden_states, top_k_index, top_k_weights)
+        if self.shard is not None:
+            # torch.compiler.disable hides shard_forward's signature from type checkers
+            out = shard_forward(
+                self.shard, self.dispatch, self._local, hidden_states, top_k_index, top_k_weights,  # pyright: ignore[reportCallIssue]
+                self.exchange,
+            )  # fmt: skip
+        else:
+            out = self._replayed(hidden_states, top_k_index, top_k_weights)
         if out is None:
             out = experts_forward(
                 self.layer.experts,
@@ -401,31 +423,6 @@ def _check_backend(options: PatchOptions, layers: list[MoELayer], family: Family
         resolve_backend(options.backend, layer.experts, probe, ids, family.layout)
 
 
-def _is_dtensor(t: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch build without distributed support has no sharded tensors
-        return False
-    return isinstance(t, DTensor)
-
-
-def _refuse_sharded_experts(layers: list[MoELayer]) -> None:
-    """Expert- or tensor-parallel experts (transformers' ``distributed_config`` / ``ep_plan``): the
-    patch would replace transformers' dispatch and combine, so it is refused before anything changes."""
-    for layer in layers:
-        experts = layer.experts
-        if getattr(experts, "_is_expert_parallel", False) or any(
-            _is_dtensor(getattr(experts, name, None)) for name in ("gate_up_proj", "down_proj")
-        ):
-            raise UnsupportedModelError(
-                f"MoE layer {layer.index} ({layer.path}): its experts are sharded across processes "
-                "(transformers' expert or tensor parallelism: distributed_config / ep_plan). dmr.patch "
-                "does not support sharded experts yet: it would bypass transformers' dispatch and "
-                "combine. Load the model without expert parallelism (one process, or device_map='auto' "
-                "to spread whole layers over GPUs) to patch it; nothing was patched."
-            )
-
-
 def _check_graphs(options: PatchOptions, layers: list[MoELayer]) -> None:
     if not options.cuda_graphs:
         return
@@ -454,6 +451,7 @@ def patch(
     validate: bool = True,
     compile_routing: bool = False,
     cuda_graphs: bool = False,
+    dispatch: str = "auto",
 ) -> PatchHandle:
     """Give every MoE layer of ``model`` dynamic routing with ``policy`` (in place, per instance).
 
@@ -484,13 +482,21 @@ def patch(
             ``grouped`` backends, gradients, a ``torch.compile`` trace) run eagerly. A size is
             captured the second time it is seen (milliseconds per layer). The model must be on a
             CUDA device. See :mod:`dynamic_moe_router.hf.graphs`.
+        dispatch: on a model whose experts transformers split over processes (expert parallelism,
+            ``DistributedConfig(tp_size=N, ep_size=N)`` under ``torchrun``), how the kept pairs reach
+            their experts: ``"all_reduce"`` (each rank runs its experts' kept pairs of the shared
+            batch, one all-reduce sums them) or ``"all_to_all"`` (each rank sends only the kept
+            pairs of its slice to the experts' ranks: the bytes exchanged fall with the dropped
+            pairs, at one host sync per layer). ``"auto"`` (default) is ``"all_reduce"``. Ignored on a
+            model in one process. See :mod:`dynamic_moe_router.hf.parallel`.
 
     Returns:
         A :class:`PatchHandle`; ``handle.unpatch()`` or :func:`unpatch` undoes the patch.
 
     Raises:
-        UnsupportedModelError: the model is not of a supported family, has unknown MoE blocks, or
-            its experts are sharded by transformers' expert or tensor parallelism.
+        UnsupportedModelError: the model is not of a supported family or has unknown MoE blocks.
+        ExpertParallelError: its experts are split over processes in a layout the patch does not
+            support (tensor-parallel or FSDP-sharded experts, ranks holding different batches).
         NoMoELayersError: the model has no MoE layer.
         PolicyError: the policy or an option does not fit the model's layers.
         AlreadyPatchedError: the model is already patched and ``replace`` is False.
@@ -517,6 +523,7 @@ def patch(
         validate=validate,
         compile_routing=compile_routing,
         cuda_graphs=cuda_graphs,
+        dispatch=dispatch,
     )
     policy = StaticTopK() if policy is None else policy
     existing = get_patch(target)
@@ -532,7 +539,6 @@ def patch(
         warnings.warn(
             f"dynamic-moe-router: leaving unknown MoE-like blocks unpatched: {unknown}", stacklevel=2
         )
-    _refuse_sharded_experts(layers)
     core.validate_policy(policy, layers, family=family.model_type, router_input=True)
     _check_backend(options, layers, family)
     _check_graphs(options, layers)

@@ -17,6 +17,7 @@ import torch
 
 from ..report import LayerStats, ProfileReport
 from .layers import MoELayer, experts_inputs, find_moe_layers, model_family, unwrap
+from .parallel import gather_pairs
 from .patching import get_patch
 
 __all__ = ["LayerStats", "ProfileReport", "profile"]
@@ -105,8 +106,12 @@ def profile(model: torch.nn.Module, *, count_dense: bool = True) -> Iterator[Pro
             stack.callback(h.remove)
         counter = stack.enter_context(_flop_counter()) if count_dense else None
         yield report
-    for st, c, s in zip(stats, counters, start, strict=False):
+    shards = [e.shard for e in handle.experts] if handle is not None else [None] * len(layers)
+    for st, c, s, shard in zip(stats, counters, start, shards, strict=False):
         st.executed_pairs = c.executed_pairs - s if c is not None else st.kept_pairs
+        if shard is not None:  # this rank ran its experts' pairs only: gather every rank's count
+            st.rank_executed_pairs = gather_pairs(shard, st.executed_pairs)
+            st.executed_pairs = sum(st.rank_executed_pairs)
     if counter is not None:
         _split_dense(report, root, layers, counter.get_flop_counts())
 
