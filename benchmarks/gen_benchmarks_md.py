@@ -25,6 +25,7 @@ from dynamic_moe_router._atomic import write_text_atomic
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from render_decode import render_batch_aware, render_gpu_batch_aware, render_gpu_decode, render_gpu_routing
 from render_gpu import render_gpu_e2e, render_gpu_experts
+from render_parallel import render_ep, render_gpu_ep_local
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -1076,6 +1077,8 @@ RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = 
     "gpu_batch_aware": ("GPU: batch-aware routing, one experts layer", render_gpu_batch_aware),
     "gpu_decode": ("GPU: generate() end to end, eager and compiled", render_gpu_decode),
     "gpu_routing": ("GPU: routing cost per layer in eager mode", render_gpu_routing),
+    "gpu_ep_local": ("GPU: one expert-parallel rank's local work", render_gpu_ep_local),
+    "ep_2gpu": ("Expert parallelism on two GPUs", render_ep),
 }
 
 

@@ -64,6 +64,7 @@ def check(path: str, p: float) -> dict:
     local = e_layers[0].experts.gate_up_proj.to_local()
     n = local.shape[0]
     res["local_experts"], res["num_experts"] = int(n), int(s_layers[0].num_experts)
+    installed = [layer.experts.__dict__.get("forward") for layer in e_layers]  # transformers' dispatch
     mine = s_layers[0].experts.gate_up_proj[rank * n : (rank + 1) * n]
     res["own_weights_equal"] = bool(torch.equal(local, mine))
 
@@ -102,7 +103,8 @@ def check(path: str, p: float) -> dict:
             del sh
         after = ep(ids, attention_mask=mask).logits
     res["unpatch_bit_exact"] = bool(torch.equal(after, native))
-    res["forward_restored"] = e_layers[0].experts.__dict__.get("forward").__qualname__
+    restored = [layer.experts.__dict__.get("forward") for layer in e_layers]
+    res["forward_restored"] = all(a is b is not None for a, b in zip(restored, installed, strict=True))
     try:  # gradients through a patched expert-parallel model are refused with a typed error
         with dmr.patched(ep, dmr.StaticTopK()):
             ep(ids).logits.sum().backward()

@@ -1,7 +1,9 @@
 """Dynamic routing on models split by transformers' expert parallelism.
 
 transformers (>= 5) loads a MoE model across processes with
-``from_pretrained(..., distributed_config=DistributedConfig(tp_size=N, ep_size=N))`` under
+``from_pretrained(..., distributed_config=DistributedConfig(tp_size=N, ep_size=N))`` (5.17:
+``DistributedConfig(tp_size=N, enable_expert_parallel=True)``; :func:`expert_parallel_config`
+builds the right one) under
 ``torchrun``: each rank keeps ``E / N`` whole experts (a ``Shard(0)`` DTensor per weight), the
 router runs replicated, and a dispatch step brings each rank's experts their tokens.
 :func:`~dynamic_moe_router.patch` on such a model keeps the sharding and replaces that dispatch
@@ -188,7 +190,8 @@ def expert_shard(layer: MoELayer) -> ExpertShard | None:
             raise ExpertParallelError(
                 f"{where}: transformers marked the experts expert-parallel but their weights are not "
                 "sharded tensors; this layout is not supported. Load the model with "
-                "DistributedConfig(tp_size=N, ep_size=N) under torchrun; nothing was patched."
+                "distributed_config=dmr.hf.parallel.expert_parallel_config(config) under torchrun; nothing "
+                "was patched."
             )
         return None
     from torch.distributed.tensor import Shard
@@ -199,15 +202,15 @@ def expert_shard(layer: MoELayer) -> ExpertShard | None:
                 f"{where}: {name} is split as {tuple(w.placements)} over the mesh "
                 f"{w.device_mesh.mesh_dim_names}; dmr.patch supports experts split whole by expert "
                 "parallelism only (Shard(0) over one mesh dimension), not tensor-parallel or FSDP-sharded "
-                "experts. Load with DistributedConfig(tp_size=N, ep_size=N) (fsdp_size=1); nothing was "
-                "patched."
+                "experts. Load with distributed_config=dmr.hf.parallel.expert_parallel_config(config) "
+                "(tp_size = ep_size, fsdp_size=1); nothing was patched."
             )
     impl = _ep_implementation(experts)
     if impl is not None and not getattr(impl, "shares_batch", True):
         raise ExpertParallelError(
             f"{where}: the expert-parallel ranks hold different batches (ep_size > tp_size); dmr.patch "
             "supports expert parallelism over ranks that share one batch. Load with "
-            "DistributedConfig(tp_size=N, ep_size=N); nothing was patched."
+            "distributed_config=dmr.hf.parallel.expert_parallel_config(config); nothing was patched."
         )
     config = getattr(experts, "config", None)
     if getattr(config, "_experts_implementation", None) == "deepgemm_megamoe":
@@ -371,8 +374,9 @@ def check_world_size(num_experts: int, world_size: int, *, what: str = "the mode
 
 def expert_parallel_config(config: Any, world_size: int | None = None) -> Any:
     """The ``DistributedConfig`` that splits ``config``'s experts over ``world_size`` ranks sharing
-    one batch (``tp_size = ep_size = world_size``; default: ``WORLD_SIZE`` of ``torchrun``),
-    checked before anything is loaded.
+    one batch (``tp_size = ep_size = world_size``; on releases without ``ep_size``, such as 5.17,
+    ``tp_size=world_size, enable_expert_parallel=True``; default world size: ``WORLD_SIZE`` of
+    ``torchrun``), checked before anything is loaded.
 
     Raises:
         UnsupportedModelError: the family is not supported, or its transformers config has no
@@ -405,7 +409,10 @@ def expert_parallel_config(config: Any, world_size: int | None = None) -> Any:
     size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else int(world_size)
     experts = _config_experts(config)
     check_world_size(experts, size, what=f"{model_type} ({experts} experts)")
-    return DistributedConfig(tp_size=size, ep_size=size)
+    if "ep_size" in DistributedConfig.__dataclass_fields__:  # transformers >= 5.2x
+        return DistributedConfig(tp_size=size, ep_size=size)
+    # older releases (5.17): no ep_size; the flag swaps the TP plan for base_model_ep_plan over tp_size
+    return DistributedConfig(tp_size=size, enable_expert_parallel=True)
 
 
 def _config_experts(config: Any) -> int:
