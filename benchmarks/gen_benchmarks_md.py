@@ -1079,6 +1079,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = 
     "gpu_routing": ("GPU: routing cost per layer in eager mode", render_gpu_routing),
     "gpu_ep_local": ("GPU: one expert-parallel rank's local work", render_gpu_ep_local),
     "ep_2gpu": ("Expert parallelism on two GPUs", render_ep),
+    "ep_cpu": ("Expert parallelism on two CPU processes (tiny model)", render_ep),
 }
 
 
@@ -1153,7 +1154,8 @@ def _summary(sections: list[tuple[str, list[str]]]) -> list[str]:
                 continue
             row = rows.setdefault(key, {"met": [], "missed": []})
             row["met" if ok else "missed"].append(where or "-")
-    untargeted = [title for title, _ in sections if title not in {t for t, _ in rows}]
+    skipped = {title for title, sec in sections if any(line.startswith("_Skipped") for line in sec)}
+    untargeted = [title for title, _ in sections if title not in {t for t, _ in rows} | skipped]
     if not rows:
         return []
     out = [
@@ -1238,7 +1240,8 @@ def render(results: Path) -> str:
         "`python benchmarks/bench_cpu_experts.py`, or `--quick` for a short run; on a CUDA GPU "
         "`python benchmarks/bench_gpu_experts.py`, `python benchmarks/bench_gpu_e2e.py`, "
         "`python benchmarks/bench_gpu_decode.py`, `python benchmarks/bench_gpu_routing.py` and "
-        "`python benchmarks/bench_gpu_batch_aware.py`) and then the "
+        "`python benchmarks/bench_gpu_batch_aware.py`, `python benchmarks/bench_gpu_ep_local.py`; on two "
+        "GPUs `torchrun --nproc_per_node 2 benchmarks/bench_ep.py`) and then the "
         "generator.",
         "",
     ]
