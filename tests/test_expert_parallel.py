@@ -88,6 +88,9 @@ def test_dynamic_routing_matches_single_process_dynamic_routing(ep_results, fami
     for res in ep_results[family]:
         assert res[f"{dispatch}/dynamic_vs_single"] < 1e-5
         assert res[f"{dispatch}/dynamic_tokens_equal"]
+        # one token (the other rank's slice is empty), odd counts (uneven slices)
+        small = res[f"{dispatch}/small_batches_vs_single"]
+        assert set(small) == {"(1, 1)", "(1, 3)", "(3, 5)"} and max(small.values()) < 1e-5, small
         ep, single = res[f"{dispatch}/dynamic_profile"], res[f"{dispatch}/single_dynamic_profile"]
         # pairs counted across ranks: the sum of both ranks' experts equals the single process's count
         assert ep["executed_pairs"] == single["executed_pairs"] < single["native_pairs"]
@@ -115,8 +118,10 @@ def test_the_all_to_all_dispatcher_sends_fewer_bytes_when_pairs_are_dropped(ep_r
         moved_static = _sent(static, "dispatch_bytes", "combine_bytes")
         moved_dynamic = _sent(dynamic, "dispatch_bytes", "combine_bytes")
         assert moved_dynamic < moved_static
-        # the rows exchanged are the kept pairs that cross ranks, nothing else
-        assert _sent(static, "pairs_sent") + _sent(static, "pairs_received") < 2 * pairs_static
+        # the pairs sent are exactly the kept pairs of this rank's slice that the other rank's
+        # experts hold (computed from the single-process routing), layer by layer
+        assert [layer["pairs_sent"] for layer in dynamic] == res["all_to_all/expected_pairs_sent"]
+        assert sum(res["all_to_all/expected_pairs_sent"]) > 0
         # the all-reduce combine moves the same bytes whatever the routing
         assert (
             _sent(res["all_reduce/static_exchange"], "reduce_bytes")
@@ -224,3 +229,90 @@ def test_the_two_gpu_benchmark_runs_end_to_end_on_cpu_with_a_tiny_model(tmp_path
     data["machine"]["device"] = "CPU"
     table = "\n".join(render_ep(data, out))
     assert "| tiny | prefill 48 | a2a_dynamic |" in table and "all_to_all bytes cut" in table
+
+
+# -- one process: the layouts the patch refuses, and the dispatch code on a one-rank group -----------
+
+
+@pytest.fixture
+def one_rank_group(tmp_path: Path):  # type: ignore[no-untyped-def]
+    import torch.distributed as dist
+
+    if not _gloo():
+        pytest.skip("torch.distributed with gloo is not available in this torch build")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _shard_experts(model: torch.nn.Module, placement: Any) -> None:
+    """Replace every layer's expert weights by DTensors placed as ``placement`` on a 1-rank mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    from dynamic_moe_router.hf.layers import find_moe_layers
+
+    mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("ep",))
+    for layer in find_moe_layers(model)[0]:
+        for name in ("gate_up_proj", "down_proj"):
+            weight = getattr(layer.experts, name).detach()
+            sharded = distribute_tensor(weight, mesh, [placement])
+            layer.experts._parameters[name] = torch.nn.Parameter(sharded, requires_grad=False)
+
+
+def test_tensor_parallel_experts_are_refused(one_rank_group) -> None:  # type: ignore[no-untyped-def]
+    from torch.distributed.tensor import Shard
+
+    from dynamic_moe_router.hf.tiny import tiny_model
+
+    model = tiny_model("mixtral")
+    _shard_experts(model, Shard(1))  # split inside each expert: tensor parallelism
+    with pytest.raises(dmr.ExpertParallelError, match=r"split as \(Shard\(dim=1\),\).*nothing was patched"):
+        dmr.patch(model, dmr.TopP(p=0.5))
+    assert dmr.get_patch(model) is None
+
+
+def test_ranks_holding_different_batches_are_refused(one_rank_group) -> None:  # type: ignore[no-untyped-def]
+    from torch.distributed.tensor import Shard
+
+    from dynamic_moe_router.hf.layers import find_moe_layers
+    from dynamic_moe_router.hf.tiny import tiny_model
+
+    class AllToAllLike:  # what transformers' EPImplementation exposes, with ep_size > tp_size
+        ep_mesh, experts_forward, shares_batch = None, None, False
+
+    model = tiny_model("mixtral")
+    _shard_experts(model, Shard(0))
+    impl = AllToAllLike()
+
+    def ep_forward(hidden, top_k_index, top_k_weights):  # type: ignore[no-untyped-def]
+        return impl.experts_forward(hidden, top_k_index, top_k_weights)  # impl: a closure cell
+
+    for layer in find_moe_layers(model)[0]:
+        layer.experts.forward = ep_forward
+    with pytest.raises(dmr.ExpertParallelError, match=r"hold different batches.*nothing was patched"):
+        dmr.patch(model)
+    assert dmr.get_patch(model) is None
+
+
+@pytest.mark.parametrize("dispatch", ["all_reduce", "all_to_all"])
+def test_a_one_rank_expert_parallel_model_matches_the_plain_model(one_rank_group, dispatch) -> None:  # type: ignore[no-untyped-def]
+    from torch.distributed.tensor import Shard
+
+    from dynamic_moe_router.hf.tiny import tiny_model
+
+    model = tiny_model("olmoe")
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), dmr.patched(model, dmr.TopP(p=0.5)) as plain:
+        expected = model(ids).logits
+    _shard_experts(model, Shard(0))
+    with torch.no_grad(), dmr.patched(model, dmr.TopP(p=0.5), dispatch=dispatch) as handle:
+        got = model(ids).logits
+    assert all(e.shard is not None and e.shard.size == 1 for e in handle.experts)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert handle.executed_pairs() == plain.executed_pairs()
+    assert all(e.exchange.calls == 1 and e.exchange.bytes_sent == 0 for e in handle.experts)  # one rank

@@ -16,12 +16,22 @@ import torch
 import torch.distributed as dist
 
 import dynamic_moe_router as dmr
-from dynamic_moe_router.hf.layers import find_moe_layers, model_family
+from dynamic_moe_router.hf.layers import experts_inputs, find_moe_layers, model_family
 from dynamic_moe_router.hf.parallel import expert_parallel_config
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
+
+
+def pairs_leaving(routes: torch.Tensor, rank: int, local: int) -> int:
+    """Kept pairs of ``rank``'s slice of the batch (``routes (T, k)``) whose expert another rank
+    holds: what the all_to_all dispatcher must send (2 ranks, ``local`` experts each)."""
+    tokens = routes.shape[0]
+    rows = -(-tokens // 2)
+    mine = routes[rank * rows : (rank + 1) * rows]
+    kept = mine < 2 * local
+    return int((kept & (mine // local != rank)).sum())
 
 
 def main() -> None:
@@ -91,8 +101,27 @@ def check(path: str, p: float) -> dict:
             dyn_exchange = [e.exchange.to_dict() for e in handle.experts]
             with dmr.patched(ep, policy, dispatch=dispatch):
                 tokens = ep.generate(ids, attention_mask=mask, **gen)
+            routes: list[torch.Tensor] = []  # each layer's (T, k) global ids, single process
+            hooks = [
+                layer.experts.register_forward_pre_hook(
+                    lambda m, a, kw, routes=routes: routes.append(experts_inputs(a, kw)[1].clone()),
+                    with_kwargs=True,
+                )
+                for layer in s_layers
+            ]
             with dmr.patched(single, policy) as sh, dmr.profile(single) as single_report:
                 single_logits = single(ids, attention_mask=mask).logits
+            for hook in hooks:
+                hook.remove()
+            res[f"{dispatch}/expected_pairs_sent"] = [pairs_leaving(r, rank, n) for r in routes]
+            small = {}  # token counts with uneven or empty slices: (1, 1), (1, 3), (3, 5)
+            for shape in ((1, 1), (1, 3), (3, 5)):
+                x = ids[: shape[0], : shape[1]]
+                with dmr.patched(ep, policy, dispatch=dispatch):
+                    got = ep(x).logits
+                with dmr.patched(single, policy):
+                    small[str(shape)] = _max_diff(got, single(x).logits)
+            res[f"{dispatch}/small_batches_vs_single"] = small
             with dmr.patched(single, policy):
                 single_tokens = single.generate(ids, attention_mask=mask, **gen)
             res[f"{dispatch}/dynamic_vs_single"] = _max_diff(logits, single_logits)

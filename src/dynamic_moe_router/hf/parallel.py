@@ -43,7 +43,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -76,12 +76,14 @@ class ExpertShard:
         rank: this rank's index in ``group``. size: ranks in ``group``.
         num_local: experts held by each rank; this rank holds global experts
             ``[rank * num_local, (rank + 1) * num_local)``.
+        device: where this rank's experts live (the collectives of NCCL groups run there).
     """
 
     group: Any
     rank: int
     size: int
     num_local: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def first(self) -> int:
@@ -114,8 +116,9 @@ class ExchangeCounter:
     Attributes:
         calls: forward calls. pairs_sent / pairs_received: kept pairs this rank sent to / received
             from other ranks' experts (``all_to_all`` only). dispatch_bytes: rows sent for the
-            experts; combine_bytes: results sent back (``all_to_all``); gather_bytes: this rank's
-            slice of the output sent to the others (``all_to_all``); reduce_bytes: what a ring
+            experts, and the per-expert counts; combine_bytes: results sent back (``all_to_all``);
+            gather_bytes: this rank's (padded) slice of the output sent to the others
+            (``all_to_all``); reduce_bytes: what a ring
             all-reduce of the output sends per rank, ``2 (N - 1) / N * T * H`` elements
             (``all_reduce``).
     """
@@ -227,8 +230,8 @@ def expert_shard(layer: MoELayer) -> ExpertShard | None:
             f"{where}: {total} experts over {size} ranks (router: {layer.num_experts} experts); each "
             "rank must hold the same number of whole experts"
         )
-    rank = int(mesh.get_local_rank())
-    return ExpertShard(group=mesh.get_group(), rank=rank, size=size, num_local=total // size)
+    rank, device = int(mesh.get_local_rank()), w.to_local().device
+    return ExpertShard(group=mesh.get_group(), rank=rank, size=size, num_local=total // size, device=device)
 
 
 @contextmanager
@@ -330,10 +333,12 @@ def _all_to_all(
     back = results.new_empty(kept, width)
     dist.all_to_all_single(back, results, send_sizes, recv_sizes, group=shard.group)
 
-    # weighted sum per token of the slice, then every slice to every rank
-    pair_w = mine_w.reshape(-1)[pairs].unsqueeze(1).to(back.dtype)  # (P, 1)
-    out = hidden.new_zeros(rows, width)  # padded to the common slice height
-    out.index_add_(0, pairs // k, (back * pair_w).to(out.dtype))
+    # weighted sum per token of the slice (in fp32, as the experts kernels combine), then every
+    # slice to every rank
+    pair_w = mine_w.reshape(-1)[pairs].unsqueeze(1).float()  # (P, 1)
+    acc = torch.zeros(rows, width, dtype=torch.float32, device=hidden.device)  # padded slice height
+    acc.index_add_(0, pairs // k, back.float() * pair_w)
+    out = acc.to(hidden.dtype)
     slices = [torch.empty_like(out) for _ in range(n)]
     dist.all_gather(slices, out, group=shard.group)
 
@@ -341,9 +346,10 @@ def _all_to_all(
     own = shard.rank
     exchange.pairs_sent += kept - send_sizes[own]
     exchange.pairs_received += sum(recv_sizes) - recv_sizes[own]
-    exchange.dispatch_bytes += (kept - send_sizes[own]) * row_bytes
+    counts_bytes = (n - 1) * shard.num_local * sent.element_size()  # the split sizes
+    exchange.dispatch_bytes += (kept - send_sizes[own]) * row_bytes + counts_bytes
     exchange.combine_bytes += (sum(recv_sizes) - recv_sizes[own]) * results.element_size() * width
-    exchange.gather_bytes += (n - 1) * (hi - lo) * row_bytes
+    exchange.gather_bytes += (n - 1) * rows * row_bytes  # the padded slice goes to every other rank
     return torch.cat(slices)[:tokens]
 
 
@@ -423,13 +429,14 @@ def _config_experts(config: Any) -> int:
     raise ExpertParallelError(f"{getattr(config, 'model_type', '?')}: the config names no number of experts")
 
 
-def gather_pairs(shard: ExpertShard, executed: int) -> list[int]:
-    """Every rank's ``executed`` count, in rank order (a collective: every rank must call it)."""
+def gather_pairs(shard: ExpertShard, executed: list[int]) -> list[list[int]]:
+    """Every rank's per-layer ``executed`` counts, ``[rank][layer]``, in one collective (every rank
+    of ``shard.group`` must call it)."""
     import torch.distributed as dist
 
     nccl = dist.get_backend(shard.group) == "nccl"  # NCCL collectives take CUDA tensors only
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    mine = torch.tensor([executed], dtype=torch.long, device=device)
+    device = shard.device if nccl else torch.device("cpu")
+    mine = torch.tensor(executed, dtype=torch.long, device=device)  # (L,)
     every = [torch.empty_like(mine) for _ in range(shard.size)]
     dist.all_gather(every, mine, group=shard.group)
-    return [int(t) for t in every]
+    return [[int(v) for v in t.tolist()] for t in every]

@@ -417,10 +417,11 @@ def _check_backend(options: PatchOptions, layers: list[MoELayer], family: Family
     if options.backend == "auto":
         return
     for layer in layers:
-        w = layer.experts.gate_up_proj
-        probe = torch.empty(0, layer.hidden_size, dtype=w.dtype, device=w.device)
-        ids = torch.empty(0, layer.native_k, dtype=torch.long, device=w.device)
-        resolve_backend(options.backend, layer.experts, probe, ids, family.layout)
+        with local_weights(layer.experts):  # an expert-parallel rank's own experts, as at run time
+            w = layer.experts.gate_up_proj
+            probe = torch.empty(0, layer.hidden_size, dtype=w.dtype, device=w.device)
+            ids = torch.empty(0, layer.native_k, dtype=torch.long, device=w.device)
+            resolve_backend(options.backend, layer.experts, probe, ids, family.layout)
 
 
 def _check_graphs(options: PatchOptions, layers: list[MoELayer]) -> None:

@@ -106,11 +106,14 @@ def profile(model: torch.nn.Module, *, count_dense: bool = True) -> Iterator[Pro
             stack.callback(h.remove)
         counter = stack.enter_context(_flop_counter()) if count_dense else None
         yield report
-    shards = [e.shard for e in handle.experts] if handle is not None else [None] * len(layers)
-    for st, c, s, shard in zip(stats, counters, start, shards, strict=False):
+    for st, c, s in zip(stats, counters, start, strict=False):
         st.executed_pairs = c.executed_pairs - s if c is not None else st.kept_pairs
-        if shard is not None:  # this rank ran its experts' pairs only: gather every rank's count
-            st.rank_executed_pairs = gather_pairs(shard, st.executed_pairs)
+    experts = handle.experts if handle is not None else []
+    sharded = [(st, e.shard) for st, e in zip(stats, experts, strict=False) if e.shard is not None]
+    if sharded:  # each rank ran its own experts' pairs only: one gather of every rank's counts
+        every = gather_pairs(sharded[0][1], [st.executed_pairs for st, _ in sharded])  # [rank][layer]
+        for i, (st, _) in enumerate(sharded):
+            st.rank_executed_pairs = [counts[i] for counts in every]
             st.executed_pairs = sum(st.rank_executed_pairs)
     if counter is not None:
         _split_dense(report, root, layers, counter.get_flop_counts())
