@@ -27,6 +27,9 @@ COLUMNS = (
     "weights",
     "shared experts",
     "experts layout",
+    "transformers",
+    "GPU kernels",
+    "keras-hub",
 )
 
 _ESCAPE = str.maketrans({c: "\\" + c for c in "\\|*_`<>[]"})
@@ -80,6 +83,9 @@ def render() -> str:
             _text(family.renorm_doc()),
             ", ".join(_code(s) for s in family.shared_experts) or "none",
             _layout(family.layout),
+            f">= {family.min_transformers}",
+            "yes" if family.gpu_kernels else "no (loop / grouped paths)",
+            _code(family.keras_hub) if family.keras_hub else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

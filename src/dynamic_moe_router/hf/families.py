@@ -57,9 +57,26 @@ class FamilySpec:
     native_k_override: int | None = None
     #: a router with this attribute set while training uses randomness we do not reproduce
     training_unsupported: bool = False
+    #: dotted path, on the router, of its ``(E, H)`` linear weight (gemma4_text: ``"proj.weight"``)
+    router_weight: str = "weight"
+    #: dotted path, on the router, of the family's k (gemma4_text: ``"config.top_k_experts"``)
+    router_top_k: str = "top_k"
     #: order of the router's outputs, by the first transformers release that uses it
     router_outputs: tuple[tuple[str, tuple[str, str, str]], ...] = (("0", ("logits", "weights", "ids")),)
     notes: str = ""
+    #: the oldest transformers release this record was checked against
+    min_transformers: str = MIN_TRANSFORMERS
+    #: the keras-hub model family patched by :mod:`dynamic_moe_router.keras.hub` ("" = none)
+    keras_hub: str = ""
+
+    @property
+    def gpu_kernels(self) -> bool:
+        """Whether the sync-free GPU kernels (Triton + ``grouped_mm``) cover this family's experts
+        layout; other layouts run the host-synchronising ``loop`` / ``grouped`` paths on GPU."""
+        layout = self.layout
+        return not (
+            layout.transposed or layout.interleaved or layout.has_bias or layout.activation != "act_fn"
+        )
 
     def router_output_order(self, transformers_version: str) -> tuple[str, str, str]:
         """The order in which this family's router returns (logits, weights, ids) in a release."""
@@ -72,6 +89,12 @@ class FamilySpec:
                 order = candidate
         return order
 
+    def router_attribute(self, router, path: str):
+        """``router``'s attribute at the dotted ``path`` (``router_weight`` / ``router_top_k``)."""
+        for name in path.split("."):
+            router = getattr(router, name)
+        return router
+
     @property
     def scorer(self):
         return SCORERS[self.scoring]
@@ -83,12 +106,16 @@ class FamilySpec:
         return weight_rule_doc(self.renorm, "norm_topk_prob")
 
 
+_DS3 = "sigmoid + selection bias, group-limited top-k, routed_scaling_factor, shared experts"
+
+_GRANITE_ORDER = (("0", ("ids", "weights", "logits")), ("5.21.0", ("logits", "weights", "ids")))
+
 FAMILIES: dict[str, FamilySpec] = {
     family.model_type: family
     for family in (
         FamilySpec(
             "mixtral", ("MixtralSparseMoeBlock",), "gate", "softmax", "always", "fp32", "model",
-            notes="softmax -> top-k -> renormalise",
+            notes="softmax -> top-k -> renormalise", keras_hub="mixtral",
         ),
         FamilySpec(
             "olmoe", ("OlmoeSparseMoeBlock",), "gate", "softmax", "config", "logits", "model",
@@ -97,11 +124,11 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec(
             "qwen2_moe", ("Qwen2MoeSparseMoeBlock",), "gate", "softmax", "config", "logits", "model",
             shared_experts=("shared_expert", "shared_expert_gate"),
-            notes="softmax -> top-k; sigmoid-gated shared expert",
+            notes="softmax -> top-k; sigmoid-gated shared expert", keras_hub="qwen_moe",
         ),
         FamilySpec(
             "qwen3_moe", ("Qwen3MoeSparseMoeBlock",), "gate", "softmax", "config", "logits", "model",
-            notes="softmax -> top-k; norm_topk_prob",
+            notes="softmax -> top-k; norm_topk_prob", keras_hub="qwen3_moe",
         ),
         FamilySpec(
             "deepseek_v3", ("DeepseekV3MoE",), "gate", "sigmoid_group", "config", "fp32", "fp32_inputs",
@@ -122,6 +149,63 @@ FAMILIES: dict[str, FamilySpec] = {
             "phimoe", ("PhimoeSparseMoeBlock",), "router", "sparsemixer", "never", "logits", "model",
             native_k_override=2, training_unsupported=True,
             notes="sparsemixer (always top-2 at inference)",
+        ),
+        FamilySpec(
+            "deepseek_v2", ("DeepseekV2Moe",), "gate", "softmax_group", "never", "fp32", "fp32_inputs",
+            shared_experts=("shared_experts",),
+            notes="softmax -> top-k (greedy or group-limited greedy) x routed_scaling_factor, shared experts",
+        ),
+        FamilySpec(
+            "deepseek_v32", ("DeepseekV32MoE",), "gate", "sigmoid_group", "config", "fp32", "fp32_inputs",
+            shared_experts=("shared_experts",), notes=_DS3 + " (DeepSeek-V3 router)",
+        ),
+        FamilySpec(
+            "glm4_moe", ("Glm4MoeMoE",), "gate", "sigmoid_group", "config", "fp32", "fp32_inputs",
+            shared_experts=("shared_experts",), notes=_DS3 + " (DeepSeek-V3 router)",
+        ),
+        FamilySpec(
+            "glm4_moe_lite", ("Glm4MoeLiteMoE",), "gate", "sigmoid_group", "config", "fp32", "fp32_inputs",
+            shared_experts=("shared_experts",), notes=_DS3 + " (DeepSeek-V3 router)",
+        ),
+        FamilySpec(
+            "dots1", ("Dots1MoE",), "gate", "sigmoid_group", "config", "fp32", "fp32_inputs",
+            shared_experts=("shared_experts",), notes=_DS3 + " (DeepSeek-V3 router)",
+        ),
+        FamilySpec(
+            "kimi_linear", ("KimiLinearMoE",), "gate", "sigmoid_group", "config", "fp32", "fp32_inputs",
+            shared_experts=("shared_experts",), notes=_DS3 + " (DeepSeek-V3 router)",
+        ),
+        FamilySpec(
+            "granitemoeshared", ("GraniteMoeSharedMoE",), "router", "topk_softmax", "always", "hidden",
+            "cast_fp32",
+            router_outputs=_GRANITE_ORDER,
+            notes="top-k over logits -> softmax; dense shared MLP beside the block (the layer's shared_mlp)",
+        ),
+        FamilySpec(
+            "granitemoehybrid", ("GraniteMoeHybridMoE",), "router", "topk_softmax", "always", "hidden",
+            "cast_fp32",
+            router_outputs=_GRANITE_ORDER,
+            notes="top-k over logits -> softmax; Mamba2/attention hybrid, dense shared MLP beside the block",
+        ),
+        FamilySpec(
+            "bailing_hybrid", ("BailingHybridMoE",), "gate", "sigmoid_group", "config", "fp32", "fp32_inputs",
+            shared_experts=("shared_experts",),
+            notes="sigmoid + selection bias, group-limited top-k, routed_scaling_factor, shared experts "
+            "(Ling hybrid: linear/MLA attention)",
+        ),
+        FamilySpec(
+            "cohere2_moe", ("Cohere2MoeSparseMoeBlock",), "gate", "topk_gate", "config", "hidden", "model",
+            shared_experts=("shared_experts",),
+            notes="top-k over logits -> softmax (or sigmoid, renormalised if norm_topk_prob); "
+            "shared experts summed or averaged",
+        ),
+        FamilySpec(
+            "gemma4_text", ("Gemma4TextDecoderLayer",), "router", "softmax_expert_scale", "always", "fp32",
+            "model",
+            shared_experts=("mlp",),
+            router_weight="proj.weight", router_top_k="config.top_k_experts",
+            notes="normed router input, softmax -> top-k -> renormalise -> per-expert scale; dense MLP "
+            "beside the experts in every layer (the decoder layer is the MoE block)",
         ),
     )
 }  # fmt: skip
@@ -148,14 +232,17 @@ def get_family(model_type: str) -> FamilySpec:
 def families_markdown() -> str:
     """The supported-families table as Markdown, generated from :data:`FAMILIES` (README and docs)."""
     rows = [
-        "| family | MoE block | scoring | policies read | kept weights | shared experts |",
-        "|---|---|---|---|---|---|",
+        "| family | MoE block | scoring | policies read | kept weights | shared experts | transformers "
+        "| GPU kernels | keras-hub |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in supported_families():
         family = FAMILIES[name]
         shared = ", ".join(f"`{s}`" for s in family.shared_experts) or "-"
+        hub = f"`{family.keras_hub}`" if family.keras_hub else "-"
         rows.append(
-            f"| `{name}` | `{'/'.join(family.block_classes)}` | {family.notes} | "
-            f"{family.scorer.distribution} | {family.renorm_doc()} | {shared} |"
+            f"| `{name}` | `{'/'.join(family.block_classes)}` | `{family.scoring}`: {family.notes} | "
+            f"{family.scorer.distribution} | {family.renorm_doc()} | {shared} | "
+            f">= {family.min_transformers} | {'yes' if family.gpu_kernels else 'no'} | {hub} |"
         )
     return "\n".join(rows)

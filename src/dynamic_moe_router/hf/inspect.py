@@ -70,7 +70,7 @@ def inspect_model(model: torch.nn.Module) -> dict[str, Any]:
                 "hidden_size": layer.hidden_size,
                 "expert_intermediate_size": layer.intermediate_size,
                 "flops_per_pair": layer.flops_per_pair,
-                "renormalises": core.renormalises(family.renorm, flag),
+                "renormalises": family.scorer.native_renormalize(layer.router, family.renorm),
                 "weights": rule,
                 "shared_experts": [
                     a for a in family.shared_experts if getattr(layer.block, a, None) is not None

@@ -119,10 +119,10 @@ def find_moe_layers(
             continue
         router = getattr(module, family.router_attr)
         experts = getattr(module, family.experts_attr)
-        num_experts, hidden = router.weight.shape
+        num_experts, hidden = family.router_attribute(router, family.router_weight).shape
         w1 = experts.gate_up_proj
         inter = (w1.shape[2] if family.layout.transposed else w1.shape[1]) // 2
-        native_k = family.native_k_override or int(router.top_k)
+        native_k = family.native_k_override or int(family.router_attribute(router, family.router_top_k))
         match = _LAYER_RE.search(name)
         shared = tuple(
             getattr(module, a) for a in family.shared_experts if getattr(module, a, None) is not None

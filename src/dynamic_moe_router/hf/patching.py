@@ -114,7 +114,7 @@ class DynamicRouter:
     def renormalize(self) -> bool:
         if self.options.renormalize is not None:
             return self.options.renormalize
-        return core.renormalises(self.family.renorm, getattr(self.layer.router, "norm_topk_prob", None))
+        return self.family.scorer.native_renormalize(self.layer.router, self.family.renorm)
 
     def __call__(self, hidden_states: torch.Tensor):
         layer, router = self.layer, self.layer.router

@@ -40,6 +40,14 @@ class Scorer:
     def scores(self, router: Any, h: torch.Tensor, logits_dtype: str) -> RouterScores:
         raise NotImplementedError
 
+    def native_renormalize(self, router: Any, rule: str) -> bool:
+        """Whether the family itself renormalises the kept weights of this router (the family
+        record's ``renorm`` rule; a scorer whose rule depends on more than ``norm_topk_prob``
+        overrides it)."""
+        from ..core import renormalises
+
+        return renormalises(rule, getattr(router, "norm_topk_prob", None))
+
     def weights(
         self,
         router: Any,
@@ -164,6 +172,115 @@ class SparseMixerScorer(TopKSoftmaxScorer):
         return _cast(w, weights_dtype, sc.logits, hidden_dtype)
 
 
+class SoftmaxGroupScorer(Scorer):
+    """DeepSeek-V2: softmax over all experts (fp32), top-k ``greedy`` or ``group_limited_greedy``
+    (groups ranked by their best expert's probability, experts of the ``topk_group`` best groups
+    only), weights = the full-softmax probabilities times ``routed_scaling_factor`` (never
+    renormalised by the family)."""
+
+    name = "softmax_group"
+    distribution = (
+        "the router softmax over all E experts; with group_limited_greedy, restricted to the token's "
+        "selected groups and divided by their sum (experts of unselected groups get 0)"
+    )
+
+    def scores(self, router, h, logits_dtype):
+        logits = _linear_logits(router, h, logits_dtype)  # (T, E) fp32
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (T, E)
+        if router.topk_method != "group_limited_greedy":  # "greedy"
+            return RouterScores(logits=logits, select=probs, probs=probs)
+        num_experts, n_group = router.num_experts, router.num_group
+        group_scores = probs.view(-1, n_group, num_experts // n_group).max(dim=-1).values  # (T, G)
+        group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)  # (T, G)
+        allowed = (
+            group_mask.unsqueeze(-1).expand(-1, n_group, num_experts // n_group).reshape(-1, num_experts)
+        ).bool()
+        # the family zeroes the other groups' probabilities before its top-k: for k <= the allowed
+        # experts that is the same ranking as excluding them (-inf)
+        select = probs.masked_fill(~allowed, float("-inf"))
+        masked = probs * allowed
+        policy_probs = masked / masked.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(masked.dtype).tiny)
+        return RouterScores(logits=logits, select=select, probs=policy_probs)
+
+    def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):
+        full = torch.softmax(sc.logits, dim=-1, dtype=torch.float32)
+        ranked = full.gather(1, sel.ranked_ids)  # (T, k_max)
+        w = combine_weights(ranked, sel.keep, "sum" if renormalize else "none", router.routed_scaling_factor)
+        return _cast(w, weights_dtype, sc.logits, hidden_dtype)
+
+
+class TopKGateScorer(TopKSoftmaxScorer):
+    """top-k over the raw logits, then the router's ``expert_selection_fn`` on the kept logits
+    (cohere2_moe): ``"softmax"`` = a softmax over the kept logits in fp32 (always renormalised);
+    ``"sigmoid"`` = the sigmoid of each kept logit, divided by their sum if ``norm_topk_prob``.
+    """
+
+    name = "topk_gate"
+    distribution = (
+        "the softmax of the router logits over all E experts (expert_selection_fn='softmax'), or the "
+        "sigmoid scores over all E experts divided by their sum ('sigmoid')"
+    )
+
+    @staticmethod
+    def _sigmoid(router) -> bool:
+        fn = getattr(router, "expert_selection_fn", "softmax")
+        if fn not in ("softmax", "sigmoid"):
+            raise ValueError(f"expert_selection_fn can only be 'softmax' or 'sigmoid', got {fn!r}")
+        return fn == "sigmoid"
+
+    def native_renormalize(self, router, rule: str) -> bool:
+        """The family's own weight rule: a softmax over the kept logits always renormalises."""
+        return bool(getattr(router, "norm_topk_prob", False)) if self._sigmoid(router) else True
+
+    def scores(self, router, h, logits_dtype):
+        logits = _linear_logits(router, h, logits_dtype)  # (T, E), model dtype
+        if not self._sigmoid(router):
+            probs = torch.softmax(logits, -1, dtype=torch.float32)
+            return RouterScores(logits=logits, select=logits, probs=probs)
+        s = logits.float().sigmoid()
+        return RouterScores(logits=logits, select=logits, probs=s / s.sum(-1, keepdim=True))
+
+    def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):
+        ranked = sc.logits.gather(1, sel.ranked_ids)  # (T, k_max)
+        if self._sigmoid(router):  # sigmoid (and its sum) in the logits' dtype, as the family does
+            w = combine_weights(ranked.sigmoid(), sel.keep, "sum" if renormalize else "none")
+        elif renormalize:  # softmax over the kept logits, in fp32
+            w = combine_weights(ranked.float(), sel.keep, "softmax")
+        else:  # raw probabilities of the full softmax
+            w = combine_weights(sc.probs.gather(1, sel.ranked_ids), sel.keep, "none")
+        return _cast(w, weights_dtype, sc.logits, hidden_dtype)
+
+
+class SoftmaxExpertScaleScorer(Scorer):
+    """Gemma 4 (text MoE): a scale-free RMSNorm and a learned scale before the projection, softmax
+    over all experts, top-k, renormalised to sum 1, then times a learned ``per_expert_scale``.
+    The router's first output is the softmax itself (no raw logits), so ``logits`` holds it."""
+
+    name = "softmax_expert_scale"
+    distribution = "the router softmax over all E experts (its first output)"
+
+    def scores(self, router, h, logits_dtype):
+        x = router.norm(h) * router.scale * router.scalar_root_size  # (T, H)
+        probs = torch.softmax(router.proj(x), dim=-1, dtype=torch.float32)  # (T, E)
+        return RouterScores(logits=probs, select=probs, probs=probs)
+
+    def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):
+        ranked = sc.probs.gather(1, sel.ranked_ids)  # (T, k_max)
+        w = combine_weights(ranked, sel.keep, "sum" if renormalize else "none")
+        w = w * router.per_expert_scale[sel.ranked_ids]  # after the renormalisation, as the family
+        return _cast(w, weights_dtype, sc.logits, hidden_dtype)
+
+
 SCORERS: dict[str, Scorer] = {
-    s.name: s for s in (SoftmaxScorer(), SigmoidGroupScorer(), TopKSoftmaxScorer(), SparseMixerScorer())
+    s.name: s
+    for s in (
+        SoftmaxScorer(),
+        SigmoidGroupScorer(),
+        TopKSoftmaxScorer(),
+        SparseMixerScorer(),
+        SoftmaxGroupScorer(),
+        TopKGateScorer(),
+        SoftmaxExpertScaleScorer(),
+    )
 }
