@@ -207,6 +207,14 @@ FAMILIES: dict[str, FamilySpec] = {
             notes="normed router input, softmax -> top-k -> renormalise -> per-expert scale; dense MLP "
             "beside the experts in every layer (the decoder layer is the MoE block)",
         ),
+        FamilySpec(
+            "flex_olmo", ("FlexOlmoSparseMoeBlock",), "gate", "softmax", "config", "logits", "model",
+            notes="softmax -> top-k; norm_topk_prob (default False)",
+        ),
+        FamilySpec(
+            "jamba", ("JambaSparseMoeBlock",), "router", "softmax", "never", "hidden", "model",
+            notes="softmax -> top-k, raw probabilities; MoE every expert_layer_period layers beside Mamba",
+        ),
     )
 }  # fmt: skip
 

@@ -267,6 +267,27 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "vocab_size_per_layer_input": 96,
         "final_logit_softcapping": 30.0,
     },
+    "flex_olmo": {
+        "intermediate_size": 40,
+        "num_experts": 6,
+        "num_experts_per_tok": 3,
+        "norm_topk_prob": False,
+    },
+    "jamba": {
+        "num_hidden_layers": 4,  # attention 0, 2; mamba 1, 3; MoE 1, 3 (dense MLP beside)
+        "intermediate_size": 56,
+        "num_experts": 10,
+        "num_experts_per_tok": 3,
+        "expert_layer_period": 2,
+        "expert_layer_offset": 1,
+        "attn_layer_period": 2,
+        "attn_layer_offset": 0,
+        "use_mamba_kernels": False,
+        "mamba_d_state": 4,
+        "mamba_d_conv": 3,
+        "mamba_expand": 2,
+        "mamba_dt_rank": 4,
+    },
 }
 
 
