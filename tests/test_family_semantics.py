@@ -19,8 +19,10 @@ def call_router(model, layer, h):  # type: ignore[no-untyped-def]
     """``(logits, weights, ids)`` whatever order this transformers release returns them in."""
     import transformers
 
-    order = FAMILIES[model.config.model_type].router_output_order(transformers.__version__)
-    out = dict(zip(order, layer.router(h), strict=False))
+    family = FAMILIES[model.config.model_type]
+    order = family.router_output_order(transformers.__version__)
+    extra = [getattr(layer.block, name) for name in family.router_inputs]  # as the block passes them
+    out = dict(zip(order, layer.router(h, *extra), strict=False))
     return out["logits"], out["weights"], out["ids"]
 
 

@@ -64,6 +64,9 @@ class FamilySpec:
     #: order of the router's outputs, by the first transformers release that uses it
     router_outputs: tuple[tuple[str, tuple[str, str, str]], ...] = (("0", ("logits", "weights", "ids")),)
     notes: str = ""
+    #: attributes of the MoE block that the block passes to its router after the hidden states
+    #: (minimax_m2: ``gate(h, self.e_score_correction_bias)``); the scorer receives them too
+    router_inputs: tuple[str, ...] = ()
     #: the oldest transformers release this record was checked against
     min_transformers: str = MIN_TRANSFORMERS
     #: the keras-hub model family patched by :mod:`dynamic_moe_router.keras.hub` ("" = none)
@@ -109,6 +112,7 @@ class FamilySpec:
 _DS3 = "sigmoid + selection bias, group-limited top-k, routed_scaling_factor, shared experts"
 
 _GRANITE_ORDER = (("0", ("ids", "weights", "logits")), ("5.21.0", ("logits", "weights", "ids")))
+
 
 FAMILIES: dict[str, FamilySpec] = {
     family.model_type: family
@@ -214,6 +218,47 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec(
             "jamba", ("JambaSparseMoeBlock",), "router", "softmax", "never", "hidden", "model",
             notes="softmax -> top-k, raw probabilities; MoE every expert_layer_period layers beside Mamba",
+        ),
+        FamilySpec(
+            "qwen3_next", ("Qwen3NextSparseMoeBlock",), "gate", "softmax", "config", "logits", "model",
+            shared_experts=("shared_expert", "shared_expert_gate"),
+            notes="softmax -> top-k; norm_topk_prob; sigmoid-gated shared expert",
+        ),
+        FamilySpec(
+            "qwen3_5_moe", ("Qwen3_5MoeSparseMoeBlock",), "gate", "softmax", "always", "logits", "model",
+            shared_experts=("shared_expert", "shared_expert_gate"), keras_hub="qwen3_5_moe",
+            notes="softmax -> top-k -> renormalise; sigmoid-gated shared expert; gated-delta-net layers",
+        ),
+        FamilySpec(
+            "qwen3_5_moe_text", ("Qwen3_5MoeSparseMoeBlock",), "gate", "softmax", "always", "logits", "model",
+            shared_experts=("shared_expert", "shared_expert_gate"), keras_hub="qwen3_5_moe",
+            notes="softmax -> top-k -> renormalise; sigmoid-gated shared expert; gated-delta-net layers",
+        ),
+        FamilySpec(
+            "minimax", ("MiniMaxSparseMoeBlock",), "gate", "softmax", "always", "fp32", "model",
+            notes="softmax -> top-k -> renormalise (fp32 weights); lightning-attention layers",
+        ),
+        FamilySpec(
+            "exaone_moe", ("ExaoneMoeSparseMoEBlock",), "gate", "sigmoid_group", "config", "fp32",
+            "fp32_inputs",
+            shared_experts=("shared_experts",),
+            notes="sigmoid + selection bias, group-limited top-k, routed_scaling_factor, shared experts",
+        ),
+        FamilySpec(
+            "ernie4_5_moe", ("Ernie4_5_MoeSparseMoeBlock",), "gate", "softmax_bias", "always", "hidden",
+            "fp32_inputs",
+            shared_experts=("shared_experts",),
+            notes="fp32 softmax -> top-k by softmax + selection bias -> renormalise (clamp moe_norm_min)",
+        ),
+        FamilySpec(
+            "hunyuan_v1_moe", ("HunYuanMoEV1Moe",), "gate", "softmax_wg", "always", "logits", "fp32_inputs",
+            shared_experts=("shared_mlp",), router_weight="wg.weight",
+            notes="softmax -> top-k -> renormalise (router linear `wg`, fp32 when `wg` is); shared MLP",
+        ),
+        FamilySpec(
+            "minimax_m2", ("MiniMaxM2SparseMoeBlock",), "gate", "sigmoid_bias", "always", "fp32", "model",
+            router_inputs=("e_score_correction_bias",),
+            notes="sigmoid + block-owned selection bias -> top-k -> renormalise",
         ),
     )
 }  # fmt: skip

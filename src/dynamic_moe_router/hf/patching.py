@@ -116,7 +116,7 @@ class DynamicRouter:
             return self.options.renormalize
         return self.family.scorer.native_renormalize(self.layer.router, self.family.renorm)
 
-    def __call__(self, hidden_states: torch.Tensor):
+    def __call__(self, hidden_states: torch.Tensor, *router_inputs: torch.Tensor):
         layer, router = self.layer, self.layer.router
         if self.family.training_unsupported and router.training:
             raise UnsupportedModeError(
@@ -133,29 +133,31 @@ class DynamicRouter:
             # every layer guards its own router, so one code object gets one entry per layer: lift
             # dynamo's per-code-object limit (8) for this call, or layers past the 8th run uncompiled
             with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-                logits, ids, weights, comp = self._compiled(h)
+                logits, ids, weights, comp = self._compiled(h, *router_inputs)
         else:
-            replayed = self._replayed(h) if self.options.cuda_graphs else None
-            logits, ids, weights, comp = replayed if replayed is not None else self._route(h)
+            replayed = self._replayed(h, *router_inputs) if self.options.cuda_graphs else None
+            logits, ids, weights, comp = replayed if replayed is not None else self._route(h, *router_inputs)
         self.compensation = comp  # added to the experts' output by this layer's DynamicExperts
         if self.options.validate and h.shape[0] and not compiling:  # a host sync: eager only
             core.check_finite(TORCH_OPS, "logits", logits, layer.index, allow_neg_inf=False)
         outputs = {"logits": logits, "weights": weights, "ids": ids}
         return tuple(outputs[name] for name in self.output_order)
 
-    def _replayed(self, h: torch.Tensor) -> tuple[Any, ...] | None:
+    def _replayed(self, h: torch.Tensor, *router_inputs: torch.Tensor) -> tuple[Any, ...] | None:
         """:meth:`_route` from a CUDA graph (``None``: this call runs eagerly)."""
         if not h.is_cuda:
             return None
         # the policy's own tensors (a learned allocator's weights, cached per device) live as long
         # as the policy, and set_policy drops the graphs
-        return self.graphs(self._route, h, state=module_state(self.layer.router))
+        return self.graphs(self._route, h, *router_inputs, state=module_state(self.layer.router))
 
-    def _route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _route(
+        self, h: torch.Tensor, *router_inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Scores, policy, weights, sentinel (and a learned allocator's compensation ``(T, H)``) for
-        ``h (T, H)``: no host synchronisation."""
+        ``h (T, H)`` and the block's extra router inputs: no host synchronisation."""
         layer, router = self.layer, self.layer.router
-        sc = self.family.scorer.scores(router, h, self.family.logits_dtype)
+        sc = self.family.scorer.scores(router, h, self.family.logits_dtype, *router_inputs)
         layer_policy = self.policy.for_layer(layer.index)
         if layer_policy.reads_router_input:
             return self._route_by_mask(layer_policy, h, sc)

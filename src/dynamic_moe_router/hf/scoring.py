@@ -37,7 +37,10 @@ class Scorer:
     #: how the distribution the policies read is defined, for docs and ``dmr inspect``
     distribution = ""
 
-    def scores(self, router: Any, h: torch.Tensor, logits_dtype: str) -> RouterScores:
+    def scores(self, router: Any, h: torch.Tensor, logits_dtype: str, *router_inputs: Any) -> RouterScores:
+        """``router_inputs``: what the family's block passes to its router after the hidden states
+        (``FamilySpec.router_inputs``, e.g. minimax_m2's block-owned selection bias); none for
+        most families, whose scorers may leave the parameter out."""
         raise NotImplementedError
 
     def native_renormalize(self, router: Any, rule: str) -> bool:
@@ -272,6 +275,67 @@ class SoftmaxExpertScaleScorer(Scorer):
         return _cast(w, weights_dtype, sc.logits, hidden_dtype)
 
 
+class SoftmaxBiasScorer(Scorer):
+    """ERNIE 4.5 MoE: fp32 softmax over all experts; ranking by softmax + a selection-only bias
+    (``router.moe_statics.e_score_correction_bias``); kept softmax values renormalised by
+    ``clamp(sum, min=router.norm_min)``."""
+
+    name = "softmax_bias"
+    distribution = "the router softmax over all E experts (without the selection bias)"
+
+    def scores(self, router, h, logits_dtype, *router_inputs):
+        with torch.autocast(h.device.type, enabled=False):  # the family forces fp32 routing
+            return self._scores(router, h)
+
+    def _scores(self, router, h):
+        logits = F.linear(h.float(), router.weight.float())  # (T, E) fp32
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        # through the submodule's forward, as the family does (an offload hook there loads the bias)
+        select = router.moe_statics(probs)  # probs + bias  (T, E)
+        return RouterScores(logits=logits, select=select, probs=probs)
+
+    def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):
+        w = combine_weights(sc.probs.gather(1, sel.ranked_ids), sel.keep, "none")  # (T, k_max)
+        if renormalize:
+            w = w / torch.clamp(w.sum(dim=-1, keepdim=True), min=router.norm_min)
+        return _cast(w, weights_dtype, sc.logits, hidden_dtype)
+
+
+class HunyuanSoftmaxScorer(SoftmaxScorer):
+    """HunYuan-MoE-V1: the router linear lives in ``router.wg`` and runs in fp32 when ``wg`` is
+    fp32 (its default), else in the model dtype; then softmax -> top-k like mixtral."""
+
+    name = "softmax_wg"
+
+    def scores(self, router, h, logits_dtype, *router_inputs):
+        if router.wg.weight.dtype == torch.float32:
+            h = h.float()
+        logits = router.wg(h)  # (T, E); through the submodule (an offload hook there loads wg)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        return RouterScores(logits=logits, select=probs, probs=probs)
+
+
+class SigmoidBiasScorer(Scorer):
+    """MiniMax-M2: sigmoid scores, ranking by score + a selection-only bias that the *block*
+    owns and passes to the router (``gate(h, e_score_correction_bias)``), no groups, kept
+    scores renormalised to sum 1 (no scaling). Needs the router-extra-inputs generalisation."""
+
+    name = "sigmoid_bias"
+    distribution = "the sigmoid scores (without the selection bias), divided by their sum"
+
+    def scores(self, router, h, logits_dtype, e_score_correction_bias):
+        logits = F.linear(h.to(router.weight.dtype), router.weight)  # (T, E) model dtype
+        s = logits.float().sigmoid()
+        select = s + e_score_correction_bias
+        probs = s / s.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+        return RouterScores(logits=logits, select=select, probs=probs)
+
+    def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):
+        s = sc.logits.float().sigmoid()
+        w = combine_weights(s.gather(1, sel.ranked_ids), sel.keep, "sum" if renormalize else "none")
+        return _cast(w, weights_dtype, sc.logits, hidden_dtype)
+
+
 SCORERS: dict[str, Scorer] = {
     s.name: s
     for s in (
@@ -282,5 +346,8 @@ SCORERS: dict[str, Scorer] = {
         SoftmaxGroupScorer(),
         TopKGateScorer(),
         SoftmaxExpertScaleScorer(),
+        SoftmaxBiasScorer(),
+        HunyuanSoftmaxScorer(),
+        SigmoidBiasScorer(),
     )
 }

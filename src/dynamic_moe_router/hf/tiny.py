@@ -35,6 +35,26 @@ _COMMON: dict[str, Any] = {
 
 _MLA = {"q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8}
 
+_QWEN3_5 = dict(
+    shared_experts=("shared_expert", "shared_expert_gate"),
+    notes="softmax -> top-k -> renormalise; sigmoid-gated shared expert; gated-delta-net layers",
+)
+
+_QWEN3_5_TINY = {
+    "num_hidden_layers": 3,
+    "moe_intermediate_size": 24,
+    "shared_expert_intermediate_size": 40,
+    "num_experts": 6,
+    "num_experts_per_tok": 3,
+    "head_dim": 8,
+    "linear_conv_kernel_dim": 3,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+}
+
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "mixtral": {"intermediate_size": 48, "num_local_experts": 8, "num_experts_per_tok": 2},
     "olmoe": {"intermediate_size": 24, "num_experts": 8, "num_experts_per_tok": 4, "norm_topk_prob": False},
@@ -287,6 +307,75 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "mamba_d_conv": 3,
         "mamba_expand": 2,
         "mamba_dt_rank": 4,
+    },
+    "qwen3_next": {
+        "num_hidden_layers": 4,
+        "intermediate_size": 56,
+        "moe_intermediate_size": 24,
+        "shared_expert_intermediate_size": 40,
+        "num_experts": 10,
+        "num_experts_per_tok": 3,
+        "norm_topk_prob": True,
+        "mlp_only_layers": [2],  # a dense layer between MoE layers
+        "head_dim": 8,
+        "linear_conv_kernel_dim": 3,
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
+    },
+    "qwen3_5_moe_text": dict(_QWEN3_5_TINY),
+    "qwen3_5_moe": {"text_config": {**_COMMON, **_QWEN3_5_TINY}},
+    "minimax": {
+        "num_hidden_layers": 3,
+        "intermediate_size": 24,
+        "num_local_experts": 6,
+        "num_experts_per_tok": 3,
+        "head_dim": 8,
+        "block_size": 4,
+        "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+    },
+    "exaone_moe": {
+        "num_hidden_layers": 3,
+        "intermediate_size": 56,
+        "moe_intermediate_size": 16,
+        "num_experts": 6,
+        "num_experts_per_tok": 3,
+        "num_shared_experts": 1,
+        "n_group": 3,
+        "topk_group": 2,
+        "routed_scaling_factor": 2.5,
+        "norm_topk_prob": True,
+        "head_dim": 8,
+        "sliding_window": 16,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+    },
+    "ernie4_5_moe": {
+        "num_hidden_layers": 3,
+        "intermediate_size": 56,
+        "moe_intermediate_size": 16,
+        "moe_num_experts": 10,
+        "moe_k": 3,
+        "moe_num_shared_experts": 1,
+        "moe_layer_start_index": 1,
+        "moe_layer_end_index": -1,
+        "moe_layer_interval": 1,
+    },
+    "hunyuan_v1_moe": {
+        "intermediate_size": 24,
+        "num_experts": 6,
+        "moe_topk": 3,
+        "head_dim": 8,
+    },
+    "minimax_m2": {
+        "intermediate_size": 24,
+        # 10 experts also routes exactly in fp32, but in bf16 a 1-ulp experts difference flips a
+        # near-tie of the sigmoid+bias scores in layer 1 (tiny random weights): 6 has no such tie
+        "num_local_experts": 6,
+        "num_experts_per_tok": 3,
+        "head_dim": 8,
     },
 }
 
