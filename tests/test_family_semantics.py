@@ -15,14 +15,32 @@ def first_layer(model):  # type: ignore[no-untyped-def]
     return find_moe_layers(model)[0][0]
 
 
+def router_inputs(layer, h):  # type: ignore[no-untyped-def]
+    """The arguments the MoE block passes its router for the tokens ``h (T, H)``: the hidden states in
+    the block's own shape, then the block's inputs (``FamilySpec.router_inputs``, e.g. lfm2_moe's
+    ``expert_bias``), recorded by running the block."""
+    seen = {}
+
+    def record(module, args, kwargs):  # type: ignore[no-untyped-def]
+        seen.setdefault("call", (args, kwargs))
+
+    hook = layer.router.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        layer.block(h.unsqueeze(0))  # (1, T, H)
+    finally:
+        hook.remove()
+    return seen["call"]
+
+
 def call_router(model, layer, h):  # type: ignore[no-untyped-def]
     """``(logits, weights, ids)`` whatever order this transformers release returns them in."""
     import transformers
 
     family = FAMILIES[model.config.model_type]
     order = family.router_output_order(transformers.__version__)
-    extra = [getattr(layer.block, name) for name in family.router_inputs]  # as the block passes them
-    out = dict(zip(order, layer.router(h, *extra), strict=False))
+    # a router that takes block inputs is called as its block calls it; the others on h (T, H)
+    args, kwargs = router_inputs(layer, h) if family.router_inputs else ((h,), {})
+    out = dict(zip(order, layer.router(*args, **kwargs), strict=False))
     return out["logits"], out["weights"], out["ids"]
 
 

@@ -164,13 +164,23 @@ def _kept_pairs_sorted(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tenso
     return pos[order], experts[order]
 
 
+def _accumulator(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # (T, H)
+    """Where the weighted expert outputs are summed: in the dtype of ``output * weight`` (fp32 when a
+    family returns fp32 weights to bf16 experts), cast to the hidden dtype once at the end, as
+    transformers' grouped_mm experts path sums them (rounding each pair to bf16 first can flip a
+    later layer's near-tied routing)."""
+    return torch.zeros(
+        hidden.shape, dtype=torch.promote_types(hidden.dtype, weights.dtype), device=hidden.device
+    )
+
+
 def _loop(module, hidden, ids, weights, layout, counter):
     num_experts = _dims(module, layout)[0]
     k_max = ids.shape[1]
-    out = torch.zeros_like(hidden)
+    out = _accumulator(hidden, weights)
     pos, experts = _kept_pairs_sorted(ids, num_experts)
     if pos.numel() == 0:
-        return out
+        return out.to(hidden.dtype)
     per_expert = torch.bincount(experts, minlength=num_experts).tolist()
     tokens = pos // k_max
     w = weights.reshape(-1)[pos]
@@ -185,7 +195,7 @@ def _loop(module, hidden, ids, weights, layout, counter):
         if counter is not None:
             counter.add(n)
         start += n
-    return out
+    return out.to(hidden.dtype)
 
 
 def _grouped_gemms(module, x, experts, offs, layout):
@@ -202,11 +212,11 @@ def _grouped_gemms(module, x, experts, offs, layout):
 def _grouped(module, hidden, ids, weights, layout, counter):
     num_experts = _dims(module, layout)[0]
     k_max = ids.shape[1]
-    out = torch.zeros_like(hidden)
+    out = _accumulator(hidden, weights)
     pos, experts = _kept_pairs_sorted(ids, num_experts)
     n = pos.numel()
     if n == 0:
-        return out
+        return out.to(hidden.dtype)
     offs = torch.cumsum(torch.bincount(experts, minlength=num_experts), 0).to(torch.int32)
     tokens = pos // k_max
     y = _grouped_gemms(module, hidden[tokens], experts, offs, layout)
@@ -214,7 +224,7 @@ def _grouped(module, hidden, ids, weights, layout, counter):
     out.index_add_(0, tokens, y.to(out.dtype))
     if counter is not None:
         counter.add(n)
-    return out
+    return out.to(hidden.dtype)
 
 
 def _cuda(module, hidden, ids, weights, layout, counter):
@@ -231,10 +241,10 @@ def _cuda_full_buffer(module, hidden, ids, weights, layout, counter):
     """Sync-free fallback without Triton: GEMMs skip the sentinel tail, the other stages do not."""
     num_experts = _dims(module, layout)[0]
     k_max = ids.shape[1]
-    out = torch.zeros_like(hidden)
+    out = _accumulator(hidden, weights)
     flat = ids.reshape(-1)  # (N,) N = T * k_max
     if flat.numel() == 0:
-        return out
+        return out.to(hidden.dtype)
     order = torch.argsort(flat, stable=True)  # sentinels (== E) sort to the tail
     experts = flat[order]
     bounds = torch.arange(num_experts, device=flat.device, dtype=experts.dtype)
@@ -248,7 +258,7 @@ def _cuda_full_buffer(module, hidden, ids, weights, layout, counter):
     out.index_add_(0, tokens, y.to(out.dtype))
     if counter is not None:
         counter.add(offs[-1])
-    return out
+    return out.to(hidden.dtype)
 
 
 @torch.compiler.assume_constant_result  # a host fact: a constant while torch.compile traces

@@ -260,6 +260,19 @@ FAMILIES: dict[str, FamilySpec] = {
             router_inputs=("e_score_correction_bias",),
             notes="sigmoid + block-owned selection bias -> top-k -> renormalise",
         ),
+        FamilySpec(
+            "lfm2_moe", ("Lfm2MoeSparseMoeBlock",), "gate", "sigmoid_expert_bias", "config", "logits",
+            "model",
+            router_inputs=("expert_bias",),
+            notes="sigmoid + block's expert_bias for selection -> top-k; norm_topk_prob (+1e-6), "
+            "routed_scaling_factor",
+        ),
+        FamilySpec(
+            "afmoe", ("AfmoeSparseMoeBlock",), "router", "afmoe_sigmoid", "always", "fp32", "cast_fp32",
+            shared_experts=("shared_experts",), router_weight="gate.weight", router_inputs=("expert_bias",),
+            notes="sigmoid + block's expert_bias for selection -> top-k -> renormalise (+1e-20), "
+            "route_scale; shared experts",
+        ),
     )
 }  # fmt: skip
 

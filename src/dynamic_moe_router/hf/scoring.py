@@ -336,6 +336,53 @@ class SigmoidBiasScorer(Scorer):
         return _cast(w, weights_dtype, sc.logits, hidden_dtype)
 
 
+class SigmoidExpertBiasScorer(Scorer):
+    """Sigmoid scores, top-k by ``sigmoid + expert_bias`` (the bias the block hands its router; selection
+    only), kept sigmoid scores divided by ``their sum + eps`` when renormalising, times a scale (lfm2_moe)."""
+
+    name = "sigmoid_expert_bias"
+    distribution = "the sigmoid scores (without the selection bias) of all E experts, divided by their sum"
+    eps = 1e-6  # lfm2_moe: routing_weights / (sum + 1e-6)
+    scale_attr = "routed_scaling_factor"
+
+    def logits(self, router: Any, h: torch.Tensor, logits_dtype: str) -> torch.Tensor:
+        return _linear_logits(router, h, logits_dtype)
+
+    def uses_bias(self, router: Any, expert_bias: Any) -> bool:
+        return expert_bias is not None and bool(getattr(router, "use_expert_bias", True))
+
+    def scores(self, router, h, logits_dtype, expert_bias=None):  # type: ignore[override]
+        logits = self.logits(router, h, logits_dtype)  # (T, E)
+        s = logits.sigmoid()  # in the logits' dtype, as the family computes it
+        select = s + expert_bias if expert_bias is not None and self.uses_bias(router, expert_bias) else s
+        sf = s.float()
+        probs = sf / sf.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return RouterScores(logits=logits, select=select, probs=probs)
+
+    def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):
+        ranked = sc.logits.sigmoid().gather(1, sel.ranked_ids)  # (T, k_max)
+        w = torch.where(sel.keep, ranked, torch.zeros_like(ranked))
+        if renormalize:  # the family's own rule, epsilon included
+            w = w / (w.sum(dim=-1, keepdim=True) + self.eps)
+        w = w * getattr(router, self.scale_attr)
+        return _cast(w, weights_dtype, sc.logits, hidden_dtype)
+
+
+class AfmoeSigmoidScorer(SigmoidExpertBiasScorer):
+    """AFMoE: the router's ``gate`` linear cast to fp32, sigmoid, top-k by ``sigmoid + expert_bias``,
+    kept scores divided by ``their sum + 1e-20`` (always), times ``route_scale``."""
+
+    name = "afmoe_sigmoid"
+    eps = 1e-20
+    scale_attr = "route_scale"
+
+    def logits(self, router, h, logits_dtype):
+        return router.gate(h).to(torch.float32)  # the module call (accelerate hooks live on gate)
+
+    def uses_bias(self, router, expert_bias):
+        return True
+
+
 SCORERS: dict[str, Scorer] = {
     s.name: s
     for s in (
@@ -349,5 +396,7 @@ SCORERS: dict[str, Scorer] = {
         SoftmaxBiasScorer(),
         HunyuanSoftmaxScorer(),
         SigmoidBiasScorer(),
+        SigmoidExpertBiasScorer(),
+        AfmoeSigmoidScorer(),
     )
 }

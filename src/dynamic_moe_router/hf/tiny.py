@@ -377,6 +377,31 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "num_experts_per_tok": 3,
         "head_dim": 8,
     },
+    "lfm2_moe": {
+        "num_hidden_layers": 3,  # layer 0 dense; 1, 2 MoE; conv and attention layers
+        "intermediate_size": 72,
+        "moe_intermediate_size": 40,
+        "num_dense_layers": 1,
+        "num_experts": 6,
+        "num_experts_per_tok": 3,
+        "use_expert_bias": True,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 1.7,
+        "layer_types": ["conv", "full_attention", "conv"],
+    },
+    "afmoe": {
+        "num_hidden_layers": 3,  # layer 0 dense; 1, 2 MoE with a shared expert
+        "intermediate_size": 72,
+        "moe_intermediate_size": 24,
+        "num_dense_layers": 1,
+        "num_experts": 10,
+        "num_experts_per_tok": 3,
+        "num_shared_experts": 1,
+        "route_scale": 2.5,
+        "head_dim": 8,
+        "sliding_window": 4,
+        "global_attn_every_n_layers": 2,
+    },
 }
 
 
@@ -412,6 +437,6 @@ def tiny_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
             if name.endswith("per_expert_scale"):  # gemma4_text: a per-expert factor on the weights
                 p.copy_(0.75 + 0.5 * torch.rand(p.shape, generator=gen))
         for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
+            if name.endswith(("e_score_correction_bias", "expert_bias")):  # selection-only biases
                 b.copy_(torch.rand(b.shape, generator=gen) * 0.2)
     return model.to(dtype).eval()
