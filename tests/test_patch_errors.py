@@ -21,7 +21,7 @@ def test_unsupported_model_lists_the_families():  # type: ignore[no-untyped-def]
             vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
         )
     )
-    with pytest.raises(dmr.UnsupportedModelError, match="'llama' is not a supported MoE family") as info:
+    with pytest.raises(dmr.UnsupportedModelError, match="'llama': it is not a supported MoE family") as info:
         dmr.patch(model)
     for family in dmr.supported_families():
         assert family in str(info.value)

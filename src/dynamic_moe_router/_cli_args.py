@@ -150,13 +150,13 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 
 def _check_family(model_type: object, where: str) -> None:
-    from .hf.families import FAMILIES
+    from .errors import UnsupportedModelError
+    from .hf.families import get_family
 
-    if model_type not in FAMILIES:
-        raise _fail(
-            f"{where}: model_type {model_type!r} is not a supported MoE family; supported: "
-            f"{', '.join(sorted(FAMILIES))} (dmr families lists them)"
-        )
+    try:
+        get_family(str(model_type))
+    except UnsupportedModelError as err:  # the reason, and the supported families
+        raise _fail(f"{where}: {err} (dmr families lists them)") from None
 
 
 def model_or_tiny(text: str) -> str:

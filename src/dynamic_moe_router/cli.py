@@ -98,6 +98,10 @@ def cmd_families(args: argparse.Namespace) -> int:
             "experts_layout": "gpt_oss (transposed, interleaved, biases)"
             if spec.layout.has_bias
             else "standard",
+            "scoring_kind": spec.scoring,
+            "min_transformers": spec.min_transformers,
+            "gpu_kernels": spec.gpu_kernels,
+            "keras_hub": spec.keras_hub or None,
         }
         for spec in FAMILIES.values()
     ]
@@ -105,6 +109,7 @@ def cmd_families(args: argparse.Namespace) -> int:
     width = max(len(r["family"]) for r in rows)
     text = [f"supported families (transformers >= {MIN_TRANSFORMERS}):"]
     text += [f"  {r['family']:<{width}}  {r['scoring']}; weights {r['weights']}" for r in rows]
+    text.append(f"{len(rows)} families")
     _emit(args, {"min_transformers": MIN_TRANSFORMERS, "families": rows}, "\n".join(text))
     return 0
 
@@ -127,6 +132,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"  {row['layer']:>5} {row['num_experts']:>5} {row['native_k']:>3} {row['hidden_size']:>6} "
             f"{row['expert_intermediate_size']:>6}  {shared}"
         )
+    lines += [f"  recognised by {r}" for r in dict.fromkeys(row["recognised_by"] for row in info["layers"])]
     _emit(args, info, "\n".join(lines))
     return 0
 

@@ -23,6 +23,7 @@ from .scoring import SCORERS
 __all__ = [
     "FAMILIES",
     "MIN_TRANSFORMERS",
+    "UNSUPPORTED_FAMILIES",
     "FamilySpec",
     "families_markdown",
     "get_family",
@@ -196,6 +197,7 @@ FAMILIES: dict[str, FamilySpec] = {
             shared_experts=("shared_experts",),
             notes="sigmoid + selection bias, group-limited top-k, routed_scaling_factor, shared experts "
             "(Ling hybrid: linear/MLA attention)",
+            min_transformers="5.24.0",
         ),
         FamilySpec(
             "cohere2_moe", ("Cohere2MoeSparseMoeBlock",), "gate", "topk_gate", "config", "hidden", "model",
@@ -218,6 +220,7 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec(
             "jamba", ("JambaSparseMoeBlock",), "router", "softmax", "never", "hidden", "model",
             notes="softmax -> top-k, raw probabilities; MoE every expert_layer_period layers beside Mamba",
+            min_transformers="5.24.0",
         ),
         FamilySpec(
             "qwen3_next", ("Qwen3NextSparseMoeBlock",), "gate", "softmax", "config", "logits", "model",
@@ -277,6 +280,21 @@ FAMILIES: dict[str, FamilySpec] = {
 }  # fmt: skip
 
 
+#: MoE families of transformers that cannot be patched, and why (their error message says it)
+UNSUPPORTED_FAMILIES: dict[str, str] = {
+    "llama4_text": "Llama4TextMoe scales each expert's input by sigmoid(top-k logit) and runs every expert "
+    "on every token (the experts take no expert ids), so there is no sparse experts call to replace",
+    "dbrx": "DbrxFFN routes inside the block (the router returns logits only) and its experts are "
+    "w1/v1/w2 (E*I, H) matrices, not fused gate_up_proj/down_proj experts",
+    "jetmoe": "JetMoeMoE runs JetMoeParallelExperts (input_linear/output_linear split by per-expert token "
+    "counts) behind a five-output router, and its attention is a mixture of experts too",
+    "nemotron_h": "NemotronHExperts are not gated (up_proj + relu2, no gate_up_proj) and may run in a "
+    "latent space smaller than the router's (moe_latent_size)",
+    "longcat_flash": "LongcatFlashMoE routes tokens to zero-computation (identity) experts and keeps its "
+    "router weight in router.classifier; those experts are not reproduced yet",
+}
+
+
 def supported_families() -> tuple[str, ...]:
     """The ``model_type`` names that :func:`dynamic_moe_router.patch` supports, sorted."""
     return tuple(sorted(FAMILIES))
@@ -289,9 +307,11 @@ def get_family(model_type: str) -> FamilySpec:
     try:
         return FAMILIES[model_type]
     except KeyError:
+        why = UNSUPPORTED_FAMILIES.get(model_type)
+        reason = f"its MoE layers cannot be patched: {why}" if why else "it is not a supported MoE family"
         raise UnsupportedModelError(
-            f"model_type {model_type!r} is not a supported MoE family; supported: "
-            f"{', '.join(supported_families())}. Open an issue to request it."
+            f"model_type {model_type!r}: {reason}; supported: {', '.join(supported_families())}. Open an "
+            "issue to request it."
         ) from None
 
 

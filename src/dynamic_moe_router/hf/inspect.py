@@ -75,6 +75,12 @@ def inspect_model(model: torch.nn.Module) -> dict[str, Any]:
                 "shared_experts": [
                     a for a in family.shared_experts if getattr(layer.block, a, None) is not None
                 ],
+                # how the layer was recognised: the family record's block class, router and scorer
+                "recognised_by": (
+                    f"family record {family.model_type!r}: block {type(layer.block).__name__}, router "
+                    f"{family.router_attr} ({type(layer.router).__name__}, scoring {family.scoring!r}), "
+                    f"experts {family.experts_attr} ({type(layer.experts).__name__})"
+                ),
             }
         )
     distinct = sorted(set(rules))

@@ -91,7 +91,16 @@ def model_family(model: torch.nn.Module) -> FamilySpec:
             f"{type(model).__name__} has no config.model_type, so its family is unknown; pass a transformers "
             f"model of a supported family: {', '.join(supported_families())}"
         )
-    return get_family(model_type)
+    family = get_family(model_type)
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version(family.min_transformers):
+        raise UnsupportedModelError(
+            f"{model_type} needs transformers >= {family.min_transformers} (its MoE blocks differ in older "
+            f"releases); this is transformers {transformers.__version__}: pip install -U transformers"
+        )
+    return family
 
 
 def _looks_like_moe(module: torch.nn.Module) -> bool:
