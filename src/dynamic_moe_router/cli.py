@@ -163,6 +163,23 @@ def _profile_ids(args: argparse.Namespace, vocab: int | None):  # type: ignore[n
     return torch.tensor(ids[:need], dtype=torch.long).reshape(args.batch, args.tokens)  # (B, T)
 
 
+def _saved_policy(args: argparse.Namespace, default: str | None) -> str:
+    """Without ``--policy``: the policy saved in the model's folder (``dmr_policy.json``), else
+    ``default`` (a spec, or ``None`` = the native routing). Returns where the policy came from."""
+    from .policies import POLICY_FILE, from_pretrained, parse_policy
+
+    if args.policy is not None:
+        return f"--policy {getattr(args, '_policy_file', None) or 'spec'}"
+    folder = Path(str(args.model))
+    if not str(args.model).startswith("tiny:") and (folder / POLICY_FILE).is_file():
+        args.policy = from_pretrained(folder)
+        return str(folder / POLICY_FILE)
+    if default is None:
+        return "native routing (no --policy, no saved policy)"
+    args.policy = parse_policy(default)
+    return f"default {default} (no --policy, no {POLICY_FILE} in the model folder)"
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     _need_transformers(args)
     import torch
@@ -184,10 +201,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     if ids is None:
         ids = _profile_ids(args, model.config.vocab_size)
+    source = _saved_policy(args, "top_p:p=0.5")
     patch(model, args.policy, backend=args.backend)
     with torch.no_grad(), profile(model) as report:
         model(ids)
-    _emit(args, report.to_dict(), report.summary())
+    _emit(args, {**report.to_dict(), "policy_source": source}, f"policy from {source}\n" + report.summary())
     return 0
 
 
@@ -221,6 +239,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _read_texts(args)  # encodings and empty files fail here, before the model loads
     tasks = args.tasks if args.tasks is not None else ([] if args.text else list(TASKS))
     corpora = list(args.text) if args.text else (args.corpus or list(CLI_CORPORA))
+    source = (
+        "native routing (--native)" if args.native else _saved_policy(args, None)
+    )  # a saved policy's problems fail here, before the model loads
     model, tokenizer = load_checkpoint(args.model)
     settings = {
         "corpora": corpora,
@@ -243,9 +264,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             result = evaluate(model, tokenizer, policy=args.policy, progress=progress, **settings)
     result["model"] = str(args.model)
+    result["policy_source"] = source
     if args.out:
         write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
-    lines = [f"model: {args.model}   policy: {result['flops']['policy']}"]
+    lines = [f"model: {args.model}   policy: {result['flops']['policy']} (from {source})"]
     lines += _eval_lines(result, delta)
     f = result["flops"]
     lines.append(
@@ -462,8 +484,16 @@ def _check_eval(args: argparse.Namespace) -> str | None:
             f"argument --context: {args.context} exceeds the model's max_position_embeddings ({limit}); "
             f"pass --context {limit} or less"
         )
-    if args.no_native and args.policy is None:
-        return "argument --no-native: only meaningful with --policy (without it the run is native)"
+    from .policies import POLICY_FILE
+
+    saved = (Path(str(args.model)) / POLICY_FILE).is_file()
+    if args.native and (args.policy is not None or args.no_native):
+        return "argument --native: evaluates the native routing only; drop --policy / --no-native"
+    if args.no_native and args.policy is None and not saved:
+        return (
+            f"argument --no-native: only meaningful with --policy or a {POLICY_FILE} in the model folder "
+            "(without either the run is native)"
+        )
     if not args.text and _explicit(args, "encoding"):
         return "argument --encoding: only applies to --text files; pass --text FILE or drop --encoding"
     if args.limit is not None and (args.tasks == [] or (args.tasks is None and args.text)):
@@ -616,9 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--policy",
-        type=check.policy,
-        default="top_p:p=0.5",
-        help="policy JSON file or NAME:key=value,... (default: top_p:p=0.5)",
+        action=_PolicyArg,
+        help="policy JSON file or NAME:key=value,... (default: the model folder's dmr_policy.json if "
+        "there is one, else top_p:p=0.5)",
     )
     p.add_argument(
         "--tokens",
@@ -668,9 +698,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--policy",
         action=_PolicyArg,
-        help="policy JSON file or NAME:key=value,... (default: the native routing)",
+        help="policy JSON file or NAME:key=value,... (default: the model folder's dmr_policy.json if "
+        "there is one, else the native routing)",
     )
     p.add_argument("--no-native", action="store_true", help="with --policy: skip the native baseline run")
+    p.add_argument(
+        "--native",
+        action="store_true",
+        help="evaluate the native routing only, even when the model folder holds a dmr_policy.json",
+    )
     p.add_argument(
         "--text",
         nargs="+",

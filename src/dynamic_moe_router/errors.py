@@ -28,6 +28,7 @@ __all__ = [
     "PolicyError",
     "PolicyFileError",
     "PolicyMismatchError",
+    "PolicyNotFoundError",
     "ResumeError",
     "RoutingInputError",
     "TargetUnreachableError",
@@ -55,6 +56,11 @@ class PolicyError(DmrError, ValueError):
 
 class PolicyFileError(DmrError, ValueError):
     """A policy file is malformed, of an unknown type, or of an unknown version."""
+
+
+class PolicyNotFoundError(PolicyFileError):
+    """A model folder holds no saved policy (``dmr_policy.json``) where one was asked for
+    (``dmr.patch(model, "auto")``, ``dmr.from_pretrained``)."""
 
 
 class PolicyMismatchError(PolicyError):

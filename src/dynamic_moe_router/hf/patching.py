@@ -438,6 +438,42 @@ def _check_graphs(options: PatchOptions, layers: list[MoELayer]) -> None:
         )
 
 
+def model_folder(model: torch.nn.Module) -> str | None:
+    """The local folder ``model`` was loaded from (``from_pretrained``'s path), or ``None``."""
+    import os
+
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(
+        model, "name_or_path", None
+    )
+    return name if isinstance(name, str) and name and os.path.isdir(name) else None
+
+
+def _resolve_auto(policy: RoutingPolicy | str, model: torch.nn.Module) -> RoutingPolicy:
+    """``"auto"``: the policy saved in the model's folder (``dmr_policy.json``)."""
+    if not isinstance(policy, str):
+        return policy
+    from ..errors import PolicyNotFoundError
+    from ..policies import POLICY_FILE, from_pretrained
+
+    if policy != "auto":
+        raise PolicyError(
+            f'policy must be a RoutingPolicy or "auto" (the {POLICY_FILE} saved in the model\'s folder), '
+            f"got the string {policy!r}; parse a spec with dmr.parse_policy({policy!r})",
+            field="policy",
+        )
+    folder = model_folder(model)
+    if folder is None:
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+        where = (
+            f"its name_or_path {name!r} is not a local directory" if name else "it was not loaded from one"
+        )
+        raise PolicyNotFoundError(
+            f'policy="auto" reads {POLICY_FILE} from the folder the model was loaded from, but {where}; '
+            "pass a policy, or dmr.from_pretrained(folder)"
+        )
+    return from_pretrained(folder)
+
+
 def get_patch(model: torch.nn.Module) -> PatchHandle | None:
     """The active :class:`PatchHandle` of ``model``, or ``None`` if it is not patched."""
     return unwrap(model).__dict__.get(_HANDLE_ATTR)
@@ -445,7 +481,7 @@ def get_patch(model: torch.nn.Module) -> PatchHandle | None:
 
 def patch(
     model: torch.nn.Module,
-    policy: RoutingPolicy | None = None,
+    policy: RoutingPolicy | str | None = None,
     *,
     strict: bool = True,
     replace: bool = False,
@@ -460,7 +496,10 @@ def patch(
 
     Args:
         model: a transformers model of a supported family (see :func:`supported_families`).
-        policy: the routing policy; default ``StaticTopK()`` (the model's own routing).
+        policy: the routing policy; default ``StaticTopK()`` (the model's own routing). ``"auto"``:
+            the policy saved in the folder the model was loaded from (``dmr_policy.json``, see
+            :meth:`RoutingPolicy.save_pretrained <dynamic_moe_router.RoutingPolicy.save_pretrained>`);
+            :class:`~dynamic_moe_router.PolicyNotFoundError` when there is none.
         strict: when True (default) every MoE-like block must be one the family record knows;
             when False unknown blocks are left alone, listed in ``handle.skipped`` and warned about.
         replace: allow patching an already patched model (its patch is undone first). Without it,
@@ -528,7 +567,7 @@ def patch(
         cuda_graphs=cuda_graphs,
         dispatch=dispatch,
     )
-    policy = StaticTopK() if policy is None else policy
+    policy = StaticTopK() if policy is None else _resolve_auto(policy, target)
     existing = get_patch(target)
     core.refuse_if_patched(existing, replace, unpatch_call="dmr.unpatch(model)")
     layers, unknown = find_moe_layers(target, family)

@@ -3,11 +3,20 @@
 from ._base import POLICY_REGISTRY, RoutingPolicy, register_policy
 from ._batch import BatchAware
 from ._builtin import EntropyAdaptive, RelativeThreshold, StaticTopK, TopP
-from ._io import load_policy, parse_policy, policy_from_dict, policy_to_dict, save_policy
+from ._io import (
+    POLICY_FILE,
+    from_pretrained,
+    load_policy,
+    parse_policy,
+    policy_from_dict,
+    policy_to_dict,
+    save_policy,
+)
 from ._per_layer import PerLayer
 from .learned import LearnedAllocator
 
 __all__ = [
+    "POLICY_FILE",
     "POLICY_REGISTRY",
     "BatchAware",
     "EntropyAdaptive",
@@ -17,6 +26,7 @@ __all__ = [
     "RoutingPolicy",
     "StaticTopK",
     "TopP",
+    "from_pretrained",
     "load_policy",
     "parse_policy",
     "policy_from_dict",

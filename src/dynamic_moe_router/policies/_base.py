@@ -12,6 +12,7 @@ import json
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from .._atomic import write_text_atomic
@@ -23,7 +24,17 @@ if TYPE_CHECKING:
 
     from ..core import Ops
 
-__all__ = ["POLICY_REGISTRY", "RoutingPolicy", "policy_to_dict", "register_policy", "save_policy"]
+__all__ = [
+    "POLICY_FILE",
+    "POLICY_REGISTRY",
+    "RoutingPolicy",
+    "policy_to_dict",
+    "register_policy",
+    "save_policy",
+]
+
+#: the file name of a policy saved with a model (``policy.save_pretrained(model_dir)``)
+POLICY_FILE = "dmr_policy.json"
 
 
 class RoutingPolicy:
@@ -111,6 +122,19 @@ class RoutingPolicy:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the policy as JSON to ``path`` (atomically: no half-written file on failure)."""
         save_policy(self, path)
+
+    def save_pretrained(self, model_dir: str | os.PathLike[str]) -> None:
+        """Save the policy with a model: ``model_dir/dmr_policy.json`` (next to the weights, as a
+        generation config is), which ``dmr.patch(model, "auto")``, :func:`dynamic_moe_router.from_pretrained`
+        and ``dmr eval`` / ``dmr profile`` (without ``--policy``) find. ``model_dir`` must exist."""
+        folder = Path(model_dir)
+        if not folder.is_dir():
+            raise PolicyError(
+                f"save_pretrained: {str(folder)!r} is not a directory; pass the model's folder (the one "
+                "with config.json)",
+                field="model_dir",
+            )
+        self.save(folder / POLICY_FILE)
 
     def describe(self) -> str:
         """A short human-readable description, e.g. ``top_p(p=0.6, min_k=1, max_k=native)``."""

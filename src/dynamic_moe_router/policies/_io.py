@@ -18,10 +18,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import PolicyError, PolicyFileError
-from ._base import POLICY_REGISTRY, RoutingPolicy, policy_to_dict, save_policy
+from ..errors import PolicyError, PolicyFileError, PolicyNotFoundError
+from ._base import POLICY_FILE, POLICY_REGISTRY, RoutingPolicy, policy_to_dict, save_policy
 
-__all__ = ["load_policy", "parse_policy", "policy_from_dict", "policy_to_dict", "save_policy"]
+__all__ = [
+    "POLICY_FILE",
+    "from_pretrained",
+    "load_policy",
+    "parse_policy",
+    "policy_from_dict",
+    "policy_to_dict",
+    "save_policy",
+]
 
 
 def policy_from_dict(obj: Any, *, where: str = "policy", base_dir: Path | None = None) -> RoutingPolicy:
@@ -107,6 +115,36 @@ def load_policy(path: str | os.PathLike[str]) -> RoutingPolicy:
     except UnicodeDecodeError as err:
         raise PolicyFileError(f"policy file {str(p)!r} is not UTF-8 text: {err}") from err
     return policy_from_dict(obj, where=str(p), base_dir=p.parent)
+
+
+def from_pretrained(model_dir: str | os.PathLike[str]) -> RoutingPolicy:
+    """The policy saved with a model: ``model_dir/dmr_policy.json`` (written by
+    :meth:`RoutingPolicy.save_pretrained <dynamic_moe_router.RoutingPolicy.save_pretrained>`).
+
+    Raises:
+        PolicyNotFoundError: ``model_dir`` is not a directory, or holds no ``dmr_policy.json``.
+        PolicyFileError: the file is malformed.
+
+    Example:
+        >>> import tempfile, dynamic_moe_router as dmr
+        >>> folder = tempfile.mkdtemp()
+        >>> dmr.TopP(p=0.6).save_pretrained(folder)
+        >>> dmr.from_pretrained(folder)
+        TopP(p=0.6, min_k=1, max_k=None)
+    """
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise PolicyNotFoundError(
+            f"{str(folder)!r} is not a model folder (no such directory); a saved policy lives in the "
+            f"model's folder as {POLICY_FILE}"
+        )
+    path = folder / POLICY_FILE
+    if not path.is_file():
+        raise PolicyNotFoundError(
+            f"no {POLICY_FILE} in {str(folder)!r}: save one with policy.save_pretrained({str(folder)!r}), "
+            "or pass a policy"
+        )
+    return load_policy(path)
 
 
 def parse_policy(text: str) -> RoutingPolicy:
