@@ -74,6 +74,7 @@ BASE = {
     "eval": ["--model", MIXTRAL, "--text", "{root}/file.txt"],
     "calibrate": ["--model", MIXTRAL, "--target-reduction", "0.3", "--out", "{root}/out/policy.json"],
     "bench": ["--out-dir", "{root}/bench-out"],
+    "report": ["--model", MIXTRAL, "--text", "{root}/file.txt", "--out", "{root}/out/report.html"],
 }
 MODEL_BAD = [
     (["{root}/missing"], "neither a model directory"),
@@ -131,6 +132,10 @@ CASES: dict[tuple[str, str], list[tuple[list[str], str]]] = {
     ("profile", "json"): JSON_BAD,
     ("eval", "model"): [(["--model", v], m) for v, m in CHECKPOINT_BAD],
     ("eval", "policy"): [(["--policy", v], m) for v, m in POLICY_BAD],
+    ("eval", "native"): [
+        (["--native", "--policy", "top_p:p=0.5"], "--native: evaluates the native routing only"),
+        (["--native=1"], "--native"),
+    ],
     ("eval", "no_native"): [
         (["--no-native"], "only meaningful with --policy"),
         (["--no-native=1"], "--no-native"),
@@ -255,6 +260,27 @@ CASES: dict[tuple[str, str], list[tuple[list[str], str]]] = {
         (["--replot", "{root}/bench-out/pareto.png"], "same file as --replot"),
     ],
     ("bench", "json"): JSON_BAD,
+    ("report", "model"): [(["--model", v], m) for v, m in CHECKPOINT_BAD],
+    ("report", "text"): [
+        (["--text", "{root}/dir"], "is a directory"),
+        (["--text", "{root}/missing.txt"], "does not exist"),
+        (["--text", "{root}/latin1.txt"], "offset 3"),
+        (["--text", "{root}/empty.txt"], "holds no text"),
+    ],
+    ("report", "encoding"): [(["--encoding", "utf-99"], "unknown text encoding")],
+    ("report", "policy"): [(["--policy", v], m) for v, m in POLICY_BAD],
+    ("report", "tokens"): ints("--tokens", "0", "-1", "x"),
+    ("report", "bench"): [
+        (["--bench", "{root}/missing.json"], "does not exist"),
+        (["--bench", "{root}/file.txt"], "is not readable JSON"),
+        (["--bench", "{root}/result.json"], "is not a dmr bench result"),
+    ],
+    ("report", "out"): [
+        (["--out", "{root}/dir"], "is a directory"),
+        (["--out", "{root}/file.txt"], "same file as --text"),
+        (["--out", MIXTRAL + "/config.json"], "same file as --model"),
+    ],
+    ("report", "json"): JSON_BAD,
 }
 
 

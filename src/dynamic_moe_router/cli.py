@@ -30,7 +30,7 @@ from ._version import __version__
 #: experts backends offered by ``--backend``: the PyTorch entries of the backend table
 #: (:mod:`dynamic_moe_router.backends` imports no torch, so building the parser stays light)
 from .backends import BACKENDS as CLI_BACKENDS
-from .errors import DmrError, MissingDependencyError
+from .errors import DataNotFoundError, DmrError, MissingDependencyError
 
 #: calibration families offered by ``--family`` (kept equal to ``calibrate.FAMILIES`` by a test; a
 #: literal so that building the parser does not import torch)
@@ -275,6 +275,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"{f['total_flop_reduction']:.1%} fewer (mean k {f['mean_k']:.3f})"
     )
     _emit(args, result, "\n".join(lines))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    _need_transformers(args)
+    from ._atomic import write_text_atomic
+    from .eval import load_checkpoint
+    from .hf.html_report import render_html, routing_trace
+
+    docs = _read_texts(args)[args.text]  # encoding and empty-file errors before the model loads
+    bench = json.loads(Path(args.bench).read_text(encoding="utf-8")) if args.bench else None  # checked
+    source = _saved_policy(args, None)
+    model, tokenizer = load_checkpoint(args.model)
+    ids = tokenizer("\n\n".join(docs))["input_ids"][: args.tokens]
+    if not ids:
+        raise DataNotFoundError(f"--text {args.text!r} has no tokens; pass a file with text in it")
+    trace = routing_trace(model, ids, args.policy)
+    tokens = [tokenizer.decode([i]) for i in ids]
+    page = render_html(
+        trace,
+        tokens,
+        title=f"Routing report: {Path(str(args.model)).name}",
+        source=f"model {args.model}; text {args.text} (first {len(ids)} tokens); policy {trace.policy} "
+        f"(from {source})",
+        bench=bench,
+    )
+    write_text_atomic(args.out, page)
+    summary = {"out": str(args.out), "tokens": len(ids), "policy": trace.policy, "policy_source": source}
+    summary["profile"] = trace.profile
+    _emit(args, summary, f"wrote {args.out}: {len(ids)} tokens, policy {trace.policy} (from {source})")
     return 0
 
 
@@ -568,7 +598,21 @@ def _max_positions(model: str) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
+def _check_report(args: argparse.Namespace) -> str | None:
+    if args.bench:
+        try:
+            bench = json.loads(Path(args.bench).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            return f"argument --bench: {args.bench!r} is not readable JSON ({err}); pass a dmr bench result"
+        models = bench.get("models") if isinstance(bench, dict) else None
+        if not isinstance(models, list) or not all(isinstance(m, dict) and "rows" in m for m in models):
+            return f"argument --bench: {args.bench!r} is not a dmr bench result (no 'models' with 'rows')"
+    inputs = {"--text": args.text, "--bench": args.bench, "--policy": getattr(args, "_policy_file", None)}
+    return _clash({"--out": args.out}, {**inputs, "--model": _model_files(args.model)})
+
+
 CHECKS: dict[str, Callable[[argparse.Namespace], str | None]] = {
+    "report": _check_report,
     "eval": _check_eval,
     "profile": _check_profile,
     "calibrate": _check_calibrate,
@@ -753,6 +797,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _json_flag(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "report",
+        help="write an HTML page showing which tokens got how many experts, layer by layer",
+        description="Run a text through a patched checkpoint and write one self-contained HTML page: "
+        "the text shaded by each token's kept experts, per-layer k histograms and expert loads, the FLOP "
+        "summary, and (with --bench) the quality/FLOPs Pareto plot.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        type=check.checkpoint_dir,
+        help="a local transformers checkpoint directory (with tokenizer)",
+    )
+    p.add_argument("--text", required=True, type=check.input_file, metavar="FILE", help="text or JSONL file")
+    _encoding_flag(p)
+    p.add_argument(
+        "--policy",
+        action=_PolicyArg,
+        help="policy JSON file or NAME:key=value,... (default: the model folder's dmr_policy.json if "
+        "there is one, else the native routing)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=check.int_at_least(1, "a token count such as 256"),
+        default=256,
+        help="how many tokens of the text to show (default 256)",
+    )
+    p.add_argument("--bench", type=check.input_file, metavar="JSON", help="a dmr bench result to plot")
+    p.add_argument("--out", required=True, type=check.output_file, help="the HTML file to write")
+    _json_flag(p)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "calibrate",

@@ -141,6 +141,47 @@ class ProfileReport:
             }
         }
 
+    def plot(self):  # type: ignore[no-untyped-def]
+        """A matplotlib figure for notebooks: mean kept k per MoE layer (against the native k) and the
+        histogram of k over all layers. Needs matplotlib (``pip install "dynamic-moe-router-kit[bench]"``).
+
+        Example:
+            >>> import torch, dynamic_moe_router as dmr
+            >>> from dynamic_moe_router.hf.tiny import tiny_model
+            >>> model = tiny_model("olmoe")
+            >>> with dmr.patched(model, dmr.TopP(p=0.5)), dmr.profile(model) as report:
+            ...     _ = model(torch.tensor([[5, 6, 7, 8]]))
+            >>> fig = report.plot()
+            >>> [ax.get_title() for ax in fig.axes]
+            ['mean kept k per MoE layer', 'tokens by kept k (all layers)']
+        """
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+        except ImportError as err:
+            from .errors import MissingDependencyError
+
+            raise MissingDependencyError(
+                'ProfileReport.plot needs matplotlib: pip install "dynamic-moe-router-kit[bench]"'
+            ) from err
+        d = self.to_dict()
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
+        layers = [row["layer"] for row in d["layers"]]
+        left.bar([str(x) for x in layers], [row["mean_k"] for row in d["layers"]], color="#d66000")
+        left.plot([str(x) for x in layers], [row["native_k"] for row in d["layers"]], "k--", label="native k")
+        left.set_title("mean kept k per MoE layer")
+        left.set_xlabel("MoE layer")
+        left.legend()
+        hist = d["k_histogram"]
+        right.bar(list(hist), list(hist.values()), color="#1f5fbf")
+        right.set_title("tokens by kept k (all layers)")
+        right.set_xlabel("k")
+        fig.suptitle(f"{d['policy']}: {d['routed_flop_reduction']:.1%} fewer routed FLOPs", fontsize=10)
+        fig.tight_layout()
+        return fig
+
     def summary(self) -> str:
         """A printable table: one row per MoE layer, then the totals."""
         d = self.to_dict()
