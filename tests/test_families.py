@@ -37,12 +37,19 @@ def test_static_policy_reproduces_fp32_logits(family, backend):  # type: ignore[
     model = tiny_model(family)
     x = tokens()
     ref = model(x).logits
+    with dmr.profile(model, count_dense=False) as native:  # unpatched: the native routing's pairs
+        model(x)
     with dmr.patched(model, dmr.StaticTopK(), backend=backend) as handle:
         out = model(x).logits
-        executed = handle.executed_pairs()
+        executed, zero = handle.executed_pairs(), handle.zero_expert_pairs()
     assert (out - ref).abs().max().item() <= 1e-5
     layers = find_moe_layers(model)[0]
-    assert executed == sum(x.numel() * layer.native_k for layer in layers)
+    # every native slot either ran a real expert or went to a zero-computation expert (longcat_flash)
+    assert executed + zero == sum(x.numel() * layer.native_k for layer in layers)
+    n = native.to_dict()
+    assert (executed, zero) == (n["executed_pairs"], n["zero_expert_pairs"])
+    assert zero == n["native_zero_expert_pairs"]
+    assert zero == 0 or any(layer.zero_experts for layer in layers)
 
 
 @torch.no_grad()
@@ -66,8 +73,11 @@ def test_dynamic_policy_runs_generate_and_skips_pairs(family):  # type: ignore[n
     assert out.shape == (2, ids.shape[1] + 6)
     d = report.to_dict()
     # executed pairs == the sum of kept counts seen at the experts' inputs, and fewer than native
-    assert d["executed_pairs"] == d["kept_pairs"] == handle.executed_pairs()
-    assert 0 < d["executed_pairs"] < d["native_pairs"]
+    # (kept pairs routed to zero-computation experts run no GEMM: counted apart, never executed)
+    assert d["executed_pairs"] + d["zero_expert_pairs"] == d["kept_pairs"]
+    assert d["executed_pairs"] == handle.executed_pairs()
+    assert d["zero_expert_pairs"] == handle.zero_expert_pairs()
+    assert 0 < d["executed_pairs"] < d["native_pairs"] - d["native_zero_expert_pairs"]
     assert d["routed_flop_reduction"] > 0
     assert d["tokens"] == ids.numel() + 2 * 5  # prompt, then one token per decode step (6 - 1 steps)
 
@@ -191,6 +201,10 @@ def test_accelerate_cpu_offload_hooks(family):  # type: ignore[no-untyped-def]
     ref = model(x).logits
     cpu_offload(model, execution_device=torch.device("cpu"))
     offloaded = model(x).logits
+    # transformers' longcat_flash router reads router.classifier.weight without calling classifier,
+    # so offloaded it reads the meta placeholder: its native output is undefined (it can differ per
+    # call); the patched router loads the weight through the hook, so the patched output stays exact
+    native_broken = {"longcat_flash"}
     layer = find_moe_layers(model)[0][0]
     # a router with no parameters of its own (hunyuan_v1_moe: its linear is the submodule `wg`)
     # carries no accelerate hook (its submodule does): then there is none to keep
@@ -200,7 +214,8 @@ def test_accelerate_cpu_offload_hooks(family):  # type: ignore[no-untyped-def]
         assert handle.executed_pairs() > 0  # our experts ran under the hook
     assert (out - ref).abs().max().item() <= 1e-5
     assert layer.router.__dict__.get("_old_forward") is old
-    assert torch.equal(model(x).logits, offloaded)
+    if family not in native_broken:
+        assert torch.equal(model(x).logits, offloaded)
 
 
 @torch.no_grad()

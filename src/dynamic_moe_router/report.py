@@ -6,7 +6,14 @@
 multiply-add counting 2):
 
 * routed-expert FLOPs = executed (token, expert) pairs x ``flops_per_pair`` (``6 * H * I`` for a
-  SwiGLU expert) per layer; native routed FLOPs = tokens x native k x ``flops_per_pair``;
+  SwiGLU expert) per layer; native routed FLOPs = (tokens x native k - the native routing's
+  zero-expert pairs) x ``flops_per_pair``;
+* zero-computation (identity) experts (longcat_flash) cost no expert FLOPs: pairs routed to them
+  are kept pairs (``kept_pairs`` counts every kept slot, ``mean_k`` averages them) but never
+  executed pairs; they are counted apart as ``zero_expert_pairs``. ``native_pairs`` stays the
+  native slot count ``tokens x native k``; ``native_zero_expert_pairs`` says how many of those slots
+  the family's own top-k sent to zero experts, so that ``StaticTopK`` shows no FLOP reduction and a
+  policy that swaps a real expert for a zero expert shows exactly the FLOPs it saves;
 * ``routed_flop_reduction = 1 - routed / native_routed``; ``total_flop_reduction`` is the same
   saving over the whole model, ``(native_routed - routed) / (native_routed + dense)``, where the
   dense FLOPs (shared experts, attention, other layers) are what the profiler measured.
@@ -45,13 +52,22 @@ class LayerStats:
     #: pairs each rank's experts executed, in rank order (expert-parallel models only; their sum is
     #: ``executed_pairs``)
     rank_executed_pairs: list[int] = field(default_factory=list)
+    #: kept pairs routed to zero-computation (identity) experts: no GEMM, not in ``executed_pairs``
+    zero_expert_pairs: int = 0
+    #: of the ``native_pairs`` slots, those the family's own routing sends to zero experts
+    native_zero_expert_pairs: int = 0
 
     @property
     def native_pairs(self) -> int:
         return self.tokens * self.native_k
 
+    @property
+    def native_executed_pairs(self) -> int:
+        """The pairs the native routing runs through an expert's GEMMs."""
+        return self.native_pairs - self.native_zero_expert_pairs
+
     def to_dict(self) -> dict[str, Any]:
-        native = self.native_pairs
+        native = self.native_executed_pairs
         return {
             "layer": self.index,
             "num_experts": self.num_experts,
@@ -59,7 +75,9 @@ class LayerStats:
             "tokens": self.tokens,
             "kept_pairs": self.kept_pairs,
             "executed_pairs": self.executed_pairs,
-            "native_pairs": native,
+            "native_pairs": self.native_pairs,
+            "zero_expert_pairs": self.zero_expert_pairs,
+            "native_zero_expert_pairs": self.native_zero_expert_pairs,
             "mean_k": self.kept_pairs / self.tokens if self.tokens else 0.0,
             "routed_flops": self.executed_pairs * self.flops_per_pair,
             "native_routed_flops": native * self.flops_per_pair,
@@ -105,6 +123,8 @@ class ProfileReport:
             "kept_pairs": kept,
             "executed_pairs": executed,
             "native_pairs": native,
+            "zero_expert_pairs": sum(layer.zero_expert_pairs for layer in self.layers),
+            "native_zero_expert_pairs": sum(layer.native_zero_expert_pairs for layer in self.layers),
             "mean_k": kept / sum(layer.tokens for layer in self.layers) if tokens else 0.0,
             "routed_flops": routed,
             "native_routed_flops": native_routed,
@@ -196,6 +216,11 @@ class ProfileReport:
                 f"{row['executed_pairs']:>10} {row['native_pairs']:>10} {row['routed_flop_reduction']:>15.1%}"
             )
         hist = ", ".join(f"k={k}: {n}" for k, n in d["k_histogram"].items() if n)
+        if d["zero_expert_pairs"] or d["native_zero_expert_pairs"]:
+            lines.append(
+                f"zero-computation expert pairs (no expert FLOPs, not executed): {d['zero_expert_pairs']} "
+                f"(native routing: {d['native_zero_expert_pairs']})"
+            )
         lines += [
             f"k histogram (tokens x layers): {hist}",
             f"routed-expert FLOPs: {d['routed_flops']:.4g} of native {d['native_routed_flops']:.4g} "

@@ -22,6 +22,11 @@ Backends:
 * ``"triton"`` (GPU decode and small batches): sync-free Triton grouped GEMMs over a block table,
   with the gather fused into the first GEMM and SwiGLU into its epilogue; each touched expert's
   weights are streamed once per block of rows.
+* zero-computation experts (``zero_experts=Z``, longcat_flash): ids ``[E, E + Z)`` after the ``E``
+  real experts (``E = down_proj.shape[0]``) add ``hidden * weight`` (the identity, no GEMM); the
+  sentinel is then ``E + Z``, the number of experts the router scores. Their pairs are not executed
+  pairs (they cost no expert FLOPs): :class:`ExpertsCounter` counts them apart
+  (``zero_expert_pairs``).
 * ``"auto"``: on a capable GPU in bf16/fp16, ``"triton"`` for few rows per expert and ``"cuda"``
   otherwise (see :func:`choose_cuda_backend`); on CPU the faster of ``"loop"`` and ``"grouped"``
   for the shape (see :func:`choose_cpu_backend`); ``"loop"`` when nothing else can run (fp32 on
@@ -85,11 +90,14 @@ class ExpertsCounter:
 
     ``executed_pairs`` is exact: it is summed from the row counts of the GEMM inputs. On the
     sync-free CUDA backend it is accumulated as a device tensor and read on access.
+    ``zero_expert_pairs`` counts, apart, the pairs routed to zero-computation (identity) experts:
+    they add ``hidden * weight`` and feed no GEMM, so they are never executed pairs.
     """
 
     calls: int = 0
     _host: int = 0
     _device: torch.Tensor | None = field(default=None, repr=False)
+    _zero_device: torch.Tensor | None = field(default=None, repr=False)
 
     def add(self, n: int | torch.Tensor) -> None:
         if torch.compiler.is_compiling():
@@ -101,12 +109,24 @@ class ExpertsCounter:
         else:
             self._host += int(n)
 
+    def add_zero_experts(self, n: torch.Tensor) -> None:
+        """Count ``n`` (a device tensor: no host sync) pairs routed to zero-computation experts."""
+        if torch.compiler.is_compiling():
+            return
+        n = n.detach().to(torch.long)
+        self._zero_device = n if self._zero_device is None else self._zero_device + n
+
     @property
     def executed_pairs(self) -> int:
         return self._host + (int(self._device) if self._device is not None else 0)
 
+    @property
+    def zero_expert_pairs(self) -> int:
+        """Pairs routed to zero-computation (identity) experts (not in ``executed_pairs``)."""
+        return int(self._zero_device) if self._zero_device is not None else 0
+
     def reset(self) -> None:
-        self.calls, self._host, self._device = 0, 0, None
+        self.calls, self._host, self._device, self._zero_device = 0, 0, None, None
 
 
 # -- weight access ---------------------------------------------------------------------------------
@@ -365,8 +385,12 @@ def experts_forward(
     layout: ExpertsLayout = STANDARD,
     backend: str = "auto",
     counter: ExpertsCounter | None = None,
+    zero_experts: int = 0,
 ) -> torch.Tensor:  # (T, H)
     """Compute the experts of ``module`` on the kept pairs only and combine them per token.
+
+    ``zero_experts``: the number ``Z`` of zero-computation (identity) experts whose ids follow the
+    ``E = down_proj.shape[0]`` real ones (the sentinel is then ``E + Z``); see the module docstring.
 
     Example:
         >>> import torch
@@ -384,6 +408,8 @@ def experts_forward(
         (torch.Size([3, 16]), 3, True)
     """
     core.check_experts_inputs(tuple(hidden.shape), tuple(ids.shape), tuple(weights.shape))
+    if zero_experts:
+        return _with_zero_experts(module, hidden, ids, weights, zero_experts, layout, backend, counter)
     chosen = resolve_backend(backend, module, hidden, ids, layout)
     if torch.compiler.is_compiling():
         # no Python-side state changes inside a compiled graph (they would re-specialise it on
@@ -394,6 +420,39 @@ def experts_forward(
     if counter is not None:
         counter.calls += 1
     return _IMPLS[chosen](module, hidden, ids, weights, layout, counter)
+
+
+class _RealExperts:
+    """The ``num_real`` real experts of a module whose ``gate_up_proj`` also holds (unused) rows
+    for its zero experts (longcat_flash: ``(E + Z, 2I, H)`` beside ``down_proj (E, H, I)``): a
+    view, every other attribute read from the module."""
+
+    def __init__(self, module: ExpertsModule, num_real: int) -> None:
+        self._module = module
+        self.gate_up_proj = module.gate_up_proj[:num_real]
+        self.down_proj = module.down_proj[:num_real]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+def _with_zero_experts(module, hidden, ids, weights, zero_experts, layout, backend, counter):
+    """:func:`experts_forward` with ``zero_experts`` identity experts after the real ones: the real
+    experts run on their pairs (every other slot becomes their sentinel ``E``); each zero-expert
+    pair adds ``hidden * weight``, as transformers' longcat_flash experts do, in the promoted
+    dtype of ``hidden * weight`` (summed with the real experts' output, then cast once)."""
+    num_real = int(module.down_proj.shape[0])
+    zero = (ids >= num_real) & (ids < num_real + zero_experts)  # (T, k_max)
+    real_ids = torch.where(ids < num_real, ids, torch.full_like(ids, num_real))
+    if module.gate_up_proj.shape[0] != num_real:
+        module = _RealExperts(module, num_real)
+    out = experts_forward(
+        module, hidden, real_ids, weights, layout=layout, backend=backend, counter=counter
+    )  # (T, H)
+    if counter is not None:
+        counter.add_zero_experts(zero.sum())
+    identity = torch.where(zero, weights, torch.zeros_like(weights)).sum(-1, keepdim=True)  # (T, 1)
+    return (out + hidden * identity).to(hidden.dtype)
 
 
 _GPU_PATHS = frozenset({"cuda", "triton"})

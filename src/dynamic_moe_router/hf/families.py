@@ -72,6 +72,11 @@ class FamilySpec:
     min_transformers: str = MIN_TRANSFORMERS
     #: the keras-hub model family patched by :mod:`dynamic_moe_router.keras.hub` ("" = none)
     keras_hub: str = ""
+    #: dotted path, on the experts module, of its number ``Z`` of zero-computation (identity)
+    #: experts (longcat_flash: ``"zero_expert_num"``; "" = none). The router scores ``E + Z``
+    #: experts, ids ``[E, E + Z)`` add ``hidden * weight`` without a GEMM, the sentinel is ``E + Z``;
+    #: their pairs are counted apart from the executed ones (``zero_expert_pairs``)
+    zero_experts: str = ""
 
     @property
     def gpu_kernels(self) -> bool:
@@ -276,6 +281,13 @@ FAMILIES: dict[str, FamilySpec] = {
             notes="sigmoid + block's expert_bias for selection -> top-k -> renormalise (+1e-20), "
             "route_scale; shared experts",
         ),
+        FamilySpec(
+            "longcat_flash", ("LongcatFlashMoE",), "router", "softmax_zero", "never", "fp32", "fp32_inputs",
+            router_weight="classifier.weight", zero_experts="zero_expert_num",
+            notes="fp32 softmax over routed + zero-computation (identity) experts -> top-k by softmax + "
+            "selection bias, x routed_scaling_factor; zero experts add hidden x weight (no GEMM, counted "
+            "apart); two dense MLPs beside the block",
+        ),
     )
 }  # fmt: skip
 
@@ -290,8 +302,6 @@ UNSUPPORTED_FAMILIES: dict[str, str] = {
     "counts) behind a five-output router, and its attention is a mixture of experts too",
     "nemotron_h": "NemotronHExperts are not gated (up_proj + relu2, no gate_up_proj) and may run in a "
     "latent space smaller than the router's (moe_latent_size)",
-    "longcat_flash": "LongcatFlashMoE routes tokens to zero-computation (identity) experts and keeps its "
-    "router weight in router.classifier; those experts are not reproduced yet",
 }
 
 

@@ -26,11 +26,19 @@ class MoELayer:
     block: torch.nn.Module
     router: Any  # torch.nn.Module; its attributes (weight, top_k, ...) are read by name
     experts: Any  # torch.nn.Module with gate_up_proj / down_proj
-    num_experts: int
+    num_experts: int  # the experts the router scores (zero-computation ones included)
     native_k: int
     hidden_size: int
     intermediate_size: int
     shared: tuple[torch.nn.Module, ...]
+    #: zero-computation (identity) experts among ``num_experts``: ids ``[num_experts - zero_experts,
+    #: num_experts)`` (longcat_flash); they run no GEMM and are counted apart
+    zero_experts: int = 0
+
+    @property
+    def real_experts(self) -> int:
+        """The experts with weights (``num_experts - zero_experts``)."""
+        return self.num_experts - self.zero_experts
 
     @property
     def name(self) -> str:
@@ -136,6 +144,12 @@ def find_moe_layers(
         shared = tuple(
             getattr(module, a) for a in family.shared_experts if getattr(module, a, None) is not None
         )
+        zero = int(family.router_attribute(experts, family.zero_experts) or 0) if family.zero_experts else 0
+        if zero and int(experts.down_proj.shape[0]) + zero != int(num_experts):
+            raise UnsupportedModelError(
+                f"{family.model_type} block {name!r}: its router scores {int(num_experts)} experts, its "
+                f"experts module has {int(experts.down_proj.shape[0])} real and {zero} zero-computation ones"
+            )
         layers.append(
             MoELayer(
                 index=int(match.group(1)) if match else position,
@@ -148,6 +162,7 @@ def find_moe_layers(
                 hidden_size=int(hidden),
                 intermediate_size=int(inter),
                 shared=shared,
+                zero_experts=zero,
             )
         )
     if not layers:

@@ -197,6 +197,11 @@ def expert_shard(layer: MoELayer) -> ExpertShard | None:
                 "was patched."
             )
         return None
+    if layer.zero_experts:
+        raise ExpertParallelError(
+            f"{where}: split experts with zero-computation experts (longcat_flash) are not supported; "
+            "nothing was patched."
+        )
     from torch.distributed.tensor import Shard
 
     for name, w in sharded.items():

@@ -100,6 +100,9 @@ class DynamicRouter:
         self._compiled: Any = None
         self.graphs = GraphCache(f"MoE layer {layer.index} router", pool or GraphPool())
         self.compensation: torch.Tensor | None = None  # (T, H), handed to the experts forward
+        #: pairs the family's own top-k would have sent to zero-computation experts (layers with
+        #: zero experts only): the native routing's zero-expert pairs, for honest FLOP accounting
+        self.native_counter = ExpertsCounter()
         self.set_policy(policy)
 
     def set_policy(self, policy: RoutingPolicy) -> None:
@@ -133,11 +136,14 @@ class DynamicRouter:
             # every layer guards its own router, so one code object gets one entry per layer: lift
             # dynamo's per-code-object limit (8) for this call, or layers past the 8th run uncompiled
             with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-                logits, ids, weights, comp = self._compiled(h, *router_inputs)
+                logits, ids, weights, comp, native_zero = self._compiled(h, *router_inputs)
         else:
             replayed = self._replayed(h, *router_inputs) if self.options.cuda_graphs else None
-            logits, ids, weights, comp = replayed if replayed is not None else self._route(h, *router_inputs)
+            routed = replayed if replayed is not None else self._route(h, *router_inputs)
+            logits, ids, weights, comp, native_zero = routed
         self.compensation = comp  # added to the experts' output by this layer's DynamicExperts
+        if native_zero is not None:
+            self.native_counter.add_zero_experts(native_zero)
         if self.options.validate and h.shape[0] and not compiling:  # a host sync: eager only
             core.check_finite(TORCH_OPS, "logits", logits, layer.index, allow_neg_inf=False)
         outputs = {"logits": logits, "weights": weights, "ids": ids}
@@ -153,14 +159,19 @@ class DynamicRouter:
 
     def _route(
         self, h: torch.Tensor, *router_inputs: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Scores, policy, weights, sentinel (and a learned allocator's compensation ``(T, H)``) for
-        ``h (T, H)`` and the block's extra router inputs: no host synchronisation."""
+        ``h (T, H)`` and the block's extra router inputs: no host synchronisation. Last, on a layer
+        with zero-computation experts, how many pairs the family's own top-k sends to them."""
         layer, router = self.layer, self.layer.router
         sc = self.family.scorer.scores(router, h, self.family.logits_dtype, *router_inputs)
+        native_zero = None
+        if layer.zero_experts:  # one top-k over the ranking scores: the native choice
+            native = torch.topk(sc.select, k=layer.native_k, dim=-1).indices
+            native_zero = (native >= layer.real_experts).sum()
         layer_policy = self.policy.for_layer(layer.index)
         if layer_policy.reads_router_input:
-            return self._route_by_mask(layer_policy, h, sc)
+            return (*self._route_by_mask(layer_policy, h, sc), native_zero)
         sel = select(
             sc.select, self.policy, native_k=layer.native_k, probs=sc.probs, layer=layer.index, validate=False
         )
@@ -168,7 +179,7 @@ class DynamicRouter:
             router, sc, sel, self.renormalize, h.dtype, self.family.weights_dtype
         )
         routing = finish(sel, weights)
-        return sc.logits, routing.ids, routing.weights, None
+        return sc.logits, routing.ids, routing.weights, None, native_zero
 
     def _route_by_mask(
         self, policy: Any, h: torch.Tensor, sc: RouterScores
@@ -280,14 +291,15 @@ class DynamicExperts:
 
     def _forward(
         self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The experts on ``hidden (T, H)`` and the kept-pair count as a device tensor (what a
-        graph captures; the layer's counter is updated from it after each replay)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The experts on ``hidden (T, H)``, the kept-pair and zero-expert-pair counts as device
+        tensors (what a graph captures; the layer's counter is updated from them after each replay)."""
         counter, layout = ExpertsCounter(), self.layout
         out = experts_forward(
-            self.layer.experts, hidden, ids, weights, layout=layout, backend=self.backend, counter=counter
-        )
-        return out, counter._device
+            self.layer.experts, hidden, ids, weights, layout=layout, backend=self.backend, counter=counter,
+            zero_experts=self.layer.zero_experts,
+        )  # fmt: skip
+        return out, counter._device, counter._zero_device
 
     def _replayed(
         self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
@@ -303,10 +315,12 @@ class DynamicExperts:
         replayed = self.graphs(self._forward, hidden, ids, weights, state=module_state(experts))
         if replayed is None:
             return None
-        out, pairs = replayed
+        out, pairs, zero_pairs = replayed
         self.counter.calls += 1
         if pairs is not None:
             self.counter.add(pairs)
+        if zero_pairs is not None:
+            self.counter.add_zero_experts(zero_pairs)
         return out
 
     def _local(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -335,6 +349,7 @@ class DynamicExperts:
                 layout=self.layout,
                 backend=self.backend,
                 counter=self.counter,
+                zero_experts=self.layer.zero_experts,
             )
         comp, self.router.compensation = self.router.compensation, None
         if comp is not None:  # (T, H): the dropped native slots' weighted mean outputs
@@ -409,6 +424,11 @@ class PatchHandle(core.PatchHandleBase):
 
     def counters(self) -> list[ExpertsCounter]:
         return [e.counter for e in self.experts]
+
+    def zero_expert_pairs(self) -> int:
+        """Pairs routed to zero-computation (identity) experts since the last reset, over all layers
+        (longcat_flash; 0 for families without them): kept, but never executed pairs."""
+        return sum(c.zero_expert_pairs for c in self.counters())
 
     def graph_caches(self) -> list[GraphCache]:
         """The CUDA graph caches of every layer's router and experts (used with ``cuda_graphs=True``)."""

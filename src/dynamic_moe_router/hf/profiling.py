@@ -10,6 +10,7 @@ not depend on the policy.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -67,6 +68,9 @@ def profile(model: torch.nn.Module, *, count_dense: bool = True) -> Iterator[Pro
     layers: list[MoELayer] = handle.layers if handle is not None else find_moe_layers(root, family)[0]
     counters = [e.counter for e in handle.experts] if handle is not None else [None] * len(layers)
     start = [c.executed_pairs if c is not None else 0 for c in counters]
+    start_zero = [c.zero_expert_pairs if c is not None else 0 for c in counters]
+    natives = [r.native_counter for r in handle.routers] if handle is not None else [None] * len(layers)
+    start_native_zero = [c.zero_expert_pairs if c is not None else 0 for c in natives]
     stats = [
         LayerStats(
             layer.index,
@@ -86,10 +90,12 @@ def profile(model: torch.nn.Module, *, count_dense: bool = True) -> Iterator[Pro
         dense_measured=count_dense,
     )
 
-    def make_hook(st: LayerStats, num_experts: int):
+    def make_hook(st: LayerStats, num_experts: int, real_experts: int):
         def hook(module, args, kwargs):
             hidden, ids = experts_inputs(args, kwargs)  # (T, H), (T, k)
             counts = (ids < num_experts).sum(dim=-1)  # (T,)
+            if real_experts < num_experts:  # zero-computation experts: their pairs counted apart
+                st.zero_expert_pairs += int(((ids >= real_experts) & (ids < num_experts)).sum())
             hist = torch.bincount(counts, minlength=ids.shape[-1] + 1).tolist()
             if len(st.k_histogram) < len(hist):
                 st.k_histogram += [0] * (len(hist) - len(st.k_histogram))
@@ -102,12 +108,20 @@ def profile(model: torch.nn.Module, *, count_dense: bool = True) -> Iterator[Pro
 
     with ExitStack() as stack:
         for layer, st in zip(layers, stats, strict=False):
-            h = layer.experts.register_forward_pre_hook(make_hook(st, layer.num_experts), with_kwargs=True)
+            hook = make_hook(st, layer.num_experts, layer.real_experts)
+            h = layer.experts.register_forward_pre_hook(hook, with_kwargs=True)
             stack.callback(h.remove)
         counter = stack.enter_context(_flop_counter()) if count_dense else None
         yield report
-    for st, c, s in zip(stats, counters, start, strict=False):
-        st.executed_pairs = c.executed_pairs - s if c is not None else st.kept_pairs
+    for st, c, s, s_zero in zip(stats, counters, start, start_zero, strict=False):
+        if c is not None:  # the patched experts' own counts (zero-expert pairs are never executed)
+            st.executed_pairs = c.executed_pairs - s
+            st.zero_expert_pairs = c.zero_expert_pairs - s_zero
+        else:  # unpatched: the native routing, seen at the experts' inputs
+            st.executed_pairs = st.kept_pairs - st.zero_expert_pairs
+    for st, n, s in zip(stats, natives, start_native_zero, strict=False):
+        # the native routing's zero-expert pairs: counted by the patched router, else seen directly
+        st.native_zero_expert_pairs = n.zero_expert_pairs - s if n is not None else st.zero_expert_pairs
     experts = handle.experts if handle is not None else []
     sharded = [(st, e.shard) for st, e in zip(stats, experts, strict=False) if e.shard is not None]
     if sharded:  # each rank ran its own experts' pairs only: one gather of every rank's counts
@@ -129,7 +143,8 @@ def _split_dense(report: ProfileReport, root: torch.nn.Module, layers: list[MoEL
     whole = total("Global")
     routed = sum(total(names[id(layer.experts)]) for layer in layers)
     shared = sum(total(names[id(m)]) for layer in layers for m in layer.shared)
-    attention = sum(total(n) for n in {v for v in names.values() if v.endswith("self_attn")})
+    # self_attn, or self_attn.0 / self_attn.1 (longcat_flash: two attention sublayers per layer)
+    attention = sum(total(n) for n in {v for v in names.values() if re.search(r"self_attn(\.\d+)?$", v)})
     report.shared_expert_flops = shared
     report.attention_flops = attention
     policy = sum(st.to_dict()["policy_flops"] for st in report.layers)  # counted apart

@@ -383,6 +383,42 @@ class AfmoeSigmoidScorer(SigmoidExpertBiasScorer):
         return True
 
 
+class SoftmaxZeroScorer(Scorer):
+    """LongCat-Flash: an fp32 linear (``router.classifier.weight``, its bias never applied) over the
+    routed and the zero-computation experts, softmax over all of them, top-k by softmax + the
+    selection-only ``e_score_correction_bias``, weights = the softmax values x
+    ``routed_scaling_factor`` (never renormalised by the family). Policies read the full softmax,
+    zero experts included, so they can choose a zero expert (which costs no expert FLOPs)."""
+
+    name = "softmax_zero"
+    distribution = (
+        "the router softmax over all E + Z experts, zero-computation experts included (without the "
+        "selection bias)"
+    )
+
+    def scores(self, router, h, logits_dtype, *router_inputs):
+        classifier = router.classifier
+        # the family reads classifier.weight without calling classifier: where accelerate offloads
+        # it, its hook loads it here (transformers itself would read the offloaded placeholder)
+        hook = getattr(classifier, "_hf_hook", None)
+        if hook is not None:
+            hook.pre_forward(classifier)
+        try:
+            weight = classifier.weight.type(torch.float32)
+        finally:
+            if hook is not None:
+                hook.post_forward(classifier, None)
+        logits = F.linear(h.type(torch.float32), weight)  # (T, E+Z)
+        probs = logits.softmax(dim=-1)
+        select = probs + router.e_score_correction_bias.unsqueeze(0)
+        return RouterScores(logits=logits, select=select, probs=probs)
+
+    def weights(self, router, sc, sel, renormalize, hidden_dtype, weights_dtype):
+        ranked = sc.probs.gather(1, sel.ranked_ids)  # (T, k_max)
+        w = combine_weights(ranked, sel.keep, "sum" if renormalize else "none", router.routed_scaling_factor)
+        return _cast(w.to(sc.logits.dtype), weights_dtype, sc.logits, hidden_dtype)
+
+
 SCORERS: dict[str, Scorer] = {
     s.name: s
     for s in (
@@ -398,5 +434,6 @@ SCORERS: dict[str, Scorer] = {
         SigmoidBiasScorer(),
         SigmoidExpertBiasScorer(),
         AfmoeSigmoidScorer(),
+        SoftmaxZeroScorer(),
     )
 }

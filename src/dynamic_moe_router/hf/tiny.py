@@ -402,6 +402,18 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "sliding_window": 4,
         "global_attn_every_n_layers": 2,
     },
+    "longcat_flash": {
+        "num_hidden_layers": 4,  # 2 decoder layers, each two attention sublayers, one MoE block
+        "ffn_hidden_size": 40,
+        "expert_ffn_hidden_size": 24,
+        "n_routed_experts": 6,
+        "zero_expert_num": 3,  # zero-computation (identity) experts: ids 6, 7, 8
+        "moe_topk": 3,
+        "routed_scaling_factor": 1.5,
+        "num_key_value_heads": 4,
+        "head_dim": 4,  # the rotary dimension (= qk_rope_head_dim)
+        **_MLA,
+    },
 }
 
 
