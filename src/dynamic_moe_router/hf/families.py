@@ -287,6 +287,7 @@ FAMILIES: dict[str, FamilySpec] = {
             notes="fp32 softmax over routed + zero-computation (identity) experts -> top-k by softmax + "
             "selection bias, x routed_scaling_factor; zero experts add hidden x weight (no GEMM, counted "
             "apart); two dense MLPs beside the block",
+            min_transformers="5.24.0",
         ),
     )
 }  # fmt: skip
