@@ -61,8 +61,12 @@ def test_an_unsupported_moe_model_and_a_dense_model_get_the_typed_error() -> Non
         )
     )
     forwards = [m.forward for m in moe.modules()]
-    with pytest.raises(dmr.UnsupportedModelError, match="'dbrx': its MoE layers cannot be patched: DbrxFFN"):
+    with pytest.raises(
+        dmr.UnsupportedModelError, match="'dbrx': its MoE layers cannot be patched: DbrxFFN"
+    ) as info:
         dmr.patch(moe)
+    assert "MoE-like blocks" in str(info.value) and "'DbrxFFN'" in str(info.value)
+    assert "no family record" in str(info.value)
     assert dmr.get_patch(moe) is None and [m.forward for m in moe.modules()] == forwards
 
 

@@ -99,7 +99,17 @@ def model_family(model: torch.nn.Module) -> FamilySpec:
             f"{type(model).__name__} has no config.model_type, so its family is unknown; pass a transformers "
             f"model of a supported family: {', '.join(supported_families())}"
         )
-    family = get_family(model_type)
+    try:
+        family = get_family(model_type)
+    except UnsupportedModelError as err:
+        found = _moe_like_classes(model)
+        if not found:
+            raise
+        raise UnsupportedModelError(
+            f"{err} The model has MoE-like blocks {found} (an `experts` module or a router with "
+            "`top_k`), but no family record says where their router and experts are, how the router "
+            "scores or what it does with the kept weights (see 'Adding a model family' in the docs)"
+        ) from None
     import transformers
     from packaging.version import Version
 
@@ -109,6 +119,17 @@ def model_family(model: torch.nn.Module) -> FamilySpec:
             f"releases); this is transformers {transformers.__version__}: pip install -U transformers"
         )
     return family
+
+
+def _moe_like_classes(model: torch.nn.Module) -> list[str]:
+    """Class names of the modules of ``model`` that hold routed experts or a top-k router."""
+    names: dict[str, None] = {}
+    for module in model.modules():
+        experts = getattr(module, "experts", None)
+        router_k = any(hasattr(child, "top_k") for child in module.children())
+        if (isinstance(experts, torch.nn.Module) and not isinstance(module, torch.nn.ModuleList)) or router_k:
+            names[type(module).__name__] = None
+    return list(names)
 
 
 def _looks_like_moe(module: torch.nn.Module) -> bool:
