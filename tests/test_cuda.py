@@ -402,3 +402,19 @@ def test_cuda_graphs_give_up_with_a_warning_on_a_host_syncing_policy():  # type:
         torch.cuda.empty_cache()  # the allocator is intact: no capture was left open
         with dmr.patched(model, Syncing(p=0.5), validate=False, replace=True):
             assert torch.equal(out, model(x).logits)
+
+
+def test_cuda_graphs_with_a_router_input_that_is_none():  # type: ignore[no-untyped-def]
+    from dynamic_moe_router.hf.tiny import tiny_model
+
+    # lfm2_moe without an expert bias: its block calls gate(h, None)
+    model = tiny_model("lfm2_moe", use_expert_bias=False, dtype=torch.bfloat16).cuda()
+    x = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.no_grad():
+        with dmr.patched(model, dmr.TopP(p=0.5), validate=False):
+            eager = model(x).logits
+        with dmr.patched(model, dmr.TopP(p=0.5), validate=False, cuda_graphs=True) as handle:
+            runs = [model(x).logits for _ in range(3)]  # eager, captured, replayed
+            routers = handle.graph_caches()[0::2]
+    assert all(torch.equal(r, eager) for r in runs)
+    assert all(c.captured == 1 and c.replays == 2 and c.disabled is None for c in routers)

@@ -42,7 +42,7 @@ def test_the_trace_counts_agree_with_the_profile() -> None:
     assert len(trace.k) == len(trace.layers) == trace.profile["moe_layers"]
     for row, load, stats in zip(trace.k, trace.load, trace.profile["layers"], strict=True):
         assert len(row) == 12 and sum(row) == sum(load) == stats["kept_pairs"]
-        assert all(1 <= k <= stats["native_k"] for k in row)
+        assert all(k >= 1 for k in row)  # TopP keeps at least one expert
     assert trace.profile["routed_flop_reduction"] > 0
     native = routing_trace(model, list(range(5, 17)))
     assert all(k == n for row, n in zip(native.k, native.native_k, strict=True) for k in row)
@@ -129,3 +129,19 @@ def test_dmr_report_writes_a_page_a_headless_browser_renders(tmp_path: Path) -> 
     # the token shading: orange of varying strength (rgba(214, 96, 0, a) over white)
     shaded = sum(1 for r, g, b in pixels if r > 200 and 100 < g < 240 and b < 0.8 * g and r - b > 60)
     assert shaded > 500, f"only {shaded} shaded pixels (of a 1-in-4 sample): the tokens were not drawn"
+
+
+def test_a_policy_that_keeps_more_than_the_native_k_is_drawn_whole() -> None:
+    model = tiny_model("olmoe")  # native k 4
+    trace = routing_trace(model, list(range(5, 45)), dmr.EntropyAdaptive(low=0.0, high=0.5, max_k=8))
+    assert max(max(row) for row in trace.k) > 4  # the case this test is about
+    page = render_html(trace, [str(i) for i in range(40)])
+    for row in trace.k:
+        assert sum(row.count(k) for k in range(max(row) + 1)) == 40  # every token is in a histogram bar
+    assert page.count("<figure>") == 2 * len(trace.layers)
+
+
+def test_tracing_a_patched_model_with_another_policy_is_refused() -> None:
+    model = tiny_model("olmoe")
+    with dmr.patched(model, dmr.StaticTopK()), pytest.raises(dmr.PolicyError, match="already patched"):
+        routing_trace(model, [5, 6, 7], dmr.TopP(p=0.5))

@@ -108,7 +108,11 @@ def cmd_families(args: argparse.Namespace) -> int:
     rows.sort(key=lambda r: r["family"])
     width = max(len(r["family"]) for r in rows)
     text = [f"supported families (transformers >= {MIN_TRANSFORMERS}):"]
-    text += [f"  {r['family']:<{width}}  {r['scoring']}; weights {r['weights']}" for r in rows]
+    text += [
+        f"  {r['family']:<{width}}  {r['scoring']}; weights {r['weights']}"
+        + (f" (transformers >= {r['min_transformers']})" if r["min_transformers"] != MIN_TRANSFORMERS else "")
+        for r in rows
+    ]
     text.append(f"{len(rows)} families")
     _emit(args, {"min_transformers": MIN_TRANSFORMERS, "families": rows}, "\n".join(text))
     return 0
@@ -188,6 +192,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .profiling import profile
 
     ids = _profile_ids(args, None) if args.text else None  # text problems before the model loads
+    source = _saved_policy(args, "top_p:p=0.5")  # a broken saved policy fails before the load too
     if args.model.startswith("tiny:"):
         from .hf.tiny import tiny_model
 
@@ -201,7 +206,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     if ids is None:
         ids = _profile_ids(args, model.config.vocab_size)
-    source = _saved_policy(args, "top_p:p=0.5")
     patch(model, args.policy, backend=args.backend)
     with torch.no_grad(), profile(model) as report:
         model(ids)

@@ -68,6 +68,14 @@ def routing_trace(model: torch.nn.Module, ids: Sequence[int], policy: Any = None
 
     family = model_family(model)
     layers, _ = find_moe_layers(model, family)
+    if policy is not None and get_patch(model) is not None:
+        from ..errors import PolicyError
+
+        raise PolicyError(
+            "routing_trace: the model is already patched, so it would run its own policy, not the one "
+            "passed; unpatch it first, or pass policy=None to trace the current patch",
+            field="policy",
+        )
     seen: dict[int, torch.Tensor] = {}
 
     def hook(index: int):  # type: ignore[no-untyped-def]
@@ -81,7 +89,7 @@ def routing_trace(model: torch.nn.Module, ids: Sequence[int], policy: Any = None
     ]
     x = torch.tensor([list(ids)], dtype=torch.long, device=next(model.parameters()).device)
     try:
-        if policy is None or get_patch(model) is not None:
+        if policy is None:
             with profile(model, count_dense=False) as report:
                 model(x)
         else:
@@ -206,7 +214,7 @@ def render_html(
     """The report page for ``trace`` over ``tokens`` (the decoded text of each token)."""
     if trace.k and len(tokens) != len(trace.k[0]):
         raise ValueError(f"{len(tokens)} token strings for a trace of {len(trace.k[0])} tokens")
-    top = max(trace.native_k, default=1)
+    top = max([*trace.native_k, *(k for row in trace.k for k in row)], default=1)
     means = trace.mean_k()
     spans = []
     for t, (text, mean) in enumerate(zip(tokens, means, strict=True)):
@@ -246,9 +254,10 @@ def render_html(
     for layer, row, load, k_native, e in zip(
         trace.layers, trace.k, trace.load, trace.native_k, trace.num_experts, strict=True
     ):
-        hist = [row.count(k) for k in range(k_native + 1)]
+        k_top = max(k_native, max(row, default=0))  # a policy may keep more than the native k
+        hist = [row.count(k) for k in range(k_top + 1)]
         parts.append(
-            f"<figure>{_bars(hist, [str(k) for k in range(k_native + 1)])}"
+            f"<figure>{_bars(hist, [str(k) for k in range(k_top + 1)])}"
             f"<figcaption>layer {layer}: tokens by kept k (mean {sum(row) / max(len(row), 1):.2f} of "
             f"{k_native})</figcaption></figure>"
             f"<figure>{_bars(load, [str(i) for i in range(e)])}"

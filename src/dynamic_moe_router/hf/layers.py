@@ -113,7 +113,8 @@ def model_family(model: torch.nn.Module) -> FamilySpec:
     import transformers
     from packaging.version import Version
 
-    if Version(transformers.__version__) < Version(family.min_transformers):
+    # release tuples: a dev or rc build of the minimum release counts as that release
+    if Version(transformers.__version__).release < Version(family.min_transformers).release:
         raise UnsupportedModelError(
             f"{model_type} needs transformers >= {family.min_transformers} (its MoE blocks differ in older "
             f"releases); this is transformers {transformers.__version__}: pip install -U transformers"

@@ -155,6 +155,9 @@ class DynamicRouter:
             return None
         # the policy's own tensors (a learned allocator's weights, cached per device) live as long
         # as the policy, and set_policy drops the graphs
+        if any(not isinstance(a, torch.Tensor) for a in router_inputs):  # e.g. lfm2_moe's bias = None
+            fixed = router_inputs  # constants of the block, not graph inputs
+            return self.graphs(lambda x: self._route(x, *fixed), h, state=module_state(self.layer.router))
         return self.graphs(self._route, h, *router_inputs, state=module_state(self.layer.router))
 
     def _route(

@@ -190,7 +190,12 @@ class SoftmaxGroupScorer(Scorer):
     def scores(self, router, h, logits_dtype):
         logits = _linear_logits(router, h, logits_dtype)  # (T, E) fp32
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (T, E)
-        if router.topk_method != "group_limited_greedy":  # "greedy"
+        if router.topk_method not in ("greedy", "group_limited_greedy"):
+            raise ValueError(
+                f"deepseek_v2 topk_method {router.topk_method!r} is not reproduced; transformers knows "
+                "'greedy' and 'group_limited_greedy'"
+            )
+        if router.topk_method == "greedy":
             return RouterScores(logits=logits, select=probs, probs=probs)
         num_experts, n_group = router.num_experts, router.num_group
         group_scores = probs.view(-1, n_group, num_experts // n_group).max(dim=-1).values  # (T, G)
