@@ -449,6 +449,17 @@ def _check_backend(options: PatchOptions, layers: list[MoELayer], family: Family
             resolve_backend(options.backend, layer.experts, probe, ids, family.layout)
 
 
+def _refuse_compensation_with_zero_experts(policy: RoutingPolicy, layers: list[MoELayer]) -> None:
+    for layer in layers:
+        if layer.zero_experts and getattr(policy.for_layer(layer.index), "compensated", False):
+            raise PolicyError(
+                f"MoE layer {layer.index}: a learned allocator with compensation (per-expert mean outputs) "
+                "is not supported on a layer with zero-computation experts; use one trained without "
+                "compensation",
+                field="policy",
+            )
+
+
 def _check_graphs(options: PatchOptions, layers: list[MoELayer]) -> None:
     if not options.cuda_graphs:
         return
@@ -605,6 +616,7 @@ def patch(
             f"dynamic-moe-router: leaving unknown MoE-like blocks unpatched: {unknown}", stacklevel=2
         )
     core.validate_policy(policy, layers, family=family.model_type, router_input=True)
+    _refuse_compensation_with_zero_experts(policy, layers)
     _check_backend(options, layers, family)
     _check_graphs(options, layers)
     return core.apply_replacing(PatchHandle(target, family, layers, policy, options, unknown), existing)

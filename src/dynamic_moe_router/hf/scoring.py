@@ -47,9 +47,9 @@ class Scorer:
         """Whether the family itself renormalises the kept weights of this router (the family
         record's ``renorm`` rule; a scorer whose rule depends on more than ``norm_topk_prob``
         overrides it)."""
-        from ..core import renormalises
+        from .. import core
 
-        return renormalises(rule, getattr(router, "norm_topk_prob", None))
+        return core.renormalises(rule, getattr(router, "norm_topk_prob", None))  # the shared weight rule
 
     def weights(
         self,
