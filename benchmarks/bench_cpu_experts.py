@@ -515,9 +515,45 @@ def summarise(cells: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-# -- output ------------------------------------------------------------------------------------------
-def write_json_atomic(obj: Any, path: Path) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+# -- output (shared by the benchmark scripts) --------------------------------------------------------
+def command_line(script: str, argv: list[str] | None, launcher: str = "python") -> str:
+    """How a benchmark script ran: ``launcher benchmarks/script args`` (``argv``, else the process's)."""
+    return " ".join([launcher, f"benchmarks/{script}", *(argv or sys.argv[1:])])
+
+
+def result_header(
+    benchmark: str, command: str, *, kind: bool = False, schema_version: int = 1
+) -> dict[str, Any]:
+    """The fields a result file opens with: ``benchmark`` (and ``kind``, the same name, with
+    ``kind=True``), ``schema_version``, ``created_utc`` (now) and the ``command`` that wrote it."""
+    head: dict[str, Any] = {"benchmark": benchmark}
+    if kind:
+        head["kind"] = benchmark
+    head["schema_version"] = schema_version
+    head["created_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    head["command"] = command
+    return head
+
+
+def gpu_machine(*, transformers: bool = True) -> dict[str, Any]:
+    """The GPU (device 0) and the torch (and transformers) versions a GPU result was measured with."""
+    machine: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    if transformers:
+        import transformers as hf
+
+        machine["transformers"] = hf.__version__
+    return machine
+
+
+def write_result(
+    result: dict[str, Any], path: Path, *, indent: int = 1, suffix: str = "", say: bool = True
+) -> None:
+    """Write ``result`` as JSON to ``path`` atomically (folders created), then print
+    ``wrote <path><suffix>`` unless ``say=False``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(result, indent=indent) + "\n")
+    if say:
+        print(f"wrote {path}{suffix}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -639,11 +675,9 @@ def main(argv: list[str] | None = None) -> int:
             cells[i] = kept
             _report(new, time.perf_counter() - t0, ", retry" + (", kept" if better else ", discarded"))
     wall = time.perf_counter() - started
+    command = " ".join(["python", *sys.argv]) if argv is None else "main(" + repr(argv) + ")"
     result = {
-        "benchmark": "cpu_experts",
-        "schema_version": SCHEMA_VERSION,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", *sys.argv]) if argv is None else "main(" + repr(argv) + ")",
+        **result_header("cpu_experts", command, schema_version=SCHEMA_VERSION),
         "quick": args.quick,
         "wall_s": wall,
         "machine": machine_info(args.threads),
@@ -685,8 +719,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_others_cores": max((c["contention"]["others_cores"] or 0.0 for c in cells), default=0.0),
         },
     }
-    write_json_atomic(result, args.out)
-    print(f"wrote {args.out} in {wall:.1f}s")
+    write_result(result, args.out, indent=2, suffix=f" in {wall:.1f}s")
     return 0
 
 

@@ -27,7 +27,6 @@ collectives (for ``unpatched``: transformers' all-reduce of the output, counted 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import statistics
@@ -40,6 +39,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "ep_2gpu.json"
 VARIANTS = ("unpatched", "static", "dynamic", "a2a_static", "a2a_dynamic")
+sys.path.insert(0, str(HERE))
+
+from bench_gpu_decode import bisect_top_p  # noqa: E402  (the dynamic policy's p, as for decode)
 
 
 def build(shape: str, layers: int, device: str):  # type: ignore[no-untyped-def]
@@ -106,24 +108,6 @@ def decode_fn(model, prompt, steps: int):  # type: ignore[no-untyped-def]
     return run
 
 
-def pick_p(model, prompt, target: float) -> float:  # type: ignore[no-untyped-def]
-    import torch
-
-    import dynamic_moe_router as dmr
-
-    def reduction(p: float) -> float:
-        patch = dmr.patched(model, dmr.TopP(p=p), validate=False)
-        with torch.no_grad(), patch, dmr.profile(model, count_dense=False) as rep:
-            model(prompt)
-        return float(rep.to_dict()["routed_flop_reduction"])
-
-    lo, hi = 1e-4, 1.0
-    for _ in range(12):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if reduction(mid) > target else (lo, mid)
-    return (lo + hi) / 2
-
-
 def measure(model, variant: str, policy, work, device: str, repeats: int, prompt) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """One cell: time, then (a separate call) bytes, pairs and load, gathered from every rank."""
     import torch
@@ -131,6 +115,7 @@ def measure(model, variant: str, policy, work, device: str, repeats: int, prompt
 
     import dynamic_moe_router as dmr
     from dynamic_moe_router.hf.layers import find_moe_layers, model_family
+    from dynamic_moe_router.hf.parallel import all_reduce_bytes
 
     cell: dict[str, Any] = {"variant": variant}
     if variant == "unpatched":
@@ -143,7 +128,7 @@ def measure(model, variant: str, policy, work, device: str, repeats: int, prompt
         elt = 2 if device == "cuda" else 4
         # transformers' AllReduceEP sums the (T, H) output with one all-reduce per layer
         cell["bytes_sent_per_rank"] = [
-            sum(2 * (n - 1) * tokens * layer.hidden_size * elt // n for layer in layers)
+            sum(all_reduce_bytes(n, tokens * layer.hidden_size, elt) for layer in layers)
         ] * n
         cell["executed_pairs"] = rep.to_dict()["executed_pairs"]
         return cell
@@ -194,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    import bench_cpu_experts as cpu_bench  # the shared result writer
     import dynamic_moe_router as dmr
-    from dynamic_moe_router._atomic import write_text_atomic
     from dynamic_moe_router.hf.parallel import expert_parallel_config
 
     if args.device == "cuda":
@@ -221,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         gen = torch.Generator().manual_seed(0)
         prefill_len = max(int(x) for x in args.prefill.split(","))
         calib = torch.randint(3, config.vocab_size, (1, prefill_len), generator=gen).to(args.device)
-        p = pick_p(model, calib, args.target)
+        p = bisect_top_p(model, calib, args.target, steps=12)
         policies = {"static": dmr.StaticTopK(), "dynamic": dmr.TopP(p=p)}
         works = []
         for n in (int(x) for x in args.prefill.split(",")):
@@ -257,13 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps(cell), flush=True)
         del model
     if rank == 0:
+        command = cpu_bench.command_line("bench_ep.py", argv, launcher=f"torchrun --nproc_per_node {world}")
         out = {
-            "benchmark": "ep_2gpu" if args.device == "cuda" else "ep_cpu",
-            "schema_version": 1,
-            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(
-                ["torchrun", f"--nproc_per_node {world}", "benchmarks/bench_ep.py", *(argv or sys.argv[1:])]
-            ),
+            **cpu_bench.result_header("ep_2gpu" if args.device == "cuda" else "ep_cpu", command),
             "machine": {
                 "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
                 "ranks": world,
@@ -273,8 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": time.perf_counter() - t0,
             "cells": cells,
         }
-        write_text_atomic(args.out, json.dumps(out, indent=1) + "\n")
-        print(f"wrote {args.out}")
+        cpu_bench.write_result(out, args.out)
     dist.barrier()
     dist.destroy_process_group()
     return 0

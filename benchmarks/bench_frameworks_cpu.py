@@ -467,8 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         "cells": cells,
         "elapsed_s": time.perf_counter() - started,
     }
-    base.write_json_atomic(result, args.out)
-    print(f"wrote {args.out} ({result['elapsed_s']:.0f}s)")
+    base.write_result(result, args.out, indent=2, suffix=f" ({result['elapsed_s']:.0f}s)")
     return 0
 
 

@@ -17,7 +17,6 @@ routing time.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import sys
 import time
@@ -32,7 +31,6 @@ sys.path.insert(0, str(HERE))
 import bench_cpu_experts as cpu_bench  # noqa: E402  (shared logits / experts builders)
 import dynamic_moe_router as dmr  # noqa: E402
 from bench_gpu_experts import ENTROPY, SHAPES, TARGET_RATIO  # noqa: E402
-from dynamic_moe_router._atomic import write_text_atomic  # noqa: E402
 from dynamic_moe_router.experts import experts_forward  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "gpu_batch_aware.json"
@@ -103,18 +101,14 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 cells.append(cell)
                 print(json.dumps(cell), flush=True)
+    command = cpu_bench.command_line("bench_gpu_batch_aware.py", argv)
     out = {
-        "benchmark": "gpu_batch_aware",
-        "schema_version": 1,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "benchmarks/bench_gpu_batch_aware.py", *(argv or sys.argv[1:])]),
-        "machine": {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__},
+        **cpu_bench.result_header("gpu_batch_aware", command),
+        "machine": cpu_bench.gpu_machine(transformers=False),
         "wall_s": time.perf_counter() - t0,
         "cells": cells,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out, json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    cpu_bench.write_result(out, args.out)
     return 0
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import json
 import os
 import statistics
@@ -44,6 +43,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))  # sibling scripts: bench_cpu_experts (the shared result writer)
 DEFAULT_OUT = HERE / "results" / "gpu_decode.json"
 VARIANTS = (
     "unpatched", "static", "dynamic", "batch_aware", "static+graphs", "dynamic+graphs", "batch_aware+graphs"
@@ -113,26 +113,36 @@ def timed_generate(model, prompt, new_tokens: int, repeats: int, **kw: Any) -> d
     }
 
 
-def dynamic_policy(model, prompt, target: float):  # type: ignore[no-untyped-def]
+def top_p_reduction(model, prompt, p: float) -> float:  # type: ignore[no-untyped-def]
+    """The routed-pair reduction of ``dmr.TopP(p)`` on one forward of ``prompt``."""
     import torch
 
     import dynamic_moe_router as dmr
 
-    def reduction(p: float) -> float:
-        patch = dmr.patched(model, dmr.TopP(p=p), validate=False)
-        with torch.no_grad(), patch, dmr.profile(model, count_dense=False) as rep:
-            model(prompt)
-        return float(rep.to_dict()["routed_flop_reduction"])
+    patch = dmr.patched(model, dmr.TopP(p=p), validate=False)
+    with torch.no_grad(), patch, dmr.profile(model, count_dense=False) as rep:
+        model(prompt)
+    return float(rep.to_dict()["routed_flop_reduction"])
 
+
+def bisect_top_p(model, prompt, target: float, steps: int = 14) -> float:  # type: ignore[no-untyped-def]
+    """The ``p`` of ``dmr.TopP`` that drops about ``target`` of the routed pairs on ``prompt``
+    (``steps`` bisection steps over ``[1e-4, 1]``)."""
     lo, hi = 1e-4, 1.0
-    for _ in range(14):
+    for _ in range(steps):
         mid = (lo + hi) / 2
-        if reduction(mid) > target:
+        if top_p_reduction(model, prompt, mid) > target:
             lo = mid
         else:
             hi = mid
-    p = (lo + hi) / 2
-    return dmr.TopP(p=p), {"top_p": p, "routed_pair_reduction_on_prompt": reduction(p)}
+    return (lo + hi) / 2
+
+
+def dynamic_policy(model, prompt, target: float):  # type: ignore[no-untyped-def]
+    import dynamic_moe_router as dmr
+
+    p = bisect_top_p(model, prompt, target)
+    return dmr.TopP(p=p), {"top_p": p, "routed_pair_reduction_on_prompt": top_p_reduction(model, prompt, p)}
 
 
 def host_profile(model, prompt) -> dict[str, list[dict[str, Any]]]:  # type: ignore[no-untyped-def]
@@ -365,29 +375,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(args: argparse.Namespace, argv: list[str] | None, cells: list[dict[str, Any]], wall: float) -> None:
-    import torch
-    import transformers
-
-    from dynamic_moe_router._atomic import write_text_atomic
+    import bench_cpu_experts as cpu_bench  # the shared result writer
 
     agreement(cells)
+    command = cpu_bench.command_line("bench_gpu_decode.py", argv)
     out = {
-        "benchmark": "gpu_decode",
-        "kind": "gpu_decode",
-        "schema_version": 1,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "benchmarks/bench_gpu_decode.py", *(argv or sys.argv[1:])]),
+        **cpu_bench.result_header("gpu_decode", command, kind=True),
         "wall_s": wall,
-        "machine": {
-            "gpu": torch.cuda.get_device_name(0),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "cpu_count": os.cpu_count(),
-        },
+        "machine": {**cpu_bench.gpu_machine(), "cpu_count": os.cpu_count()},
         "cells": cells,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out, json.dumps(out, indent=1) + "\n")
+    cpu_bench.write_result(out, args.out, say=False)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ Prefill: a forward over a (batch, length) block, median of repeats (CUDA events)
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import statistics
 import sys
 import time
@@ -33,11 +31,13 @@ from typing import Any
 import torch
 
 import dynamic_moe_router as dmr
-from dynamic_moe_router._atomic import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_OUT = HERE / "results" / "gpu_e2e.json"
+sys.path.insert(0, str(HERE))
+
+import bench_cpu_experts as cpu_bench  # noqa: E402  (the shared result writer)
 
 
 def cuda_ms(fn, repeats: int = 5, warmup: int = 2) -> float:  # type: ignore[no-untyped-def]
@@ -175,25 +175,15 @@ def main(argv: list[str] | None = None) -> int:
             args,
         )
     )
-    import transformers
-
     out = {
-        "benchmark": "gpu_e2e",
-        "kind": "gpu_e2e",
-        "schema_version": 1,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/bench_gpu_e2e.py --text <Gutenberg test split>",
+        **cpu_bench.result_header(
+            "gpu_e2e", "python benchmarks/bench_gpu_e2e.py --text <Gutenberg test split>", kind=True
+        ),
         "wall_s": time.perf_counter() - t0,
-        "machine": {
-            "gpu": torch.cuda.get_device_name(0),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
+        "machine": cpu_bench.gpu_machine(),
         "models": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out, json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.out} in {time.perf_counter() - t0:.0f}s")
+    cpu_bench.write_result(out, args.out, suffix=f" in {time.perf_counter() - t0:.0f}s")
     return 0
 
 

@@ -28,7 +28,6 @@ Variants (median ms by ``triton.testing.do_bench``; the ratios are what the issu
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import sys
 import time
@@ -43,9 +42,8 @@ sys.path.insert(0, str(HERE))
 import bench_cpu_experts as cpu_bench  # noqa: E402  (shared logits / experts builders)
 import dynamic_moe_router as dmr  # noqa: E402
 from bench_gpu_experts import ENTROPY, SHAPES, TARGET_RATIO  # noqa: E402
-from dynamic_moe_router._atomic import write_text_atomic  # noqa: E402
 from dynamic_moe_router.experts import experts_forward  # noqa: E402
-from dynamic_moe_router.hf.parallel import ExpertShard  # noqa: E402
+from dynamic_moe_router.hf.parallel import ExpertShard, combine_pairs, pack_pairs, run_received  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "gpu_ep_local.json"
 
@@ -74,17 +72,15 @@ def hf_masked(shard: ExpertShard, ids: torch.Tensor, weights: torch.Tensor):  # 
 
 
 def all_to_all_stages(shard: ExpertShard, experts, hidden, ids, weights):  # type: ignore[no-untyped-def]
-    """The dispatcher's local stages on rank 0 (as ``hf.parallel._all_to_all``), minus the collectives."""
+    """The dispatcher's local stages on rank 0 (``hf.parallel``'s ``pack_pairs``, ``run_received`` and
+    ``combine_pairs``, as ``_all_to_all`` calls them), minus the collectives."""
     tokens, k = ids.shape
     rows = -(-tokens // shard.size)
     mine_h, mine_ids, mine_w = hidden[:rows], ids[:rows], weights[:rows]
 
     def pack():  # type: ignore[no-untyped-def]
-        flat = mine_ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        per_expert = torch.bincount(flat, minlength=shard.num_experts + 1)[: shard.num_experts]
-        sizes = per_expert.view(shard.size, shard.num_local).sum(1)
-        return order, sizes
+        order, sent = pack_pairs(shard, mine_ids)
+        return order, sent.sum(1)
 
     order, sizes = pack()
     kept = int(sizes.sum())
@@ -93,23 +89,26 @@ def all_to_all_stages(shard: ExpertShard, experts, hidden, ids, weights):  # typ
     def gather():  # type: ignore[no-untyped-def]
         return mine_h[pairs // k]
 
-    # what rank 0 receives: every kept pair of its experts, from both slices, grouped by expert
-    flat_all = ids.reshape(-1)
-    mine_all = torch.nonzero(flat_all < shard.num_local).squeeze(1)
-    mine_all = mine_all[torch.argsort(flat_all[mine_all], stable=True)]
-    recv_rows = hidden[mine_all // k]
-    recv_ids = flat_all[mine_all].unsqueeze(1)
-    ones = torch.ones(recv_rows.shape[0], 1, dtype=weights.dtype, device=hidden.device)
+    # what rank 0 receives: from each rank's slice, the kept pairs of rank 0's experts, grouped by
+    # expert (the first rows of that slice's packed order), in (source rank, expert) order
+    received, recv_parts = [], []
+    for r in range(shard.size):  # a slice past the batch's end is empty
+        part = slice(r * rows, (r + 1) * rows)
+        part_order, part_sent = pack_pairs(shard, ids[part])
+        received.append(part_sent[0])  # (E_local,)
+        recv_parts.append(hidden[part][part_order[: int(part_sent[0].sum())] // k])
+    received_counts, recv_rows = torch.stack(received), torch.cat(recv_parts)  # (N, E_local), (R, H)
+
+    def run_local(h, i, w):  # type: ignore[no-untyped-def]
+        return experts_forward(experts, h, i, w)
 
     def run_experts():  # type: ignore[no-untyped-def]
-        return experts_forward(experts, recv_rows, recv_ids, ones)
+        return run_received(shard, run_local, recv_rows, received_counts, weights.dtype)
 
     back = torch.randn(kept, hidden.shape[1], device=hidden.device, dtype=hidden.dtype)
 
     def unpack():  # type: ignore[no-untyped-def]
-        pair_w = mine_w.reshape(-1)[pairs].unsqueeze(1).to(back.dtype)
-        out = hidden.new_zeros(rows, hidden.shape[1])
-        return out.index_add_(0, pairs // k, back * pair_w)
+        return combine_pairs(back, pairs, mine_w, rows, hidden.dtype)
 
     def whole():  # type: ignore[no-untyped-def]
         pack()
@@ -179,29 +178,19 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_gpu_ep_local needs a CUDA GPU", file=sys.stderr)
         return 2
-    import transformers
-
     tokens_list = [int(x) for x in args.tokens.split(",")]
     t0 = time.perf_counter()
     cells: list[dict[str, Any]] = []
     for si, shape in enumerate(SHAPES):
         cells += run_shape(si, shape, tokens_list, args.ranks)
+    command = cpu_bench.command_line("bench_gpu_ep_local.py", argv)
     out = {
-        "benchmark": "gpu_ep_local",
-        "schema_version": 1,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "benchmarks/bench_gpu_ep_local.py", *(argv or sys.argv[1:])]),
-        "machine": {
-            "gpu": torch.cuda.get_device_name(0),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
+        **cpu_bench.result_header("gpu_ep_local", command),
+        "machine": cpu_bench.gpu_machine(),
         "wall_s": time.perf_counter() - t0,
         "cells": cells,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out, json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    cpu_bench.write_result(out, args.out)
     return 0
 
 

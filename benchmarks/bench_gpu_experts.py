@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import json
 import platform
 import sys
@@ -52,7 +51,6 @@ sys.path.insert(0, str(HERE))
 
 import bench_cpu_experts as cpu_bench  # noqa: E402  (shared logits / experts builders)
 import dynamic_moe_router as dmr  # noqa: E402
-from dynamic_moe_router._atomic import write_text_atomic  # noqa: E402
 from dynamic_moe_router.experts import STANDARD, choose_cuda_backend, experts_forward  # noqa: E402
 from dynamic_moe_router.experts._forward import _cuda_full_buffer  # noqa: E402
 
@@ -313,12 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     import triton
 
+    command = "python benchmarks/bench_gpu_experts.py" + (" --quick" if args.quick else "")
     result = {
-        "benchmark": "gpu_experts",
-        "kind": "gpu_experts",
-        "schema_version": 1,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/bench_gpu_experts.py" + (" --quick" if args.quick else ""),
+        **cpu_bench.result_header("gpu_experts", command, kind=True),
         "wall_s": time.perf_counter() - t0,
         "machine": {
             "gpu": torch.cuda.get_device_name(0),
@@ -341,8 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         "cells": cells,
         "summary": summarise(cells, ceil),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
+    cpu_bench.write_result(result, args.out, say=False)
     for row in result["summary"]:
         print(json.dumps({kk: (round(v, 3) if isinstance(v, float) else v) for kk, v in row.items()}))
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f}s")

@@ -22,7 +22,6 @@ routing's share of the layer can be read at 4096 tokens. Policies: ``StaticTopK(
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import statistics
 import sys
@@ -35,6 +34,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bench_cpu_experts as cpu_bench  # noqa: E402  (the shared result writer)
 from bench_gpu_decode import build_model  # noqa: E402  (the same shapes as the decode benchmark)
 
 DEFAULT_OUT = HERE / "results" / "gpu_routing.json"
@@ -96,27 +96,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(cell), flush=True)
         model = block = router = None
         torch.cuda.empty_cache()
-    import transformers
-
-    from dynamic_moe_router._atomic import write_text_atomic
-
+    command = cpu_bench.command_line("bench_gpu_routing.py", argv)
     out = {
-        "benchmark": "gpu_routing",
-        "kind": "gpu_routing",
-        "schema_version": 1,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "benchmarks/bench_gpu_routing.py", *(argv or sys.argv[1:])]),
-        "machine": {
-            "gpu": torch.cuda.get_device_name(0),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
+        **cpu_bench.result_header("gpu_routing", command, kind=True),
+        "machine": cpu_bench.gpu_machine(),
         "wall_s": time.perf_counter() - t0,
         "cells": cells,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out, json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    cpu_bench.write_result(out, args.out)
     return 0
 
 

@@ -182,6 +182,18 @@ def test_an_invalid_dispatch_is_a_policy_error() -> None:
     assert dmr.get_patch(model) is None
 
 
+def test_every_dispatch_has_a_dispatcher_and_shard_forward_refuses_an_unknown_one() -> None:
+    from dynamic_moe_router.hf.parallel import _DISPATCHERS, DISPATCHES, ExchangeCounter, shard_forward
+
+    assert tuple(_DISPATCHERS) == DISPATCHES
+    shard, exchange = ExpertShard(group=None, rank=0, size=1, num_local=2), ExchangeCounter()
+    hidden, ids, weights = torch.zeros(3, 4), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)
+    expected = r"dispatch must be one of \('auto', 'all_reduce', 'all_to_all'\)"
+    with pytest.raises(dmr.PolicyError, match=expected):
+        shard_forward(shard, "nccl", lambda h, i, w: h, hidden, ids, weights, exchange)  # pyright: ignore[reportCallIssue]
+    assert exchange.calls == 0
+
+
 def test_dispatch_is_ignored_on_a_model_in_one_process() -> None:
     from dynamic_moe_router.hf.tiny import tiny_model
 

@@ -55,6 +55,7 @@ __all__ = [
     "DISPATCHES",
     "ExchangeCounter",
     "ExpertShard",
+    "all_reduce_bytes",
     "check_world_size",
     "expert_parallel_config",
     "expert_shard",
@@ -256,6 +257,10 @@ def local_weights(experts: torch.nn.Module) -> Iterator[None]:
 
 
 Experts = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``(shard, run_local, hidden, ids, weights, exchange) -> output``, as :func:`shard_forward` calls it
+Dispatcher = Callable[
+    [ExpertShard, Experts, torch.Tensor, torch.Tensor, torch.Tensor, ExchangeCounter], torch.Tensor
+]
 
 
 @torch.compiler.disable  # collectives and host-read split sizes: one graph break per layer
@@ -278,10 +283,23 @@ def shard_forward(
             "dynamic routing on an expert-parallel model runs at inference only; wrap the call in "
             "torch.no_grad() (or torch.inference_mode())"
         )
+    if dispatch not in _DISPATCHERS:
+        check_dispatch(dispatch)  # the PolicyError of an unknown name, as dmr.patch raises it
     exchange.calls += 1
-    if dispatch == "all_to_all":
-        return _all_to_all(shard, run_local, hidden, ids, weights, exchange)
-    return _all_reduce(shard, run_local, hidden, ids, weights, exchange)
+    return _DISPATCHERS[dispatch](shard, run_local, hidden, ids, weights, exchange)
+
+
+def all_reduce_bytes(size: int, numel: int, element_size: int) -> int:
+    """Bytes each rank sends in a ring all-reduce of ``numel`` elements of ``element_size`` bytes over
+    ``size`` ranks: ``2 (N - 1) / N`` of the tensor (rounded down).
+
+    Example:
+        >>> all_reduce_bytes(2, 256 * 32, 4)  # a (256, 32) fp32 output over two ranks
+        32768
+        >>> all_reduce_bytes(1, 256 * 32, 4)  # one rank sends nothing
+        0
+    """
+    return 2 * (size - 1) * numel * element_size // size
 
 
 def _all_reduce(
@@ -296,8 +314,55 @@ def _all_reduce(
 
     out = run_local(hidden, shard.local_routes(ids), weights)  # (T, H): this rank's experts' share
     dist.all_reduce(out, group=shard.group)
-    exchange.reduce_bytes += 2 * (shard.size - 1) * out.numel() * out.element_size() // shard.size
+    exchange.reduce_bytes += all_reduce_bytes(shard.size, out.numel(), out.element_size())
     return out
+
+
+def pack_pairs(shard: ExpertShard, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept pairs of a slice's routes ``ids (t, k)`` (global ids, sentinel ``E`` = dropped),
+    grouped by expert, hence by owning rank (each owns a contiguous range of experts).
+
+    Returns:
+        ``order (t * k,)``: positions in the flattened ``(t, k)`` slots sorted by expert (stable,
+        sentinels last), and ``sent (N, E_local)``: the kept pairs for each rank's experts.
+
+    Example:
+        >>> import torch
+        >>> shard = ExpertShard(group=None, rank=0, size=2, num_local=2)
+        >>> order, sent = pack_pairs(shard, torch.tensor([[3, 0], [4, 1]]))  # 4 = dropped
+        >>> order.tolist(), sent.tolist()
+        ([1, 3, 0, 2], [[1, 1], [0, 1]])
+    """
+    flat = ids.reshape(-1)  # (t * k,)
+    order = torch.argsort(flat, stable=True)
+    per_expert = torch.bincount(flat, minlength=shard.num_experts + 1)[: shard.num_experts]  # (E,)
+    return order, per_expert.view(shard.size, shard.num_local)
+
+
+def run_received(
+    shard: ExpertShard, run_local: Experts, rows: torch.Tensor, received: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """This rank's experts on the rows it received, ``rows (R, H)``: one (row, local expert) pair
+    each, in (source rank, expert) order, ``received (N, E_local)`` of them from each rank for each
+    local expert; unit weights of ``dtype``. Returns the unweighted results ``(R, H)``."""
+    count = rows.shape[0]
+    local_ids = torch.arange(shard.num_local, device=rows.device).repeat(shard.size)
+    local_ids = local_ids.repeat_interleave(received.reshape(-1), output_size=count)
+    ones = torch.ones(count, 1, dtype=dtype, device=rows.device)
+    return run_local(rows, local_ids.unsqueeze(1), ones)
+
+
+def combine_pairs(
+    back: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, rows: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The weighted sum per token of a slice, ``(rows, H)`` of ``dtype``: ``back (P, H)`` holds the
+    results of the kept pairs at positions ``pairs (P,)`` of the flattened ``weights (t, k)``
+    (summed in fp32, as the experts kernels combine; ``rows`` may pad past ``t``)."""
+    k = weights.shape[-1]
+    pair_w = weights.reshape(-1)[pairs].unsqueeze(1).float()  # (P, 1)
+    acc = torch.zeros(rows, back.shape[-1], dtype=torch.float32, device=back.device)
+    acc.index_add_(0, pairs // k, back.float() * pair_w)
+    return acc.to(dtype)
 
 
 def _all_to_all(
@@ -316,11 +381,7 @@ def _all_to_all(
     lo, hi = min(shard.rank * rows, tokens), min((shard.rank + 1) * rows, tokens)
     mine_h, mine_ids, mine_w = hidden[lo:hi], ids[lo:hi], weights[lo:hi]  # (t, H), (t, k), (t, k)
 
-    # kept pairs of the slice, grouped by expert (hence by owning rank: each owns a contiguous range)
-    flat = mine_ids.reshape(-1)  # (t * k,)
-    order = torch.argsort(flat, stable=True)
-    per_expert = torch.bincount(flat, minlength=shard.num_experts + 1)[: shard.num_experts]  # (E,)
-    sent = per_expert.view(n, shard.num_local)  # (N, E_local): pairs for each rank's experts
+    order, sent = pack_pairs(shard, mine_ids)  # sent (N, E_local): pairs for each rank's experts
     received = torch.empty_like(sent)
     dist.all_to_all_single(received, sent, group=shard.group)
     send_sizes, recv_sizes = torch.stack([sent.sum(1), received.sum(1)]).tolist()  # the host sync
@@ -330,20 +391,12 @@ def _all_to_all(
     recv_rows = send_rows.new_empty(sum(recv_sizes), width)
     dist.all_to_all_single(recv_rows, send_rows, recv_sizes, send_sizes, group=shard.group)
 
-    # the received rows, one (row, local expert) pair each, in (source rank, expert) order
-    local_ids = torch.arange(shard.num_local, device=hidden.device).repeat(n)
-    local_ids = local_ids.repeat_interleave(received.reshape(-1), output_size=recv_rows.shape[0])
-    ones = torch.ones(recv_rows.shape[0], 1, dtype=weights.dtype, device=hidden.device)
-    results = run_local(recv_rows, local_ids.unsqueeze(1), ones)  # (R, H), unweighted
+    results = run_received(shard, run_local, recv_rows, received, weights.dtype)  # (R, H), unweighted
     back = results.new_empty(kept, width)
     dist.all_to_all_single(back, results, send_sizes, recv_sizes, group=shard.group)
 
-    # weighted sum per token of the slice (in fp32, as the experts kernels combine), then every
-    # slice to every rank
-    pair_w = mine_w.reshape(-1)[pairs].unsqueeze(1).float()  # (P, 1)
-    acc = torch.zeros(rows, width, dtype=torch.float32, device=hidden.device)  # padded slice height
-    acc.index_add_(0, pairs // k, back.float() * pair_w)
-    out = acc.to(hidden.dtype)
+    # the slice's tokens (padded slice height), then every slice to every rank
+    out = combine_pairs(back, pairs, mine_w, rows, hidden.dtype)
     slices = [torch.empty_like(out) for _ in range(n)]
     dist.all_gather(slices, out, group=shard.group)
 
@@ -356,6 +409,14 @@ def _all_to_all(
     exchange.combine_bytes += (sum(recv_sizes) - recv_sizes[own]) * results.element_size() * width
     exchange.gather_bytes += (n - 1) * rows * row_bytes  # the padded slice goes to every other rank
     return torch.cat(slices)[:tokens]
+
+
+#: the function behind each value of ``dispatch`` (``"auto"`` is the all-reduce)
+_DISPATCHERS: dict[str, Dispatcher] = {
+    "auto": _all_reduce,
+    "all_reduce": _all_reduce,
+    "all_to_all": _all_to_all,
+}  # the keys are DISPATCHES, in order
 
 
 def check_dispatch(dispatch: str) -> None:
