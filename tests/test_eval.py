@@ -58,10 +58,15 @@ def test_loglikelihoods_match_hand_computation(model, tokenizer):  # type: ignor
 
 def test_request_encoding_conventions(tokenizer):  # type: ignore[no-untyped-def]
     ctx, cont = encode_request(tokenizer, "", "Hello there.")
-    assert ctx == [tokenizer.eos_token_id]
+    assert ctx == [tokenizer.bos_token_id]  # the beginning-of-text token (here also end-of-text)
     assert tokenizer.decode(cont) == "Hello there."
     ctx, cont = encode_request(tokenizer, "Hello", " there")
     assert ctx + cont == tokenizer("Hello there", add_special_tokens=False)["input_ids"]
+    # trailing whitespace of the context moves to the continuation, as lm-evaluation-harness does
+    assert encode_request(tokenizer, "Hello ", "there") == (ctx, cont)
+    # an empty context before a continuation that starts with that token: the token is the context
+    hi = tokenizer("Hi", add_special_tokens=False)["input_ids"]
+    assert encode_request(tokenizer, "", tokenizer.bos_token + "Hi") == ([tokenizer.bos_token_id], hi)
 
 
 @pytest.mark.parametrize(("context", "stride"), [(16, 16), (16, 5), (64, 64)])
@@ -117,7 +122,7 @@ def test_task_metrics_follow_the_scores(model, tokenizer, tmp_path, monkeypatch)
         reqs = [(r["query"] + "Answer:", " " + c) for c in r["choices"]]
         ll = [s.logprob for s in score_requests(model, tokenizer, reqs)]
         hits.append(float(ll.index(max(ll)) == r["gold"]))
-        norm = [v / len(req[1]) for v, req in zip(ll, reqs, strict=True)]
+        norm = [v / len(c) for v, c in zip(ll, r["choices"], strict=True)]  # lm-eval: len(choice)
         norm_hits.append(float(norm.index(max(norm)) == r["gold"]))
     assert res["items"] == 2 and res["acc"] == sum(hits) / 2 and res["acc_norm"] == sum(norm_hits) / 2
     blimp = evaluate_task(model, tokenizer, "blimp", limit=1)  # first item of each paradigm

@@ -1,9 +1,13 @@
 """Log-likelihood scoring of (context, continuation) requests, lm-evaluation-harness style.
 
-Tokenisation follows lm-evaluation-harness: the continuation's tokens are those of
+Tokenisation follows lm-evaluation-harness (0.4): whitespace at the end of the context is moved
+to the front of the continuation; the continuation's tokens are those of
 ``encode(context + continuation)`` after the tokens of ``encode(context)`` (so merges across the
-boundary are handled the same way), an empty context is replaced by the end-of-text token, and
-requests longer than ``max_length`` are cut from the left.
+boundary are handled the same way); an empty context is replaced by the beginning-of-text token
+(the end-of-text token where the tokenizer has none), unless the continuation already starts with
+it; and requests longer than ``max_length`` are cut from the left. No special tokens are added
+(lm-evaluation-harness's ``add_bos_token=False``; with its default it adds those the tokenizer
+adds by default, which is the same for the reference models' tokenizers).
 """
 
 from __future__ import annotations
@@ -25,13 +29,21 @@ class Scored:
 
 
 def encode_request(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:  # type: ignore[no-untyped-def]
-    """``(context_ids, continuation_ids)`` as lm-evaluation-harness splits them."""
-    whole = tokenizer(context + continuation, add_special_tokens=False, verbose=False)["input_ids"]
-    ctx = tokenizer(context, add_special_tokens=False, verbose=False)["input_ids"] if context else []
-    cont = whole[len(ctx) :]
-    if not ctx:
-        ctx = [tokenizer.eos_token_id]
-    return ctx, cont
+    """``(context_ids, continuation_ids)`` as lm-evaluation-harness splits them (see the module)."""
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    if not context:
+        cont = encode(continuation)
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return (cont[:1], cont[1:]) if cont and cont[0] == prefix else ([prefix], cont)
+    spaces = len(context) - len(context.rstrip())
+    if spaces:  # "Answer: " / "yes" is scored as "Answer:" / " yes"
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = encode(context + continuation)
+    ctx = encode(context)
+    return ctx, whole[len(ctx) :]
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@
 | ``winogrande`` | sentence up to the blank, filled with each option / ``" " + rest`` | ``acc`` |
 
 ``acc`` ranks choices by the summed log-probability of the continuation; ``acc_norm`` divides it by
-the continuation's length in characters (lm-evaluation-harness's ``acc_norm``). Standard errors
+the choice's length in characters, without the space that joins it to the context
+(lm-evaluation-harness's ``acc_norm``: ``len(choice)``, not ``len(" " + choice)``). Standard errors
 are the sample standard deviation of the per-item score over ``sqrt(n)``. ``limit`` takes the first
 ``limit`` items of a file in file order (BLiMP: the first ``limit`` of each of its 67 paradigms).
 """
@@ -127,6 +128,16 @@ def _read_items(name: str, limit: int | None, path: Path) -> list[Item]:
     return items
 
 
+def _choice_length(continuation: str) -> int:
+    """The characters ``acc_norm`` divides by: the choice without the target delimiter (one space).
+
+    Example:
+        >>> _choice_length(" eat the jar")
+        11
+    """
+    return len(continuation.removeprefix(" "))
+
+
 def _mean_se(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
@@ -157,7 +168,7 @@ def evaluate_task(  # type: ignore[no-untyped-def]
         if spec.kind == "pair":
             groups.setdefault(item.group, []).append(hit)
         else:
-            norm = [x / max(1, len(req[1])) for x, req in zip(ll, item.requests, strict=True)]
+            norm = [x / max(1, _choice_length(req[1])) for x, req in zip(ll, item.requests, strict=True)]
             acc_norm.append(float(max(range(len(norm)), key=norm.__getitem__) == item.gold))
     out["acc"], out["acc_stderr"] = _mean_se(acc)
     out["item_scores"] = acc  # per-item 0/1, for paired comparisons between policies
