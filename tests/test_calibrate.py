@@ -131,18 +131,18 @@ def test_cli_calibrate_interrupted_then_resumed(tmp_path, capsys, monkeypatch): 
     real = cal._Meter._measure
     calls = []
 
-    def interrupt_fourth(self, policy):  # type: ignore[no-untyped-def]
+    def interrupt_second(self, policy):  # type: ignore[no-untyped-def]
         calls.append(policy)
-        if len(calls) == 4:
+        if len(calls) == 2:  # after the native pass, in the first search
             raise KeyboardInterrupt
         return real(self, policy)
 
-    monkeypatch.setattr(cal._Meter, "_measure", interrupt_fourth)
+    monkeypatch.setattr(cal._Meter, "_measure", interrupt_second)
     assert main(args) == 130
     _, err = capsys.readouterr()
     (line,) = err.strip().splitlines()
-    assert "3 finished measurements" in line and str(partial) in line and "--resume" in line
-    assert len(json.loads(partial.read_text())["measurements"]) == 3 and not out.exists()
+    assert "1 finished measurements" in line and str(partial) in line and "--resume" in line
+    assert len(json.loads(partial.read_text())["measurements"]) == 1 and not out.exists()
 
     calls.clear()
     monkeypatch.setattr(
@@ -150,7 +150,7 @@ def test_cli_calibrate_interrupted_then_resumed(tmp_path, capsys, monkeypatch): 
     )
     assert main([*args, "--resume"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert len(calls) == len(report["measurements"]) - 3  # the three saved ones were not run again
+    assert len(calls) == len(report["measurements"]) - 1  # the saved one was not run again
     assert dmr.load_policy(out) == dmr.policies.policy_from_dict(report["policy"]) and not partial.exists()
     monkeypatch.setattr(cal._Meter, "_measure", real)
     assert main(args) == 0  # a fresh run finds the same policy
@@ -182,3 +182,93 @@ def test_cli_calibrate_partial_file_problems_fail_before_loading(
     (line,) = err.strip().splitlines()
     assert out == "" and line.startswith("error: ") and message in line and str(partial) in line
     assert partial.read_text(encoding="utf-8") == saved  # never overwritten
+
+
+def test_routing_stats_predict_the_first_layers_reduction_exactly(tokenizer):  # type: ignore[no-untyped-def]
+    """The statistics come from the native pass: exact where the routing's inputs cannot drift (the
+    first MoE layer, the others native), a guide elsewhere."""
+    from dynamic_moe_router.calibrate import RoutingStats, calibration_windows
+
+    model = tiny_model("olmoe", vocab_size=len(tokenizer))
+    windows = calibration_windows(tokenizer, DOCS, 512, 128)[:, :-1]
+    stats = RoutingStats.record(model, windows, batch_size=2)
+    for policy in (dmr.TopP(p=0.6), dmr.RelativeThreshold(beta=0.4), dmr.StaticTopK(k=1)):
+        first_only = dmr.PerLayer(dmr.StaticTopK(), {0: policy})
+        with dmr.patched(model, first_only), dmr.profile(model, count_dense=False) as report:
+            model(windows)
+        measured = report.to_dict()["routed_flop_reduction"]
+        assert measured > 0 and stats.reduction(first_only) == pytest.approx(measured, abs=1e-12)
+    assert stats.reduction(dmr.StaticTopK()) == 0.0
+
+
+@pytest.mark.parametrize("drift", [-0.04, 0.0, 0.03])
+def test_search_lands_just_past_the_target_in_few_probes(drift):  # type: ignore[no-untyped-def]
+    """The measured reduction differs from the predicted one by a drift the search must correct."""
+    from dynamic_moe_router.calibrate import SEARCH_TOLERANCE, _search
+
+    def predict(x: float) -> float:
+        return 0.6 * x**1.5
+
+    probes = []
+
+    def measure(x: float) -> tuple[float, float]:
+        probes.append(x)
+        red = min(1.0, max(0.0, predict(x) * (1 + drift) + drift * x))
+        return red, 3.0 + red  # NLL rises with the reduction
+
+    x, red, nll, _ = _search(measure, predict, 0.0, 0.99, 0.3, budget=6)
+    assert x is not None and 0.3 <= red <= 0.3 + SEARCH_TOLERANCE and nll == 3.0 + red
+    assert len(probes) <= 4
+
+
+def test_search_reports_an_unreachable_target():  # type: ignore[no-untyped-def]
+    from dynamic_moe_router.calibrate import _search
+
+    probes = []
+
+    def measure(x: float) -> tuple[float, float]:
+        probes.append(x)
+        return 0.5 * x, 1.0
+
+    x, red, _, _ = _search(measure, lambda x: 0.5 * x, 0.0, 0.9, 0.6, budget=5)
+    assert x is None and red == pytest.approx(0.45) and probes[-1] == 0.9 and len(probes) <= 2
+
+
+def test_a_native_prefix_is_replayed_and_gives_the_full_runs_numbers(tokenizer):  # type: ignore[no-untyped-def]
+    """A sensitivity probe routes layers before its own natively: the native pass's decoder outputs
+    stand in for them (not run again), with the same reduction and NLL as a full run."""
+    import dynamic_moe_router.calibrate as cal
+
+    model = tiny_model("olmoe", vocab_size=len(tokenizer))
+    windows = cal.calibration_windows(tokenizer, DOCS, 512, 128)
+    policy = dmr.PerLayer(dmr.StaticTopK(), {1: dmr.TopP(p=0.5)})
+    replaying = cal._Meter(model, windows, 2)
+    replaying(None)  # the native pass records the prefix
+    assert replaying._prefix is not None and replaying._prefix.first_dynamic(policy) == 1
+    assert replaying._prefix.first_dynamic(dmr.TopP(p=0.5)) == 0
+    first_decoder = model.model.layers[0]
+    runs = []  # the decoder layer's own work (its module call, hooks included, still happens)
+    hook = first_decoder.self_attn.register_forward_pre_hook(lambda *_: runs.append(1))
+    try:
+        replayed = replaying._measure(policy)
+    finally:
+        hook.remove()
+    full = cal._Meter(model, windows, 2)._measure(policy)  # no native pass: every layer runs
+    assert runs == [] and replayed == full and replayed[0] > 0
+    assert "forward" not in first_decoder.__dict__  # the class's forward is back
+    # on the first whole batches only (the sensitivity probes): the same as a run on those windows
+    assert replaying.half == 2
+    assert replaying(policy, windows=2) == cal._Meter(model, windows[:2], 2)._measure(policy)
+    assert set(replaying.cache) == {"native", cal.measurement_key(policy) + "@2"}  # cached apart
+
+
+def test_cli_no_learned_with_a_family_is_refused_before_loading(tmp_path, capsys, monkeypatch):  # type: ignore[no-untyped-def]
+    import dynamic_moe_router.eval as ev
+
+    monkeypatch.setattr(ev, "load_checkpoint", lambda *_: pytest.fail("a model was loaded"))
+    args = ["calibrate", "--model", str(ROOT / "models" / "ref-mixtral"), "--target-reduction", "0.3",
+            "--family", "top_p", "--no-learned", "--out", str(tmp_path / "policy.json")]  # fmt: skip
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--no-learned" in err and "--family top_p" in err
+    assert not (tmp_path / "policy.json").exists()

@@ -190,6 +190,10 @@ CASES: dict[tuple[str, str], list[tuple[list[str], str]]] = {
     ("calibrate", "tokens"): ints("--tokens", "0", "100", "-1", "x"),
     ("calibrate", "train_steps"): ints("--train-steps", "0", "-2", "x", "1.5"),
     ("calibrate", "global_only"): [(["--global-only=1"], "--global-only")],
+    ("calibrate", "no_learned"): [
+        (["--no-learned=1"], "--no-learned"),
+        (["--no-learned", "--family", "top_p"], "already names the one family to calibrate"),
+    ],
     ("calibrate", "report"): [
         (["--report", "{root}/dir"], "is a directory"),
         (["--report", "{root}/out/policy.json"], "the same file as --out"),

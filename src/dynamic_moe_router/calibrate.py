@@ -6,14 +6,21 @@ candidate policy, the routed-FLOP reduction against the native top-k and the mea
 1. **Global parameter.** Each policy family has one knob that trades FLOPs for quality:
    ``top_p`` (``theta = 1 - p``), ``relative_threshold`` (``theta = beta``) and ``entropy``
    (``theta = low``, with ``high = min(1, low + 0.3)``); the reduction grows with ``theta``.
-   Bisection towards the least aggressive ``theta`` whose reduction reaches the target; of the
-   probes that reach it, the one with the lowest NLL is kept.
+   A search (:func:`_search`) finds a ``theta`` whose reduction reaches the target by at most
+   :data:`SEARCH_TOLERANCE`; of the probes that reach it, the one with the lowest NLL is kept.
 2. **Per-layer budgets.** The NLL increase of each layer alone at the global ``theta`` measures its
    sensitivity. Layers are then shifted away from the global ``theta`` in proportion to their
    standardised insensitivity (``theta_l = theta + lambda * 0.1 * z_l + offset``), the common
-   ``offset`` bisected again to meet the target, for a few ``lambda``; the per-layer policy
+   ``offset`` searched again to meet the target, for a few ``lambda``; the per-layer policy
    (:class:`~dynamic_moe_router.PerLayer`) is kept only if its measured NLL is lower than the
    global one's.
+
+**Few model runs.** The native pass (run once, for the native NLL) also records every MoE layer's
+router scores (:class:`RoutingStats`) and every decoder layer's outputs. A policy's reduction on
+the recorded scores costs a top-k per layer, so each search inverts that prediction and runs the
+model only to correct it: two or three runs per search instead of eight bisection steps. A
+sensitivity probe (layers before its own routed natively) replays the recorded outputs of those
+layers instead of running them again (exact: they see the native inputs).
 
 3. **Learned allocation** (``family="learned"``). Per-layer keep-heads are distilled on the frozen
    model on the Gutenberg **train** split (:func:`~dynamic_moe_router.train_allocator`), their
@@ -30,10 +37,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -41,16 +50,18 @@ import torch
 from ._progress import Progress, Task
 from ._progress import task as _task
 from .errors import PolicyError, TargetUnreachableError
-from .hf.layers import find_moe_layers
-from .hf.patching import patched
+from .hf.layers import find_moe_layers, unwrap
+from .hf.patching import get_patch, patched
 from .policies import EntropyAdaptive, PerLayer, RelativeThreshold, RoutingPolicy, StaticTopK, TopP
 from .profiling import profile
+from .routing import select
 
 __all__ = [
     "FAMILIES",
     "KNOBS",
     "CalibrationResult",
     "Knob",
+    "RoutingStats",
     "calibrate",
     "calibration_windows",
     "measurement_key",
@@ -77,6 +88,23 @@ KNOBS: dict[str, Knob] = {
         ),
     )
 }
+
+#: a search probe aims this far past the target reduction, so that most probes reach it
+SEARCH_MARGIN = 0.002
+#: a search stops at the first probe whose reduction exceeds the target by at most this much
+SEARCH_TOLERANCE = 0.005
+#: the chosen policy is searched once more when it passed the target by more than this, aiming
+#: ``FINAL_MARGIN`` past it (the candidates are compared at up to ``SEARCH_TOLERANCE`` past it)
+FINAL_TOLERANCE = 0.0015
+FINAL_MARGIN = 0.0005
+#: a family whose global NLL increase is more than this many times the best family's is not refined
+#: per layer (on the reference models the refinement cut a family's increase by about half at most)
+REFINE_WITHIN = 2.0
+_INVERT_ITERATIONS = 18  # bisection steps on the routing statistics (no model runs)
+_TOKENIZE_BATCH = 16  # documents tokenised at a time for the calibration windows
+#: the native pass keeps every decoder layer's outputs for replays when they fit in this many bytes
+PREFIX_BYTES = 2 * 2**30
+_DECODER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")  # the decoder layer of an MoE block
 
 #: every calibration family: the score-policy knobs, then the learned allocator
 FAMILIES: tuple[str, ...] = (*KNOBS, "learned")
@@ -118,9 +146,14 @@ class CalibrationResult:
 def calibration_windows(tokenizer, documents: Sequence[str], tokens: int, context: int = 512) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """``(N, context + 1)`` non-overlapping windows covering the first ``tokens`` tokens."""
     ids: list[int] = []
-    for chunk in tokenizer(list(documents), add_special_tokens=False, verbose=False)["input_ids"]:
-        ids.extend(chunk)
-        ids.append(tokenizer.eos_token_id)
+    documents = list(documents)
+    for start in range(0, len(documents), _TOKENIZE_BATCH):  # stop tokenising once there is enough
+        batch = documents[start : start + _TOKENIZE_BATCH]
+        for chunk in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            ids.extend(chunk)
+            ids.append(tokenizer.eos_token_id)
+            if len(ids) > tokens + 1:
+                break
         if len(ids) > tokens + 1:
             break
     ids = ids[: tokens + 1]
@@ -135,12 +168,170 @@ def measurement_key(policy: RoutingPolicy | None) -> str:
     return "native" if policy is None else json.dumps(policy.to_dict(), sort_keys=True)
 
 
+class RoutingStats:
+    """Router scores of every MoE layer over the calibration windows, recorded in one pass.
+
+    The routed-FLOP reduction of a router-score policy on these scores (:meth:`reduction`) costs a
+    top-k per layer, not a model run. It is exact for the first MoE layer; a later layer's inputs
+    drift once earlier layers route differently, so the search uses it as a guide and the model's
+    measured reductions correct it (see :func:`_search`).
+
+    Example:
+        >>> import torch, dynamic_moe_router as dmr
+        >>> from dynamic_moe_router.hf.tiny import tiny_model
+        >>> from dynamic_moe_router.calibrate import RoutingStats
+        >>> model = tiny_model("mixtral")
+        >>> stats = RoutingStats.record(model, torch.tensor([[5, 6, 7, 8, 9]]))
+        >>> stats.reduction(dmr.StaticTopK()), stats.reduction(dmr.StaticTopK(k=1))
+        (0.0, 0.5)
+    """
+
+    def __init__(self, layers: Sequence[Any]) -> None:
+        self._layers = {layer.index: layer for layer in layers}
+        self._parts: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {i: [] for i in self._layers}
+        self._scores: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def observe(self, index: int, sc: Any) -> None:
+        """``DynamicRouter.observe`` hook: keep one call's ranking scores and probabilities."""
+        select = sc.select.detach().float().cpu()  # (T, E)
+        probs = None if sc.probs is sc.select else sc.probs.detach().float().cpu()  # (T, E)
+        self._parts[index].append((select, probs))
+        self._scores.pop(index, None)
+
+    @classmethod
+    @torch.no_grad()
+    def record(cls, model: Any, input_ids: torch.Tensor, batch_size: int = 8) -> RoutingStats:
+        """Run ``model`` (patched with the native :class:`~dynamic_moe_router.StaticTopK`) on
+        ``input_ids (B, S)`` and record every MoE layer's router scores."""
+        stats = cls(find_moe_layers(model)[0])
+        with patched(model, StaticTopK()), stats.recording(model):
+            for start in range(0, len(input_ids), batch_size):
+                model(input_ids[start : start + batch_size])
+        return stats
+
+    @contextmanager
+    def recording(self, model: Any) -> Iterator[None]:
+        """Record the router scores of every call of the patched ``model`` inside the block."""
+        handle = get_patch(unwrap(model))
+        if handle is None:
+            raise PolicyError("RoutingStats.recording needs a patched model (dmr.patched)", field="model")
+        for router in handle.routers:
+            router.observe = self.observe
+        try:
+            yield
+        finally:
+            for router in handle.routers:
+                router.observe = None
+
+    def _layer_scores(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if index not in self._scores:
+            parts = self._parts[index]
+            select = torch.cat([p[0] for p in parts])  # (T, E)
+            probs = None if parts[0][1] is None else torch.cat([p[1] for p in parts])  # type: ignore[misc]
+            self._scores[index] = (select, probs)
+        return self._scores[index]
+
+    @torch.no_grad()
+    def reduction(self, policy: RoutingPolicy) -> float:
+        """The routed-FLOP reduction of ``policy`` on the recorded scores (no model run)."""
+        routed = native = 0
+        for index, layer in self._layers.items():
+            select_scores, probs = self._layer_scores(index)
+            sel = select(
+                select_scores, policy, native_k=layer.native_k, probs=probs, layer=index, validate=False
+            )
+            routed += int(sel.counts.sum()) * layer.flops_per_pair
+            native += select_scores.shape[0] * layer.native_k * layer.flops_per_pair
+        return 1.0 - routed / native if native else 0.0
+
+
+class _Prefix:
+    """The native pass's decoder-layer outputs, batch by batch, replayed for the layers before the
+    first MoE layer that a policy routes differently (the per-layer sensitivity probes): those layers
+    see exactly the native inputs, so running them again would only repeat the native pass.
+
+    Kept only where every decoder layer returns a tensor and the outputs fit in ``limit`` bytes.
+    """
+
+    def __init__(self, model: Any, layers: Sequence[Any], tokens: int, limit: int) -> None:
+        self.decoders: torch.nn.ModuleList | None = None
+        self.outputs: list[list[torch.Tensor]] = []
+        self.native_flops: dict[int, tuple[int, int]] = {}  # MoE layer -> (routed, native routed)
+        first = layers[0]
+        match = _DECODER_RE.search(first.path)
+        if match is None:
+            return
+        decoders = unwrap(model).get_submodule(first.path[: match.start(1) - 1])  # the ModuleList
+        if not isinstance(decoders, torch.nn.ModuleList):
+            return
+        param = next(first.block.parameters())
+        size = len(decoders) * tokens * first.hidden_size * param.element_size()
+        if size <= limit:
+            self.decoders = decoders
+            self.outputs = [[] for _ in decoders]
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        if self.decoders is None:
+            yield
+            return
+        handles = [
+            d.register_forward_hook(lambda _m, _a, out, j=j: self.outputs[j].append(out))
+            for j, d in enumerate(self.decoders)
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            if not all(isinstance(o, torch.Tensor) for outs in self.outputs for o in outs):
+                self.decoders, self.outputs = None, []  # a layer returns a tuple: run in full
+
+    def first_dynamic(self, policy: RoutingPolicy | None) -> int:
+        """Decoder layers before the first one ``policy`` routes differently from the native top-k
+        (0: run every layer)."""
+        if self.decoders is None or not self.native_flops or not isinstance(policy, PerLayer):
+            return 0
+        if policy.default != StaticTopK() or not policy.overrides:
+            return 0
+        return min(policy.overrides)
+
+    @contextmanager
+    def replaying(self, first: int) -> Iterator[None]:
+        """Decoder layers ``[0, first)`` return their native outputs, one batch per call, in order."""
+        assert self.decoders is not None
+        replaced = []
+        for j in range(first):
+            outputs = iter(self.outputs[j])
+            self.decoders[j].forward = lambda *_a, _o=outputs, **_k: next(_o)
+            replaced.append(self.decoders[j])
+        try:
+            yield
+        finally:
+            for decoder in replaced:
+                del decoder.forward  # the class's forward again
+
+    def reduction(self, report: dict[str, Any], first: int, fraction: float = 1.0) -> float:
+        """The routed-FLOP reduction of a replayed run over ``fraction`` of the windows: the skipped
+        MoE layers routed natively."""
+        routed = native = 0.0
+        for row in report["layers"]:
+            if row["layer"] < first:
+                row_routed, row_native = (fraction * f for f in self.native_flops[row["layer"]])
+            else:
+                row_routed, row_native = row["routed_flops"], row["native_routed_flops"]
+            routed, native = routed + row_routed, native + row_native
+        return 1.0 - routed / native if native else 0.0
+
+
 class _Meter:
     """Measures (routed-FLOP reduction, mean NLL) of a policy on fixed windows.
 
     ``cache`` maps :func:`measurement_key` to ``[reduction, nll]``: a policy found there is not run
-    again (a resumed calibration replays the same bisection from it). ``on_measure(cache)`` is called
+    again (a resumed calibration replays the same search from it). ``on_measure(cache)`` is called
     after every new measurement, e.g. to save the cache; ``task`` advances a progress bar.
+    :attr:`stats` (the native pass's :class:`RoutingStats`) is recorded during the native
+    measurement, or by one extra pass when that measurement came from the cache.
     """
 
     def __init__(  # type: ignore[no-untyped-def]
@@ -156,13 +347,29 @@ class _Meter:
         self.cache = {} if cache is None else cache
         self.on_measure, self.task = on_measure, task
         self.history: list[dict[str, Any]] = []
+        self._stats: RoutingStats | None = None
+        self._prefix: _Prefix | None = None
+        self._limit: int | None = None  # the windows of the measurement under way
 
-    def __call__(self, policy: RoutingPolicy | None, **note: Any) -> tuple[float, float]:
-        key = measurement_key(policy)
+    @property
+    def stats(self) -> RoutingStats:
+        if self._stats is None:
+            self._stats = RoutingStats.record(self.model, self.windows[:, :-1], self.batch_size)
+        return self._stats
+
+    def __call__(
+        self, policy: RoutingPolicy | None, *, windows: int | None = None, **note: Any
+    ) -> tuple[float, float]:
+        """Measure ``policy`` on every window, or on the first ``windows`` (whole batches)."""
+        key = measurement_key(policy) + (f"@{windows}" if windows is not None else "")
         if key in self.cache:
             reduction, mean = self.cache[key]
         else:
-            reduction, mean = self._measure(policy)
+            self._limit = windows
+            try:
+                reduction, mean = self._measure(policy)
+            finally:
+                self._limit = None
             self.cache[key] = [reduction, mean]
             if self.on_measure is not None:
                 self.on_measure(self.cache)
@@ -173,47 +380,131 @@ class _Meter:
                 "policy": None if policy is None else policy.describe(),
                 "reduction": reduction,
                 "nll": mean,
+                **({"windows": windows} if windows is not None else {}),
                 **note,
             }
         )
         return reduction, mean
 
-    @torch.no_grad()
+    @property
+    def half(self) -> int | None:
+        """Whole batches covering about half the windows (``None``: too few windows to halve)."""
+        half = (len(self.windows) // 2) // self.batch_size * self.batch_size
+        return half if half >= self.batch_size else None
+
+    @torch.inference_mode()
     def _measure(self, policy: RoutingPolicy | None) -> tuple[float, float]:
         total, count = 0.0, 0
-        routing = patched(self.model, policy) if policy is not None else nullcontext()
+        record = policy is None and self._stats is None
+        first = self._prefix.first_dynamic(policy) if self._prefix is not None else 0
+        routing: Any = ExitStack()
+        if record:  # the native pass: patched with the native policy (the same model outputs), so
+            # that it also records the routing statistics and the decoder outputs for replays
+            layers = find_moe_layers(self.model)[0]
+            stats = RoutingStats(layers)
+            prefix = _Prefix(self.model, layers, self.windows[:, :-1].numel(), PREFIX_BYTES)
+            routing.enter_context(patched(self.model, StaticTopK()))
+            routing.enter_context(stats.recording(self.model))
+            routing.enter_context(prefix.recording())
+        elif policy is not None:
+            routing.enter_context(patched(self.model, policy))
+        if first:
+            routing.enter_context(self._prefix.replaying(first))  # type: ignore[union-attr]
         with routing, profile(self.model, count_dense=False) as report:
-            for start in range(0, len(self.windows), self.batch_size):
-                batch = self.windows[start : start + self.batch_size]  # (B, context + 1)
+            windows = self.windows[: self._limit]
+            for start in range(0, len(windows), self.batch_size):
+                batch = windows[start : start + self.batch_size]  # (B, context + 1)
                 logits = self.model(batch[:, :-1]).logits.float()  # (B, context, V)
                 nll = torch.nn.functional.cross_entropy(
                     logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
                 )
                 total += float(nll)
                 count += batch[:, 1:].numel()
-        return report.to_dict()["routed_flop_reduction"], total / count
+        summary = report.to_dict()
+        if record:
+            self._stats = stats
+            prefix.native_flops = {
+                row["layer"]: (row["routed_flops"], row["native_routed_flops"]) for row in summary["layers"]
+            }
+            self._prefix = prefix
+        if first:
+            fraction = len(windows) / len(self.windows)
+            return self._prefix.reduction(summary, first, fraction), total / count  # type: ignore[union-attr]
+        return summary["routed_flop_reduction"], total / count
 
 
-def _bisect(measure: Callable[[float], tuple[float, float]], lo: float, hi: float, target: float, iters: int):  # type: ignore[no-untyped-def]
-    """Bisect towards the smallest ``x`` in ``[lo, hi]`` whose reduction reaches ``target``.
-
-    Returns ``(x, reduction, nll)`` of the probe with the lowest NLL among those that reached the
-    target (usually the last), or ``(None, reduction, nll)`` of ``hi`` when even ``hi`` falls short.
-    """
-    red_hi, nll_hi = measure(hi)
-    if red_hi < target:
-        return None, red_hi, nll_hi
-    best = (hi, red_hi, nll_hi)
-    for _ in range(iters):
+def _invert(predict: Callable[[float], float], aim: float, lo: float, hi: float) -> float:
+    """The smallest ``x`` in ``[lo, hi]`` whose predicted reduction reaches ``aim`` (``hi`` if none)."""
+    if predict(hi) < aim:
+        return hi
+    for _ in range(_INVERT_ITERATIONS):
         mid = (lo + hi) / 2
-        red, nll = measure(mid)
-        if red >= target:
+        if predict(mid) >= aim:
             hi = mid
-            if nll < best[2]:
-                best = (mid, red, nll)
         else:
             lo = mid
-    return best
+    return hi
+
+
+def _search(  # type: ignore[no-untyped-def]
+    measure: Callable[[float], tuple[float, float]],
+    predict: Callable[[float], float],
+    lo: float,
+    hi: float,
+    target: float,
+    budget: int,
+    bias: float = 0.0,
+    margin: float = SEARCH_MARGIN,
+    tolerance: float = SEARCH_TOLERANCE,
+):
+    """Find an ``x`` in ``[lo, hi]`` (reduction increasing in ``x``) whose measured reduction reaches
+    ``target`` by at most ``tolerance``, in few model runs.
+
+    ``predict(x)`` is the reduction on the native pass's routing statistics (no model run). The
+    measured reduction is ``predict(x) + bias``, the bias read from the measurements made so far
+    (interpolated between the nearest ones on both sides of the target, else the last one's); each
+    probe aims at ``target + margin`` through it, inside the bracket the measurements leave.
+    At most ``budget`` probes, then ``hi`` if none reached the target.
+
+    Returns ``(x, reduction, nll, bias)`` of the probe with the lowest NLL among those that reached
+    the target, or ``(None, reduction, nll, bias)`` of ``hi`` when even ``hi`` falls short.
+    """
+    below: tuple[float, float] | None = None  # (predicted, measured) of the best probe short of it
+    above: tuple[float, float] | None = None  # ... and of the least one reaching it
+    reached: list[tuple[float, float, float]] = []
+    tried: set[float] = set()
+    red = nll = float("nan")
+    for _ in range(budget):
+        x = _invert(predict, target + margin - bias, lo, hi)
+        if x in tried:  # the bracket closed: nothing new to probe
+            break
+        tried.add(x)
+        red, nll = measure(x)
+        u = predict(x)
+        if red >= target:
+            reached.append((x, red, nll))
+            hi, above = x, (u, red)
+            if red - target <= tolerance:
+                break
+        else:
+            if x >= hi:  # the most aggressive setting falls short
+                return None, red, nll, bias
+            lo, below = x, (u, red)
+        if below is not None and above is not None and above[1] > below[1]:
+            # the predicted reduction at which the measured one crosses the target, by interpolation
+            u_star = below[0] + (target - below[1]) * (above[0] - below[0]) / (above[1] - below[1])
+            bias = target - u_star
+        else:
+            bias = red - u
+    if not reached:
+        if hi in tried:
+            return None, red, nll, bias
+        red, nll = measure(hi)
+        if red < target:
+            return None, red, nll, bias
+        reached.append((hi, red, nll))
+    x, red, nll = min(reached, key=lambda r: r[2])
+    return x, red, nll, bias
 
 
 def calibrate(
@@ -226,7 +517,7 @@ def calibrate(
     tokens: int = 8192,
     context: int = 512,
     per_layer: bool = True,
-    iterations: int = 8,
+    iterations: int = 4,
     batch_size: int = 8,
     cache: dict[str, list[float]] | None = None,
     on_measure: Callable[[dict[str, list[float]]], None] | None = None,
@@ -239,11 +530,14 @@ def calibrate(
 
     ``documents`` default to the Gutenberg valid split (tune on valid, report on test).
 
+    ``iterations`` is the most model runs of one parameter search (most stop after two or three).
+
     No lost work: ``cache`` (a dict, filled in place) holds every measurement made, keyed by
     :func:`measurement_key`, and ``on_measure(cache)`` runs after each new one (``dmr calibrate``
     saves it to a partial-results file). Calibrating again with the same arguments and that cache
-    replays the finished measurements without running the model. ``progress`` draws a bar with an
-    ETA (the step count is an upper bound: a family that cannot reach the target stops early).
+    replays the finished measurements; the model runs once, to record the routing statistics the
+    searches read. ``progress`` draws a bar with an ETA (the step count is an upper bound: most
+    searches stop early).
 
     ``families`` (default: all of :data:`FAMILIES`) limits the families tried when ``family`` is
     None. The learned family trains on ``train_documents`` (default: the Gutenberg train split) with
@@ -272,7 +566,7 @@ def calibrate(
     layers = [layer.index for layer in find_moe_layers(model)[0]]
     knobs = [name for name in names if name in KNOBS]
     refine = per_layer and len(layers) > 1
-    steps = 1 + len(knobs) * ((1 + iterations) + (len(layers) + 3 * (1 + iterations) if refine else 0))
+    steps = 1 + len(knobs) * ((1 + iterations) + (len(layers) + 2 * (1 + iterations) if refine else 0))
     steps += len(names) - len(knobs)  # the learned family's measurement
     bar = _task(progress, f"calibrating to {target_reduction:.0%} fewer routed FLOPs", steps)
     meter = _Meter(model, windows, batch_size, cache, on_measure, bar)
@@ -288,21 +582,49 @@ def calibrate(
         reachable["learned"] = red
         if red >= target_reduction - LEARNED_TOLERANCE:  # its budget was fitted on other windows
             candidates.append(CalibrationResult(learned, "learned", red, nll, native_nll, True))
+    #: a candidate's parameter search again, closer to the target: () -> result or None
+    polishers: dict[int, Callable[[], CalibrationResult | None]] = {}
+    found: list[tuple[CalibrationResult, float, float]] = []  # (global result, theta, bias)
     for name in knobs:
         knob = KNOBS[name]
-        theta, red, nll = _bisect(
+        theta, red, nll, bias = _search(
             lambda t, k=knob: meter(k.make(t), stage="global", family=k.name, theta=t),
+            lambda t, k=knob: meter.stats.reduction(k.make(t)),
             knob.low, knob.high, target_reduction, iterations,
         )  # fmt: skip
         reachable[name] = red
-        if theta is None:
-            continue
-        best = CalibrationResult(knob.make(theta), name, red, nll, native_nll, False)
-        if refine:
-            best = _refine_per_layer(
-                meter, knob, theta, layers, target_reduction, native_nll, best, iterations
+        if theta is not None:
+            result = CalibrationResult(knob.make(theta), name, red, nll, native_nll, False)
+            found.append((result, theta, bias))
+            polishers[id(result)] = partial(
+                _polish,
+                lambda t, k=knob: meter(k.make(t), stage="final", family=k.name, theta=t),
+                lambda t, k=knob: meter.stats.reduction(k.make(t)),
+                knob.low, theta, bias, target_reduction,
+                lambda t, red, nll, k=knob: CalibrationResult(k.make(t), k.name, red, nll, native_nll, False),
+            )  # fmt: skip
+    if found and refine:
+        lowest = min(result.nll_increase for result, _, _ in found)
+        for result, theta, bias in found:
+            if lowest > 0 and result.nll_increase > REFINE_WITHIN * lowest:
+                meter.history.append(
+                    {
+                        "policy": result.policy.describe(),
+                        "reduction": result.reduction,
+                        "nll": result.nll,
+                        "stage": "per_layer_skipped",  # not a model run: the global result again
+                        "family": result.family,
+                    }
+                )
+                candidates.append(result)  # far behind the best family: refinement cannot close the gap
+                continue
+            knob = KNOBS[result.family]
+            refined = _refine_per_layer(
+                meter, knob, theta, bias, layers, target_reduction, native_nll, result, iterations, polishers
             )
-        candidates.append(best)
+            candidates.append(refined)
+    else:
+        candidates += [result for result, _, _ in found]
     if not candidates:
         best_seen = ", ".join(
             f"{k}: {v:.1%}{' (its fitted budget, measured here)' if k == 'learned' else ''}"
@@ -312,10 +634,24 @@ def calibrate(
             f"no policy family reaches a {target_reduction:.1%} routed-FLOP reduction on this model "
             f"(most aggressive setting of each: {best_seen}); lower the target"
         )
-    bar.finish()
     result = min(candidates, key=lambda c: c.nll)
+    polish = polishers.get(id(result))
+    if polish is not None and result.reduction - target_reduction > FINAL_TOLERANCE:
+        closer = polish()  # the winner's search once more, aiming closer to the target
+        if closer is not None and closer.nll < result.nll:
+            result = closer
+    bar.finish()
     result.history = meter.history
     return result
+
+
+def _polish(  # type: ignore[no-untyped-def]
+    measure, predict, lo: float, x: float, bias: float, target: float, make
+) -> CalibrationResult | None:
+    """Search ``[lo, x]`` again (``x`` reached the target) for a point past the target by at most
+    :data:`FINAL_TOLERANCE`; ``make(x, reduction, nll)`` builds its result."""
+    found, red, nll, _ = _search(measure, predict, lo, x, target, 2, bias, FINAL_MARGIN, FINAL_TOLERANCE)
+    return None if found is None else make(found, red, nll)
 
 
 def _calibrate_learned(  # type: ignore[no-untyped-def]
@@ -338,11 +674,12 @@ def _calibrate_learned(  # type: ignore[no-untyped-def]
     return train_allocator(model, train, budget, config, progress=progress)
 
 
-def _refine_per_layer(meter, knob, theta, layers, target, native_nll, best, iterations):  # type: ignore[no-untyped-def]
+def _refine_per_layer(meter, knob, theta, bias, layers, target, native_nll, best, iterations, polishers):  # type: ignore[no-untyped-def]
     sensitivity = []
     for layer in layers:
         alone = PerLayer(StaticTopK(), {layer: knob.make(theta)})  # every other layer native
-        _, nll = meter(alone, stage="sensitivity", layer=layer)
+        # on half the windows: only the differences between layers matter here
+        _, nll = meter(alone, windows=meter.half, stage="sensitivity", layer=layer)
         sensitivity.append(nll - native_nll)
     mean = statistics.fmean(sensitivity)
     spread = statistics.pstdev(sensitivity) or 1.0
@@ -354,11 +691,22 @@ def _refine_per_layer(meter, knob, theta, layers, target, native_nll, best, iter
         # with other MoE layers raises a PolicyError naming them instead of routing them natively
         return PerLayer(None, {layer: knob.make(t) for layer, t in zip(layers, thetas, strict=True)})
 
-    for lam in (0.5, 1.0, 2.0):
-        offset, red, nll = _bisect(
+    lam, global_nll = 1.0, best.nll
+    for step in range(2):  # strength 1, then 2 if it helped, else 0.5
+        offset, red, nll, _ = _search(
             lambda o, lam=lam: meter(make(lam, o), stage="per_layer", family=knob.name, lam=lam, offset=o),
-            -0.3, 0.3, target, iterations,
+            lambda o, lam=lam: meter.stats.reduction(make(lam, o)),
+            -0.3, 0.3, target, iterations, bias,
         )  # fmt: skip
         if offset is not None and nll < best.nll:
             best = CalibrationResult(make(lam, offset), knob.name, red, nll, native_nll, True)
+            polishers[id(best)] = partial(
+                _polish,
+                lambda o, lam=lam: meter(make(lam, o), stage="final", family=knob.name, lam=lam, offset=o),
+                lambda o, lam=lam: meter.stats.reduction(make(lam, o)),
+                -0.3, offset, bias, target,
+                lambda o, red, nll, lam=lam: CalibrationResult(make(lam, o), knob.name, red, nll, native_nll, True),  # noqa: E501
+            )  # fmt: skip
+        if step == 0:
+            lam = 2.0 if offset is not None and nll < global_nll else 0.5
     return best

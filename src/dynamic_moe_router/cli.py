@@ -329,6 +329,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "model": os.path.abspath(args.model),
         "target_reduction": args.target_reduction,
         "family": args.family,
+        "no_learned": args.no_learned,
         "tokens": args.tokens,
         "per_layer": not args.global_only,
         "train_steps": args.train_steps,
@@ -378,6 +379,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 tokenizer,
                 args.target_reduction,
                 family=args.family,
+                families=tuple(f for f in CLI_CALIBRATION_FAMILIES if f != "learned")
+                if args.no_learned
+                else None,
                 tokens=args.tokens,
                 per_layer=not args.global_only,
                 training=training,
@@ -552,6 +556,11 @@ def _check_profile(args: argparse.Namespace) -> str | None:
 
 
 def _check_calibrate(args: argparse.Namespace) -> str | None:
+    if args.no_learned and args.family is not None:
+        return (
+            f"argument --no-learned: --family {args.family} already names the one family to calibrate; "
+            "pass one of them"
+        )
     if args.report and _same_file(args.report, args.out):
         return "argument --report: the same file as --out; pass another path for the report"
     partial = str(_calibration_partial(args))
@@ -871,6 +880,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibration tokens from the valid split (default 8192)",
     )
     p.add_argument("--global-only", action="store_true", help="skip the per-layer refinement")
+    p.add_argument(
+        "--no-learned",
+        action="store_true",
+        help="without --family: try the router-score families only (no allocator training)",
+    )
     p.add_argument(
         "--train-steps",
         type=check.int_at_least(1, "a positive number of steps, e.g. 400"),

@@ -13,7 +13,7 @@ Patching replaces the ``forward`` of each MoE block's *router instance* and *exp
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +103,9 @@ class DynamicRouter:
         #: pairs the family's own top-k would have sent to zero-computation experts (layers with
         #: zero experts only): the native routing's zero-expert pairs, for honest FLOP accounting
         self.native_counter = ExpertsCounter()
+        #: called with ``(layer index, RouterScores)`` on every eager routing call when set (calibration
+        #: records the routing statistics it searches on); never inside a compiled or replayed graph
+        self.observe: Callable[[int, RouterScores], None] | None = None
         self.set_policy(policy)
 
     def set_policy(self, policy: RoutingPolicy) -> None:
@@ -168,6 +171,8 @@ class DynamicRouter:
         with zero-computation experts, how many pairs the family's own top-k sends to them."""
         layer, router = self.layer, self.layer.router
         sc = self.family.scorer.scores(router, h, self.family.logits_dtype, *router_inputs)
+        if self.observe is not None and not torch.compiler.is_compiling():
+            self.observe(layer.index, sc)
         native_zero = None
         if layer.zero_experts:  # one top-k over the ranking scores: the native choice
             native = torch.topk(sc.select, k=layer.native_k, dim=-1).indices

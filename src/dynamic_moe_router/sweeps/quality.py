@@ -97,14 +97,14 @@ class BenchSettings:
     calibration_tokens: int = 4096
     calibration_target: float = 0.35
     batch_size: int = 16
-    #: bisection steps of the calibration (``calibrate(iterations=...)``)
-    calibration_iterations: int = 8
+    #: most model runs per parameter search of the calibration (``calibrate(iterations=...)``)
+    calibration_iterations: int = 4
 
 
 #: ``dmr bench --quick``: the same sweep on less data (4.5 minutes measured on 2 CPU cores); a smoke run,
 #: not the published numbers
 QUICK = BenchSettings(
-    ppl_tokens=1024, blimp_limit=1, lambada_limit=10, calibration_tokens=512, calibration_iterations=4
+    ppl_tokens=1024, blimp_limit=1, lambada_limit=10, calibration_tokens=512, calibration_iterations=3
 )
 
 
