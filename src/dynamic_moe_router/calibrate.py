@@ -18,7 +18,7 @@ candidate policy, the routed-FLOP reduction against the native top-k and the mea
 **Few model runs.** The native pass (run once, for the native NLL) also records every MoE layer's
 router scores (:class:`RoutingStats`) and every decoder layer's outputs. A policy's reduction on
 the recorded scores costs a top-k per layer, so each search inverts that prediction and runs the
-model only to correct it: two or three runs per search instead of eight bisection steps. A
+model only to correct it: one or two runs per search instead of eight bisection steps. A
 sensitivity probe (layers before its own routed natively) replays the recorded outputs of those
 layers instead of running them again (exact: they see the native inputs).
 
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -50,7 +49,7 @@ import torch
 from ._progress import Progress, Task
 from ._progress import task as _task
 from .errors import PolicyError, TargetUnreachableError
-from .hf.layers import find_moe_layers, unwrap
+from .hf.layers import _LAYER_RE, find_moe_layers, unwrap
 from .hf.patching import get_patch, patched
 from .policies import EntropyAdaptive, PerLayer, RelativeThreshold, RoutingPolicy, StaticTopK, TopP
 from .profiling import profile
@@ -104,7 +103,8 @@ _INVERT_ITERATIONS = 18  # bisection steps on the routing statistics (no model r
 _TOKENIZE_BATCH = 16  # documents tokenised at a time for the calibration windows
 #: the native pass keeps every decoder layer's outputs for replays when they fit in this many bytes
 PREFIX_BYTES = 2 * 2**30
-_DECODER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")  # the decoder layer of an MoE block
+#: config fields of models whose decoder layers hand each other state besides their outputs: no replay
+_CROSS_LAYER_STATE = ("num_kv_shared_layers",)
 
 #: every calibration family: the score-policy knobs, then the learned allocator
 FAMILIES: tuple[str, ...] = (*KNOBS, "learned")
@@ -226,9 +226,17 @@ class RoutingStats:
     def _layer_scores(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if index not in self._scores:
             parts = self._parts[index]
+            if not parts:
+                raise PolicyError(
+                    f"MoE layer {index} was never routed eagerly while the routing statistics were "
+                    "recorded; calibrate an eager (not torch.compile'd) model whose forward runs every "
+                    "MoE layer",
+                    field="model",
+                )
             select = torch.cat([p[0] for p in parts])  # (T, E)
             probs = None if parts[0][1] is None else torch.cat([p[1] for p in parts])  # type: ignore[misc]
             self._scores[index] = (select, probs)
+            self._parts[index] = [(select, probs)]  # one copy
         return self._scores[index]
 
     @torch.no_grad()
@@ -240,8 +248,13 @@ class RoutingStats:
             sel = select(
                 select_scores, policy, native_k=layer.native_k, probs=probs, layer=index, validate=False
             )
-            routed += int(sel.counts.sum()) * layer.flops_per_pair
-            native += select_scores.shape[0] * layer.native_k * layer.flops_per_pair
+            kept, natives = int(sel.counts.sum()), select_scores.shape[0] * layer.native_k
+            if layer.zero_experts:  # zero-computation experts run nothing: count executed pairs
+                kept -= int((sel.keep & (sel.ranked_ids >= layer.real_experts)).sum())
+                top = torch.topk(select_scores, layer.native_k, dim=-1).indices  # (T, k)
+                natives -= int((top >= layer.real_experts).sum())
+            routed += kept * layer.flops_per_pair
+            native += natives * layer.flops_per_pair
         return 1.0 - routed / native if native else 0.0
 
 
@@ -250,25 +263,37 @@ class _Prefix:
     first MoE layer that a policy routes differently (the per-layer sensitivity probes): those layers
     see exactly the native inputs, so running them again would only repeat the native pass.
 
-    Kept only where every decoder layer returns a tensor and the outputs fit in ``limit`` bytes.
+    Kept only where every decoder layer returns a tensor, the outputs fit in ``limit`` bytes, and
+    the layers pass nothing to each other but their outputs (not for a model whose layers share
+    key/value states, such as gemma4's ``num_kv_shared_layers``).
     """
 
-    def __init__(self, model: Any, layers: Sequence[Any], tokens: int, limit: int) -> None:
+    def __init__(self, model: Any, layers: Sequence[Any], limit: int) -> None:
         self.decoders: torch.nn.ModuleList | None = None
-        self.outputs: list[list[torch.Tensor]] = []
+        self.outputs: list[list[torch.Tensor]] = []  # [decoder layer][batch] (B, S, H)
         self.native_flops: dict[int, tuple[int, int]] = {}  # MoE layer -> (routed, native routed)
+        self.limit, self.size = limit, 0
+        root = unwrap(model)
+        config = getattr(root, "config", None)
+        if any(getattr(config, a, 0) for a in _CROSS_LAYER_STATE):
+            return
         first = layers[0]
-        match = _DECODER_RE.search(first.path)
+        match = _LAYER_RE.search(first.path)
         if match is None:
             return
-        decoders = unwrap(model).get_submodule(first.path[: match.start(1) - 1])  # the ModuleList
-        if not isinstance(decoders, torch.nn.ModuleList):
-            return
-        param = next(first.block.parameters())
-        size = len(decoders) * tokens * first.hidden_size * param.element_size()
-        if size <= limit:
+        decoders = root.get_submodule(first.path[: match.start(1) - 1])  # the ModuleList
+        if isinstance(decoders, torch.nn.ModuleList):
             self.decoders = decoders
             self.outputs = [[] for _ in decoders]
+
+    def _keep(self, j: int, out: Any) -> None:
+        if self.decoders is None:
+            return
+        if not isinstance(out, torch.Tensor) or self.size + out.nbytes > self.limit:
+            self.decoders, self.outputs = None, []  # a tuple output, or too large: run in full
+            return
+        self.size += out.nbytes
+        self.outputs[j].append(out)
 
     @contextmanager
     def recording(self) -> Iterator[None]:
@@ -276,7 +301,7 @@ class _Prefix:
             yield
             return
         handles = [
-            d.register_forward_hook(lambda _m, _a, out, j=j: self.outputs[j].append(out))
+            d.register_forward_hook(lambda _m, _a, out, j=j: self._keep(j, out))
             for j, d in enumerate(self.decoders)
         ]
         try:
@@ -284,8 +309,6 @@ class _Prefix:
         finally:
             for h in handles:
                 h.remove()
-            if not all(isinstance(o, torch.Tensor) for outs in self.outputs for o in outs):
-                self.decoders, self.outputs = None, []  # a layer returns a tuple: run in full
 
     def first_dynamic(self, policy: RoutingPolicy | None) -> int:
         """Decoder layers before the first one ``policy`` routes differently from the native top-k
@@ -300,16 +323,20 @@ class _Prefix:
     def replaying(self, first: int) -> Iterator[None]:
         """Decoder layers ``[0, first)`` return their native outputs, one batch per call, in order."""
         assert self.decoders is not None
-        replaced = []
+        replaced = []  # (decoder, its own instance-level forward, e.g. accelerate's hook wrapper)
         for j in range(first):
+            decoder = self.decoders[j]
+            replaced.append((decoder, decoder.__dict__.get("forward")))
             outputs = iter(self.outputs[j])
-            self.decoders[j].forward = lambda *_a, _o=outputs, **_k: next(_o)
-            replaced.append(self.decoders[j])
+            decoder.forward = lambda *_a, _o=outputs, **_k: next(_o)
         try:
             yield
         finally:
-            for decoder in replaced:
-                del decoder.forward  # the class's forward again
+            for decoder, own in replaced:
+                if own is None:
+                    del decoder.forward  # the class's forward again
+                else:
+                    decoder.forward = own
 
     def reduction(self, report: dict[str, Any], first: int, fraction: float = 1.0) -> float:
         """The routed-FLOP reduction of a replayed run over ``fraction`` of the windows: the skipped
@@ -342,8 +369,10 @@ class _Meter:
         cache: dict[str, list[float]] | None = None,
         on_measure: Callable[[dict[str, list[float]]], None] | None = None,
         task: Task | None = None,
+        keep_prefix: bool = True,
     ) -> None:
         self.model, self.windows, self.batch_size = model, windows, batch_size
+        self.keep_prefix = keep_prefix  # record the native decoder outputs for replays
         self.cache = {} if cache is None else cache
         self.on_measure, self.task = on_measure, task
         self.history: list[dict[str, Any]] = []
@@ -361,6 +390,12 @@ class _Meter:
         self, policy: RoutingPolicy | None, *, windows: int | None = None, **note: Any
     ) -> tuple[float, float]:
         """Measure ``policy`` on every window, or on the first ``windows`` (whole batches)."""
+        if windows is not None and (windows < 1 or windows % self.batch_size):
+            raise PolicyError(
+                f"a measurement on part of the windows takes whole batches of {self.batch_size}; got "
+                f"{windows}",
+                field="windows",
+            )
         key = measurement_key(policy) + (f"@{windows}" if windows is not None else "")
         if key in self.cache:
             reduction, mean = self.cache[key]
@@ -386,6 +421,10 @@ class _Meter:
         )
         return reduction, mean
 
+    def drop_prefix(self) -> None:
+        """Free the recorded decoder outputs (later probes run every layer)."""
+        self._prefix = None
+
     @property
     def half(self) -> int | None:
         """Whole batches covering about half the windows (``None``: too few windows to halve)."""
@@ -395,14 +434,14 @@ class _Meter:
     @torch.inference_mode()
     def _measure(self, policy: RoutingPolicy | None) -> tuple[float, float]:
         total, count = 0.0, 0
-        record = policy is None and self._stats is None
+        record = policy is None and self._stats is None and self._limit is None
         first = self._prefix.first_dynamic(policy) if self._prefix is not None else 0
         routing: Any = ExitStack()
         if record:  # the native pass: patched with the native policy (the same model outputs), so
             # that it also records the routing statistics and the decoder outputs for replays
             layers = find_moe_layers(self.model)[0]
             stats = RoutingStats(layers)
-            prefix = _Prefix(self.model, layers, self.windows[:, :-1].numel(), PREFIX_BYTES)
+            prefix = _Prefix(self.model, layers, PREFIX_BYTES if self.keep_prefix else 0)
             routing.enter_context(patched(self.model, StaticTopK()))
             routing.enter_context(stats.recording(self.model))
             routing.enter_context(prefix.recording())
@@ -530,7 +569,8 @@ def calibrate(
 
     ``documents`` default to the Gutenberg valid split (tune on valid, report on test).
 
-    ``iterations`` is the most model runs of one parameter search (most stop after two or three).
+    ``iterations`` bounds the probes of one parameter search (one more run if none reached the
+    target; most stop after one or two).
 
     No lost work: ``cache`` (a dict, filled in place) holds every measurement made, keyed by
     :func:`measurement_key`, and ``on_measure(cache)`` runs after each new one (``dmr calibrate``
@@ -567,9 +607,9 @@ def calibrate(
     knobs = [name for name in names if name in KNOBS]
     refine = per_layer and len(layers) > 1
     steps = 1 + len(knobs) * ((1 + iterations) + (len(layers) + 2 * (1 + iterations) if refine else 0))
-    steps += len(names) - len(knobs)  # the learned family's measurement
+    steps += len(names) - len(knobs) + 3  # the learned family's measurement, the final search
     bar = _task(progress, f"calibrating to {target_reduction:.0%} fewer routed FLOPs", steps)
-    meter = _Meter(model, windows, batch_size, cache, on_measure, bar)
+    meter = _Meter(model, windows, batch_size, cache, on_measure, bar, keep_prefix=refine and bool(knobs))
     _, native_nll = meter(None, stage="native")
 
     candidates: list[CalibrationResult] = []
@@ -583,7 +623,7 @@ def calibrate(
         if red >= target_reduction - LEARNED_TOLERANCE:  # its budget was fitted on other windows
             candidates.append(CalibrationResult(learned, "learned", red, nll, native_nll, True))
     #: a candidate's parameter search again, closer to the target: () -> result or None
-    polishers: dict[int, Callable[[], CalibrationResult | None]] = {}
+    polishers: dict[int, tuple[CalibrationResult, Callable[[], CalibrationResult | None]]] = {}
     found: list[tuple[CalibrationResult, float, float]] = []  # (global result, theta, bias)
     for name in knobs:
         knob = KNOBS[name]
@@ -596,7 +636,7 @@ def calibrate(
         if theta is not None:
             result = CalibrationResult(knob.make(theta), name, red, nll, native_nll, False)
             found.append((result, theta, bias))
-            polishers[id(result)] = partial(
+            polishers[id(result)] = result, partial(
                 _polish,
                 lambda t, k=knob: meter(k.make(t), stage="final", family=k.name, theta=t),
                 lambda t, k=knob: meter.stats.reduction(k.make(t)),
@@ -625,6 +665,7 @@ def calibrate(
             candidates.append(refined)
     else:
         candidates += [result for result, _, _ in found]
+    meter.drop_prefix()  # only the sensitivity probes replay it
     if not candidates:
         best_seen = ", ".join(
             f"{k}: {v:.1%}{' (its fitted budget, measured here)' if k == 'learned' else ''}"
@@ -635,9 +676,9 @@ def calibrate(
             f"(most aggressive setting of each: {best_seen}); lower the target"
         )
     result = min(candidates, key=lambda c: c.nll)
-    polish = polishers.get(id(result))
-    if polish is not None and result.reduction - target_reduction > FINAL_TOLERANCE:
-        closer = polish()  # the winner's search once more, aiming closer to the target
+    entry = polishers.get(id(result))
+    if entry is not None and entry[0] is result and result.reduction - target_reduction > FINAL_TOLERANCE:
+        closer = entry[1]()  # the winner's search once more, aiming closer to the target
         if closer is not None and closer.nll < result.nll:
             result = closer
     bar.finish()
@@ -691,22 +732,23 @@ def _refine_per_layer(meter, knob, theta, bias, layers, target, native_nll, best
         # with other MoE layers raises a PolicyError naming them instead of routing them natively
         return PerLayer(None, {layer: knob.make(t) for layer, t in zip(layers, thetas, strict=True)})
 
-    lam, global_nll = 1.0, best.nll
+    lam, global_nll, start_bias = 1.0, best.nll, bias
     for step in range(2):  # strength 1, then 2 if it helped, else 0.5
-        offset, red, nll, _ = _search(
+        offset, red, nll, found_bias = _search(
             lambda o, lam=lam: meter(make(lam, o), stage="per_layer", family=knob.name, lam=lam, offset=o),
             lambda o, lam=lam: meter.stats.reduction(make(lam, o)),
-            -0.3, 0.3, target, iterations, bias,
+            -0.3, 0.3, target, iterations, start_bias,
         )  # fmt: skip
         if offset is not None and nll < best.nll:
             best = CalibrationResult(make(lam, offset), knob.name, red, nll, native_nll, True)
-            polishers[id(best)] = partial(
+            polishers[id(best)] = best, partial(
                 _polish,
                 lambda o, lam=lam: meter(make(lam, o), stage="final", family=knob.name, lam=lam, offset=o),
                 lambda o, lam=lam: meter.stats.reduction(make(lam, o)),
-                -0.3, offset, bias, target,
+                -0.3, offset, found_bias, target,
                 lambda o, red, nll, lam=lam: CalibrationResult(make(lam, o), knob.name, red, nll, native_nll, True),  # noqa: E501
             )  # fmt: skip
         if step == 0:
             lam = 2.0 if offset is not None and nll < global_nll else 0.5
+            start_bias = found_bias
     return best

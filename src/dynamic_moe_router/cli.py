@@ -356,7 +356,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 f"--resume: {partial} is not a dmr calibrate partial-results file (a JSON object with "
                 "'measurements' of [reduction, nll] pairs); delete it and rerun without --resume"
             )
-        changed = [k for k, v in header.items() if saved.get(k) != v]
+        # a file from before --no-learned existed has no such key: it ran without it
+        changed = [k for k, v in header.items() if saved.get(k, False if k == "no_learned" else None) != v]
         if changed:
             raise ResumeError(
                 f"--resume: {partial} was made with other {', '.join(changed)}; rerun with the same "

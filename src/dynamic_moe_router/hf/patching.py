@@ -103,8 +103,9 @@ class DynamicRouter:
         #: pairs the family's own top-k would have sent to zero-computation experts (layers with
         #: zero experts only): the native routing's zero-expert pairs, for honest FLOP accounting
         self.native_counter = ExpertsCounter()
-        #: called with ``(layer index, RouterScores)`` on every eager routing call when set (calibration
-        #: records the routing statistics it searches on); never inside a compiled or replayed graph
+        #: called with ``(layer index, RouterScores)`` on every routing call outside torch.compile when
+        #: set (calibration records the routing statistics it searches on, patched without CUDA graphs;
+        #: with ``cuda_graphs=True`` it would also see the capture's warm-up calls, not the replays)
         self.observe: Callable[[int, RouterScores], None] | None = None
         self.set_policy(policy)
 
