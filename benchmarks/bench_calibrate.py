@@ -23,12 +23,10 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dynamic_moe_router as dmr
@@ -43,6 +41,7 @@ from bench_cpu_experts import (
 from dynamic_moe_router.calibrate import KNOBS, calibrate, calibration_windows
 from dynamic_moe_router.data import data_file, read_jsonl
 from dynamic_moe_router.eval import load_checkpoint
+from learned_eval import window_nll  # per-window NLL under a policy
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "calibrate.json"
@@ -60,32 +59,19 @@ def _pass_seconds(model: Any, windows: torch.Tensor, batch_size: int = 8) -> flo
     return time.perf_counter() - start
 
 
-@torch.inference_mode()
-def window_nll(model: Any, policy: Any, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """Mean token NLL per window ``(W,)`` under ``policy`` (``None``: native)."""
-    out = []
-    with dmr.patched(model, policy) if policy is not None else nullcontext():
-        for i in range(0, len(windows), batch_size):
-            batch = windows[i : i + batch_size]  # (B, S + 1)
-            logits = model(batch[:, :-1]).logits.float()  # (B, S, V)
-            nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # (B, S)
-            out.append(nll.mean(dim=1))
-    return torch.cat(out)
-
-
 def held_out(
     model: Any, policy: dict[str, Any], before: dict[str, Any] | None, windows: torch.Tensor
 ) -> dict:
     """The chosen policy (and the previous release's) on valid windows the calibration never saw:
     perplexity change against native, and the paired difference of the two (mean NLL per window)."""
-    native = window_nll(model, None, windows)
-    new = window_nll(model, dmr.policies.policy_from_dict(policy), windows)
+    native = window_nll(model, dmr.StaticTopK(), windows, 8)[0]
+    new = window_nll(model, dmr.policies.policy_from_dict(policy), windows, 8)[0]
     out: dict[str, Any] = {
         "windows": len(windows),
         "relative_ppl_change": math.exp(float((new - native).mean())) - 1.0,
     }
     if before is not None:
-        old = window_nll(model, dmr.policies.policy_from_dict(before["policy"]), windows)
+        old = window_nll(model, dmr.policies.policy_from_dict(before["policy"]), windows, 8)[0]
         diff = new - old  # (W,) paired
         out["before_relative_ppl_change"] = math.exp(float((old - native).mean())) - 1.0
         out["nll_diff_vs_before"] = float(diff.mean())

@@ -546,7 +546,7 @@ def gpu_machine(*, transformers: bool = True) -> dict[str, Any]:
 
 
 def write_result(
-    result: dict[str, Any], path: Path, *, indent: int = 1, suffix: str = "", say: bool = True
+    result: dict[str, Any], path: Path, *, indent: int | None = 1, suffix: str = "", say: bool = True
 ) -> None:
     """Write ``result`` as JSON to ``path`` atomically (folders created), then print
     ``wrote <path><suffix>`` unless ``say=False``."""

@@ -49,7 +49,8 @@ from dynamic_moe_router.hf.layers import find_moe_layers, model_family
 from dynamic_moe_router.learn import expert_means, fit_budget, spread_windows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from oracle import corpus_ids, windows_of  # a sibling script: the dmr bench windows
+from bench_cpu_experts import write_result  # sibling scripts: one result writer
+from oracle import corpus_ids, windows_of  # the dmr bench windows
 
 TARGETS = (0.25, 0.30, 0.35, 0.40, 0.50)
 CORPORA = {"gutenberg_test": "gutenberg/test.jsonl", "wikitext2_test": "wikitext2/test.txt"}
@@ -309,7 +310,7 @@ def merge(files: list[str], out: str) -> None:
         "dmr_version": dmr.__version__,
         "models": list(merged.values()),
     }
-    Path(out).write_text(json.dumps(payload, indent=1) + "\n")
+    write_result(payload, Path(out), say=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,24 +355,32 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
+    run_models(args, "benchmarks/learned_eval.py", sys.argv[1:] if argv is None else argv, run_model, log)
+    return 0
+
+
+def run_models(args: argparse.Namespace, script: str, argv: list[str], run_model: Any, log: Any) -> None:
+    """Run ``run_model(path, args, log, checkpoint)`` for each ``args.model``, keeping partial results
+    in ``<out>.partial.json`` after each, and write the result JSON (this script's and
+    ``router_tuning.py``'s)."""
     t0 = time.time()
     device = (
         torch.cuda.get_device_name(0)
         if args.device.startswith("cuda")
         else f"CPU ({platform.machine()}, {args.threads} threads)"
     )
+    out = Path(args.out)
     models: list[dict[str, Any]] = []
 
     def checkpoint(current: dict[str, Any]) -> None:  # partial results, in case the run is cut short
         partial = {"partial": True, "device": device, "args": vars(args), "models": [*models, current]}
-        Path(args.out).with_suffix(".partial.json").write_text(json.dumps(partial) + "\n")
+        write_result(partial, out.with_suffix(".partial.json"), indent=None, say=False)
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for m in args.model:
         models.append(run_model(Path(m), args, log, checkpoint))
     payload = {
-        "script": "benchmarks/learned_eval.py",
-        "argv": sys.argv[1:] if argv is None else argv,
+        "script": script,
+        "argv": argv,
         "args": vars(args),
         "device": device,
         "torch": torch.__version__,
@@ -379,10 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.time() - t0,
         "models": models,
     }
-    Path(args.out).write_text(json.dumps(payload, indent=1) + "\n")
-    Path(args.out).with_suffix(".partial.json").unlink(missing_ok=True)
-    log(f"wrote {args.out} in {payload['seconds']:.0f} s")
-    return 0
+    write_result(payload, out, say=False)
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
+    log(f"wrote {out} in {payload['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -56,7 +55,7 @@ from dynamic_moe_router.learn import expert_means, fit_budget, measure_reduction
 from dynamic_moe_router.learn import trainer as trainer_mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learned_eval import CORPORA, TARGETS, compare, paired, ppl_of, static_path, window_nll
+from learned_eval import CORPORA, TARGETS, compare, paired, ppl_of, run_models, static_path, window_nll
 from oracle import corpus_ids, windows_of
 
 #: the training record's entries kept in the output
@@ -493,34 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    t0 = time.time()
-    device = (
-        torch.cuda.get_device_name(0)
-        if args.device.startswith("cuda")
-        else f"CPU ({platform.machine()}, {args.threads} threads)"
-    )
-    models: list[dict[str, Any]] = []
-
-    def checkpoint(current: dict[str, Any]) -> None:
-        partial = {"partial": True, "device": device, "args": vars(args), "models": [*models, current]}
-        Path(args.out).with_suffix(".partial.json").write_text(json.dumps(partial) + "\n")
-
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    for m in args.model:
-        models.append(run_model(Path(m), args, log, checkpoint))
-    payload = {
-        "script": "benchmarks/router_tuning.py",
-        "argv": argv,
-        "args": vars(args),
-        "device": device,
-        "torch": torch.__version__,
-        "dmr_version": dmr.__version__,
-        "seconds": time.time() - t0,
-        "models": models,
-    }
-    Path(args.out).write_text(json.dumps(payload, indent=1) + "\n")
-    Path(args.out).with_suffix(".partial.json").unlink(missing_ok=True)
-    log(f"wrote {args.out} in {payload['seconds']:.0f} s")
+    run_models(args, "benchmarks/router_tuning.py", argv, run_model, log)
     return 0
 
 

@@ -259,10 +259,10 @@ def test_a_native_prefix_is_replayed_and_gives_the_full_runs_numbers(tokenizer):
     assert runs == [] and replayed == full and replayed[0] > 0
     assert first_decoder.__dict__["forward"] is own  # the instance's own forward is back
     del first_decoder.forward
-    # on the first whole batches only (the sensitivity probes): the same as a run on those windows
-    assert replaying.half == 2
-    assert replaying(policy, windows=2) == cal._Meter(model, windows[:2], 2)._measure(policy)
-    assert set(replaying.cache) == {"native", cal.measurement_key(policy) + "@2"}  # cached apart
+    # on the first window only (a sensitivity probe, part of a batch): a run on that window
+    assert replaying.probe == 1
+    assert replaying(policy, windows=1) == cal._Meter(model, windows[:1], 2)._measure(policy)
+    assert set(replaying.cache) == {"native", cal.measurement_key(policy) + "@1"}  # cached apart
 
 
 def test_cli_no_learned_with_a_family_is_refused_before_loading(tmp_path, capsys, monkeypatch):  # type: ignore[no-untyped-def]
@@ -275,3 +275,40 @@ def test_cli_no_learned_with_a_family_is_refused_before_loading(tmp_path, capsys
     out, err = capsys.readouterr()
     assert out == "" and "--no-learned" in err and "--family top_p" in err
     assert not (tmp_path / "policy.json").exists()
+
+
+def test_only_the_two_best_families_are_refined_per_layer(tokenizer):  # type: ignore[no-untyped-def]
+    """The per-layer refinement (its sensitivity probes on a quarter of the windows) runs for the two
+    families with the lowest global NLL increase; the third keeps its global result, marked skipped."""
+    import dynamic_moe_router.calibrate as cal
+
+    model = tiny_model("mixtral", vocab_size=len(tokenizer))
+    result = calibrate(model, tokenizer, 0.3, documents=DOCS, families=tuple(KNOBS), tokens=1024, context=128)
+    history = result.history
+    globals_ = {m["family"]: m for m in history if m["stage"] == "global" and m["reduction"] >= 0.3}
+    assert len(globals_) == 3, "every family reaches 30% here, so the refinement has to choose"
+    refined = {m["family"] for m in history if m["stage"] == "per_layer"}
+    skipped = {m["family"] for m in history if m["stage"] == "per_layer_skipped"}
+    best_global = {f for f, _ in sorted(globals_.items(), key=lambda kv: kv[1]["nll"])[: cal.REFINE_FAMILIES]}
+    assert refined <= best_global and skipped == set(globals_) - refined and len(skipped) >= 1
+    probes = [m for m in history if m["stage"] == "sensitivity"]
+    n = len(cal.calibration_windows(tokenizer, DOCS, 1024, 128))
+    assert n >= 4 and probes and {m["windows"] for m in probes} == {n // 4}  # a quarter of them
+    assert len(probes) == len(refined) * 2  # one probe per MoE layer (2) per refined family
+
+
+def test_a_measurement_on_part_of_the_windows_takes_whole_batches_or_one_partial(tokenizer):  # type: ignore[no-untyped-def]
+    import dynamic_moe_router.calibrate as cal
+    from dynamic_moe_router.errors import PolicyError
+
+    model = tiny_model("olmoe", vocab_size=len(tokenizer))
+    windows = cal.calibration_windows(tokenizer, DOCS, 1024, 128)
+    assert len(windows) == 4
+    meter = cal._Meter(model, windows, 2)
+    assert meter.probe == 1  # a quarter of the windows, part of a batch
+    for bad in (0, 3):
+        with pytest.raises(PolicyError, match="whole batches of 2 or one partial batch"):
+            meter(dmr.TopP(p=0.5), windows=bad)
+    assert meter(dmr.TopP(p=0.5), windows=1)[1] > 0 and meter(dmr.TopP(p=0.5), windows=2)[1] > 0
+    assert cal._Meter(model, windows, 1).probe == 1 and cal._Meter(model, windows[:3], 2).probe == 1
+    assert cal._Meter(model, windows[:1], 2).probe is None  # one window: no part to take

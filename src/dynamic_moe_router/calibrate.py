@@ -8,12 +8,13 @@ candidate policy, the routed-FLOP reduction against the native top-k and the mea
    (``theta = low``, with ``high = min(1, low + 0.3)``); the reduction grows with ``theta``.
    A search (:func:`_search`) finds a ``theta`` whose reduction reaches the target by at most
    :data:`SEARCH_TOLERANCE`; of the probes that reach it, the one with the lowest NLL is kept.
-2. **Per-layer budgets.** The NLL increase of each layer alone at the global ``theta`` measures its
-   sensitivity. Layers are then shifted away from the global ``theta`` in proportion to their
-   standardised insensitivity (``theta_l = theta + lambda * 0.1 * z_l + offset``), the common
-   ``offset`` searched again to meet the target, for a few ``lambda``; the per-layer policy
-   (:class:`~dynamic_moe_router.PerLayer`) is kept only if its measured NLL is lower than the
-   global one's.
+2. **Per-layer budgets.** For the :data:`REFINE_FAMILIES` families with the lowest global NLL
+   increase, the NLL increase of each layer alone at the global ``theta`` (on a quarter of the
+   windows) measures its sensitivity. Layers are then shifted away from the global ``theta`` in
+   proportion to their standardised insensitivity (``theta_l = theta + lambda * 0.1 * z_l +
+   offset``), the common ``offset`` searched again to meet the target, for a few ``lambda``; the
+   per-layer policy (:class:`~dynamic_moe_router.PerLayer`) is kept only if its measured NLL is
+   lower than the global one's.
 
 **Few model runs.** The native pass (run once, for the native NLL) also records every MoE layer's
 router scores (:class:`RoutingStats`) and every decoder layer's outputs. A policy's reduction on
@@ -99,6 +100,12 @@ FINAL_MARGIN = 0.0005
 #: a family whose global NLL increase is more than this many times the best family's is not refined
 #: per layer (on the reference models the refinement cut a family's increase by about half at most)
 REFINE_WITHIN = 2.0
+#: at most this many families (the lowest global NLL increases) are refined per layer: on the
+#: reference models, at 25-50% fewer routed FLOPs, the third never won after refinement
+REFINE_FAMILIES = 2
+#: the sensitivity probes run on this fraction of the calibration windows (at least one window):
+#: only the differences between layers matter there, and they are paired on the same windows
+PROBE_FRACTION = 0.25
 _INVERT_ITERATIONS = 18  # bisection steps on the routing statistics (no model runs)
 _TOKENIZE_BATCH = 16  # documents tokenised at a time for the calibration windows
 #: the native pass keeps every decoder layer's outputs for replays when they fit in this many bytes
@@ -321,14 +328,15 @@ class _Prefix:
 
     @contextmanager
     def replaying(self, first: int) -> Iterator[None]:
-        """Decoder layers ``[0, first)`` return their native outputs, one batch per call, in order."""
+        """Decoder layers ``[0, first)`` return their native outputs, one batch per call, in order
+        (the first rows of a recorded batch for a partial one)."""
         assert self.decoders is not None
         replaced = []  # (decoder, its own instance-level forward, e.g. accelerate's hook wrapper)
         for j in range(first):
             decoder = self.decoders[j]
             replaced.append((decoder, decoder.__dict__.get("forward")))
             outputs = iter(self.outputs[j])
-            decoder.forward = lambda *_a, _o=outputs, **_k: next(_o)
+            decoder.forward = partial(_replay, outputs)
         try:
             yield
         finally:
@@ -349,6 +357,13 @@ class _Prefix:
                 row_routed, row_native = row["routed_flops"], row["native_routed_flops"]
             routed, native = routed + row_routed, native + row_native
         return 1.0 - routed / native if native else 0.0
+
+
+def _replay(outputs: Iterator[torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A replayed decoder layer's forward: the next recorded output ``(B, S, H)``, cut to the rows
+    of the batch it is given (its hidden states, positional or by name)."""
+    hidden = args[0] if args else kwargs["hidden_states"]  # (b, S, H), b <= B
+    return next(outputs)[: hidden.shape[0]]
 
 
 class _Meter:
@@ -389,11 +404,12 @@ class _Meter:
     def __call__(
         self, policy: RoutingPolicy | None, *, windows: int | None = None, **note: Any
     ) -> tuple[float, float]:
-        """Measure ``policy`` on every window, or on the first ``windows`` (whole batches)."""
-        if windows is not None and (windows < 1 or windows % self.batch_size):
+        """Measure ``policy`` on every window, or on the first ``windows`` (whole batches, or fewer
+        than one batch)."""
+        if windows is not None and (windows < 1 or (windows > self.batch_size and windows % self.batch_size)):
             raise PolicyError(
-                f"a measurement on part of the windows takes whole batches of {self.batch_size}; got "
-                f"{windows}",
+                f"a measurement on part of the windows takes whole batches of {self.batch_size} or one "
+                f"partial batch; got {windows}",
                 field="windows",
             )
         key = measurement_key(policy) + (f"@{windows}" if windows is not None else "")
@@ -426,10 +442,13 @@ class _Meter:
         self._prefix = None
 
     @property
-    def half(self) -> int | None:
-        """Whole batches covering about half the windows (``None``: too few windows to halve)."""
-        half = (len(self.windows) // 2) // self.batch_size * self.batch_size
-        return half if half >= self.batch_size else None
+    def probe(self) -> int | None:
+        """Windows of a sensitivity probe: :data:`PROBE_FRACTION` of them, in whole batches or one
+        partial batch (``None``: too few windows to take part of them)."""
+        part = max(1, int(len(self.windows) * PROBE_FRACTION))
+        if part > self.batch_size:
+            part = part // self.batch_size * self.batch_size
+        return part if part < len(self.windows) else None
 
     @torch.inference_mode()
     def _measure(self, policy: RoutingPolicy | None) -> tuple[float, float]:
@@ -606,7 +625,9 @@ def calibrate(
     layers = [layer.index for layer in find_moe_layers(model)[0]]
     knobs = [name for name in names if name in KNOBS]
     refine = per_layer and len(layers) > 1
-    steps = 1 + len(knobs) * ((1 + iterations) + (len(layers) + 2 * (1 + iterations) if refine else 0))
+    steps = 1 + len(knobs) * (1 + iterations)
+    if refine:  # the refined families' sensitivity probes and two offset searches
+        steps += min(len(knobs), REFINE_FAMILIES) * (len(layers) + 2 * (1 + iterations))
     steps += len(names) - len(knobs) + 3  # the learned family's measurement, the final search
     bar = _task(progress, f"calibrating to {target_reduction:.0%} fewer routed FLOPs", steps)
     meter = _Meter(model, windows, batch_size, cache, on_measure, bar, keep_prefix=refine and bool(knobs))
@@ -645,8 +666,10 @@ def calibrate(
             )  # fmt: skip
     if found and refine:
         lowest = min(result.nll_increase for result, _, _ in found)
+        ranked = sorted(found, key=lambda f: f[0].nll_increase)
+        leaders = {id(result) for result, _, _ in ranked[:REFINE_FAMILIES]}
         for result, theta, bias in found:
-            if lowest > 0 and result.nll_increase > REFINE_WITHIN * lowest:
+            if id(result) not in leaders or (lowest > 0 and result.nll_increase > REFINE_WITHIN * lowest):
                 meter.history.append(
                     {
                         "policy": result.policy.describe(),
@@ -719,8 +742,8 @@ def _refine_per_layer(meter, knob, theta, bias, layers, target, native_nll, best
     sensitivity = []
     for layer in layers:
         alone = PerLayer(StaticTopK(), {layer: knob.make(theta)})  # every other layer native
-        # on half the windows: only the differences between layers matter here
-        _, nll = meter(alone, windows=meter.half, stage="sensitivity", layer=layer)
+        # on part of the windows: only the differences between layers matter here
+        _, nll = meter(alone, windows=meter.probe, stage="sensitivity", layer=layer)
         sensitivity.append(nll - native_nll)
     mean = statistics.fmean(sensitivity)
     spread = statistics.pstdev(sensitivity) or 1.0
