@@ -14,7 +14,8 @@ prompts for about 30% fewer routed pairs; the achieved reduction is recorded), a
 ``batch_aware`` (``dmr.BatchAware(dmr.StaticTopK(), ...)``) where the library has it. Patched
 variants use ``validate=False``. A ``+graphs`` suffix (``static+graphs``, ...) patches with
 ``cuda_graphs=True`` (each layer's routing and experts replayed as CUDA graphs in eager mode); those
-variants run in eager mode only.
+variants run in eager mode only. A ``+fused`` suffix patches with ``fused_routing=True`` (one Triton
+kernel for each layer's softmax, ranking, policy and weights).
 
 Modes: ``eager`` (plain ``generate``) and ``compiled`` (``cache_implementation="static"``, which
 makes transformers compile the forward with ``torch.compile(mode="reduce-overhead")``: inductor
@@ -190,12 +191,12 @@ def worker(args: argparse.Namespace) -> int:
 
     layers, model, prompts = setup(args)
     cell: dict[str, Any] = {"shape": args.shape, "layers": layers, "variant": args.variant}
-    base, _, extra = args.variant.partition("+")
-    graphs = extra == "graphs"
+    base, options = variant_options(args.variant)
+    graphs = options["cuda_graphs"]
     policy, chosen = make_policy(dmr, model, prompts, args, base)
     cell.update(chosen)
     if policy is not None:
-        dmr.patch(model, policy, validate=False, cuda_graphs=graphs)
+        dmr.patch(model, policy, validate=False, **options)
     for mode in [m for m in args.modes if not (graphs and m == "compiled")]:
         for n in args.prompts:
             for b in args.batches:
@@ -222,6 +223,16 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def variant_options(variant: str) -> tuple[str, dict[str, bool]]:
+    """A variant's base name and its patch options: ``+graphs`` is ``cuda_graphs=True``, ``+fused``
+    is ``fused_routing=True`` (e.g. ``dynamic+fused+graphs``)."""
+    base, *extras = variant.split("+")
+    unknown = set(extras) - {"graphs", "fused"}
+    if unknown:
+        raise SystemExit(f"unknown variant suffix {sorted(unknown)} in {variant!r}; use +graphs or +fused")
+    return base, {"cuda_graphs": "graphs" in extras, "fused_routing": "fused" in extras}
+
+
 def make_policy(dmr, model, prompts, args: argparse.Namespace, base: str):  # type: ignore[no-untyped-def]
     """The policy of a variant's base name (``None`` for unpatched) and what was chosen for it."""
     if base == "static":
@@ -245,9 +256,9 @@ def interleaved_worker(args: argparse.Namespace) -> int:
     variants = args.variant.split(",")
     policies, info = {}, {}
     for v in variants:
-        base, _, extra = v.partition("+")
+        base, options = variant_options(v)
         policy, chosen = make_policy(dmr, model, prompts, args, base)
-        policies[v], info[v] = (policy, extra == "graphs"), chosen
+        policies[v], info[v] = (policy, options), chosen
     for n in args.prompts:
         for b in args.batches:
             prompt = prompts[n][:b]
@@ -256,8 +267,8 @@ def interleaved_worker(args: argparse.Namespace) -> int:
             tokens: dict[str, Any] = {}
             for r in range(args.rounds + 1):  # round 0 warms every variant (graph capture, Triton JIT)
                 for v in variants:
-                    policy, graphs = policies[v]
-                    patch = dmr.patched(model, policy, validate=False, cuda_graphs=graphs) if policy else None
+                    policy, options = policies[v]
+                    patch = dmr.patched(model, policy, validate=False, **options) if policy else None
                     with torch.no_grad(), patch or torch.no_grad():
                         res = timed_generate(model, prompt, args.new_tokens if r else 4, 1)
                     if r:

@@ -13,7 +13,10 @@ over its calls with one GPU synchronisation at the end (what a host-bound decode
 * ``patched``: ``dmr.patch(model, policy, validate=False)``: the family's scoring, the policy,
   the weights and the sentinel, op by op;
 * ``graphs``: the same with ``cuda_graphs=True`` (one graph replay plus input copy and output
-  clones per call, up to 256 tokens; above that the call runs as ``patched``).
+  clones per call, up to 256 tokens; above that the call runs as ``patched``);
+* ``fused``: with ``fused_routing=True`` (the router's linear, then one Triton kernel for the
+  softmax, ranking, policy and weights);
+* ``fused_graphs``: both.
 
 The whole MoE block (router plus experts, patched static, eager) is timed the same way, so that the
 routing's share of the layer can be read at 4096 tokens. Policies: ``StaticTopK()`` and ``TopP``.
@@ -38,6 +41,13 @@ import bench_cpu_experts as cpu_bench  # noqa: E402  (the shared result writer)
 from bench_gpu_decode import build_model  # noqa: E402  (the same shapes as the decode benchmark)
 
 DEFAULT_OUT = HERE / "results" / "gpu_routing.json"
+#: patch options of each timed mode
+MODES: dict[str, dict[str, bool]] = {
+    "patched": {},
+    "graphs": {"cuda_graphs": True},
+    "fused": {"fused_routing": True},
+    "fused_graphs": {"fused_routing": True, "cuda_graphs": True},
+}
 
 
 def loop_us(fn, calls: int, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
@@ -83,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
                 cell["native_us"] = loop_us(lambda h=h, r=router: r(h), calls)
                 cell["native_block_us"] = loop_us(lambda x3=x3, b=block: b(x3), calls)
                 for pname, policy in (("static", dmr.StaticTopK()), ("top_p", dmr.TopP(p=0.5))):
-                    for mode, kw in (("patched", {}), ("graphs", {"cuda_graphs": True})):
+                    for mode, kw in MODES.items():
                         with dmr.patched(model, policy, validate=False, **kw):
                             cell[f"{pname}_{mode}_us"] = loop_us(lambda h=h, r=router: r(h), calls)
                             cell[f"{pname}_{mode}_block_us"] = loop_us(lambda x3=x3, b=block: b(x3), calls)
                 for pname in ("static", "top_p"):
-                    for mode in ("patched", "graphs"):
+                    for mode in MODES:
                         cell[f"{pname}_{mode}_over_native"] = cell[f"{pname}_{mode}_us"] / cell["native_us"]
                         block_us = cell[f"{pname}_{mode}_block_us"]
                         cell[f"{pname}_{mode}_share_of_block"] = cell[f"{pname}_{mode}_us"] / block_us

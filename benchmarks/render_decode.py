@@ -17,6 +17,13 @@ from render_gpu import _mark, _ms, _rel
 BATCH_AWARE_LAYER = 0.85  # layer time / static at 64-256 tokens
 BATCH_AWARE_TOKENS = (64, 128, 256)
 COMPILED_SLACK = 1.15  # compiled dynamic step <= 1.15 x pair ratio x static step, batch 1
+#: variant suffixes of bench_gpu_decode.py and how a target line names their patch options
+EAGER_OPTIONS = {
+    "": "",
+    "+graphs": " with `cuda_graphs=True`",
+    "+fused": " with `fused_routing=True`",
+    "+fused+graphs": " with `fused_routing=True` and `cuda_graphs=True`",
+}
 
 
 def render_batch_aware(data: dict[str, Any], path: Path) -> list[str]:
@@ -113,7 +120,7 @@ def render_gpu_decode(data: dict[str, Any], path: Path) -> list[str]:
         "*tok/s* = batch / step; *agreement* = greedy tokens equal to the unpatched model's (bf16 kernels "
         "that sum in another order may flip near-ties of random weights); *dynamic* = `TopP` bisected for "
         "about 30% fewer routed pairs on the prompt; *+graphs*: patched with `cuda_graphs=True` (eager "
-        "mode only).",
+        "mode only); *+fused*: patched with `fused_routing=True` (one Triton kernel per layer's routing).",
         "",
     ]
     if any("interleaved_rounds" in c for c in data["cells"]):
@@ -164,22 +171,17 @@ def _decode_targets(cells: list[dict[str, Any]]) -> list[str]:
         un = by.get((shape, mode, prompt, batch, "unpatched"))
         st = by.get((shape, mode, prompt, batch, "static"))
         where = f"{shape}, {mode}, batch {batch}, prompt {prompt}"
-        if mode == "eager" and batch in (1, 32) and dyn and un and st:
-            ok = dyn["decode_tok_s"] >= un["decode_tok_s"] and dyn["decode_tok_s"] >= st["decode_tok_s"]
-            out.append(
-                f"- Eager decode tokens/s, {where}: dynamic {dyn['decode_tok_s']:.0f} against unpatched "
-                f"{un['decode_tok_s']:.0f} and static {st['decode_tok_s']:.0f} (at least both): {_mark(ok)}."
-            )
-        dyn_g = by.get((shape, mode, prompt, batch, "dynamic+graphs"))
-        st_g = by.get((shape, mode, prompt, batch, "static+graphs"))
-        if mode == "eager" and batch in (1, 32) and dyn_g and un and st_g:
-            tok = dyn_g["decode_tok_s"]
-            ok = tok >= un["decode_tok_s"] and tok >= st_g["decode_tok_s"]
-            out.append(
-                f"- Eager decode tokens/s with `cuda_graphs=True`, {where}: dynamic+graphs {tok:.0f} "
-                f"against unpatched {un['decode_tok_s']:.0f} and static+graphs {st_g['decode_tok_s']:.0f} "
-                f"(at least both): {_mark(ok)}."
-            )
+        for suffix, label in EAGER_OPTIONS.items():  # dynamic against static with the same options
+            dyn_o = by.get((shape, mode, prompt, batch, f"dynamic{suffix}"))
+            st_o = by.get((shape, mode, prompt, batch, f"static{suffix}"))
+            if mode == "eager" and batch in (1, 32) and dyn_o and un and st_o:
+                tok = dyn_o["decode_tok_s"]
+                ok = tok >= un["decode_tok_s"] and tok >= st_o["decode_tok_s"]
+                out.append(
+                    f"- Eager decode tokens/s{label}, {where}: dynamic{suffix} {tok:.0f} against unpatched "
+                    f"{un['decode_tok_s']:.0f} and static{suffix} {st_o['decode_tok_s']:.0f} "
+                    f"(at least both): {_mark(ok)}."
+                )
         if mode == "compiled" and batch == 1 and dyn and st and shape in pair_ratio:
             lim = COMPILED_SLACK * pair_ratio[shape]
             r = dyn["step_ms"] / st["step_ms"]
@@ -187,15 +189,17 @@ def _decode_targets(cells: list[dict[str, Any]]) -> list[str]:
                 f"- Compiled decode step ratio, {where}: dynamic/static {r:.3f} for a pair ratio of "
                 f"{pair_ratio[shape]:.3f} (limit {lim:.3f}): {_mark(r <= lim)}."
             )
-        for variant in ("static", "dynamic", "batch_aware", "static+graphs", "dynamic+graphs"):
-            key = (shape, mode, prompt, batch)
-            if any(_cell_key(c) == key and c.get("variant") == variant and "error" in c for c in cells):
+        key = (shape, mode, prompt, batch)
+        for variant in dict.fromkeys(c["variant"] for c in cells if _cell_key(c) == key and "error" in c):
+            if variant != "unpatched":
                 out.append(f"- Runs without error, {where}, {variant}: it failed: **missed**.")
     return out
 
 
 ROUTING_OVER_NATIVE = 1.5  # routing + policy <= 1.5 x native softmax + top-k, eager
 ROUTING_SHARE_4096 = 0.03  # routing <= 3% of the layer at 4096 tokens
+#: timed modes of bench_gpu_routing.py and their column names (a result may lack the fused ones)
+ROUTING_MODES = {"patched": "patched", "graphs": "graphs", "fused": "fused", "fused_graphs": "fused + graphs"}
 
 
 def render_gpu_routing(data: dict[str, Any], path: Path) -> list[str]:
@@ -208,39 +212,52 @@ def render_gpu_routing(data: dict[str, Any], path: Path) -> list[str]:
         "called back to back in eager mode, wall time per call with one synchronisation per loop (what a "
         "host-bound decode step pays). *native*: the unpatched router (linear, softmax, top-k); "
         "*patched*: `dmr.patch(..., validate=False)`, op by op; *graphs*: with `cuda_graphs=True` (a "
-        "graph replay up to 256 tokens; above that the call runs as *patched*). *x native*: the "
-        "routing's time over native; *share*: the routing's time over its patched block's time.",
+        "graph replay up to 256 tokens; above that the call runs as *patched*); *fused*: with "
+        "`fused_routing=True` (the router's linear, then one Triton kernel for softmax, ranking, policy "
+        "and weights), *fused + graphs*: both. *x native*: the routing's time over native; *share*: the "
+        "routing's time over its patched block's time.",
         "",
     ]
+    modes = [m for m in ROUTING_MODES if f"static_{m}_us" in data["cells"][0]]
     cells = data["cells"]
     for shape in dict.fromkeys(c["shape"] for c in cells):
         out += [
             f"### {shape} shape",
             "",
-            "| tokens | native µs | policy | patched µs (x native, share) | graphs µs (x native, share) |",
-            "|---:|---:|---|---:|---:|",
+            "| tokens | native µs | policy | "
+            + " | ".join(f"{ROUTING_MODES[m]} µs (x native, share)" for m in modes)
+            + " |",
+            "|---:|---:|---|" + "---:|" * len(modes),
         ]
         for c in (c for c in cells if c["shape"] == shape):
             for p, label in (("static", "StaticTopK"), ("top_p", "TopP")):
                 cols = [
                     f"{c[f'{p}_{mode}_us']:.0f} ({c[f'{p}_{mode}_over_native']:.2f}, "
                     f"{c[f'{p}_{mode}_share_of_block']:.1%})"
-                    for mode in ("patched", "graphs")
+                    for mode in modes
                 ]
-                out.append(f"| {c['tokens']} | {c['native_us']:.0f} | {label} | {cols[0]} | {cols[1]} |")
+                out.append(f"| {c['tokens']} | {c['native_us']:.0f} | {label} | " + " | ".join(cols) + " |")
         out.append("")
     out += ["### Targets", ""]
     for c in cells:
         where = f"{c['shape']}, {c['tokens']} tokens"
         for p, label in (("static", "StaticTopK"), ("top_p", "TopP")):
-            if c["tokens"] <= 256 or c["tokens"] == 4096:  # graphs serve up to 256 tokens only
+            if "fused" in modes:  # the limit holds in eager mode: the fused kernel, no graphs
+                r = c[f"{p}_fused_over_native"]
+                others = ", ".join(f"{c[f'{p}_{m}_over_native']:.2f} {ROUTING_MODES[m]}" for m in modes)
+                out.append(
+                    f"- Routing cost over native in eager mode, {where}, {label}: {r:.2f} with "
+                    f"`fused_routing=True` ({others}; limit {ROUTING_OVER_NATIVE}): "
+                    f"{_mark(r <= ROUTING_OVER_NATIVE)}."
+                )
+            elif c["tokens"] <= 256 or c["tokens"] == 4096:  # graphs serve up to 256 tokens only
                 r, g = c[f"{p}_patched_over_native"], c[f"{p}_graphs_over_native"]
                 out.append(
                     f"- Routing cost over native, {where}, {label}: {r:.2f} patched, {g:.2f} with "
                     f"`cuda_graphs=True` (limit {ROUTING_OVER_NATIVE}): {_mark(g <= ROUTING_OVER_NATIVE)}."
                 )
             if c["tokens"] == 4096:
-                share = min(c[f"{p}_patched_share_of_block"], c[f"{p}_graphs_share_of_block"])
+                share = min(c[f"{p}_{m}_share_of_block"] for m in modes)
                 out.append(
                     f"- Routing share of the layer, {where}, {label}: {share:.1%} "
                     f"(limit {ROUTING_SHARE_4096:.0%}): {_mark(share <= ROUTING_SHARE_4096)}."

@@ -113,6 +113,7 @@ CASES: dict[tuple[str, str], list[tuple[list[str], str]]] = {
     ("families", "json"): JSON_BAD,
     ("inspect", "model"): MODEL_BAD,
     ("inspect", "json"): JSON_BAD,
+    ("inspect", "policy"): [(["--policy", v], m) for v, m in POLICY_BAD],
     ("profile", "model"): MODEL_BAD,
     ("profile", "policy"): [(["--policy", v], m) for v, m in POLICY_BAD],
     ("profile", "tokens"): ints("--tokens", "0", "-3", "abc", "1.5"),

@@ -422,3 +422,35 @@ def test_cuda_graphs_with_a_router_input_that_is_none():  # type: ignore[no-unty
     # the captured and replayed runs reproduce the same patch's eager run bit for bit
     assert torch.equal(runs[1], runs[0]) and torch.equal(runs[2], runs[0])
     assert torch.isfinite(eager).all() and runs[0].shape == eager.shape
+
+
+# -- fused routing (issue 11, item 1) ----------------------------------------------------------------
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen3_moe"])
+@pytest.mark.parametrize(
+    "policy", [dmr.StaticTopK(), dmr.TopP(p=0.5), dmr.EntropyAdaptive(low=0.3, high=0.9)]
+)
+def test_fused_routing_generate_eager_graphs_and_compiled(family, policy):  # type: ignore[no-untyped-def]
+    """The fused kernel gives the ordinary routing's tokens in eager generate(); CUDA graphs replay it
+    bit for bit; the compiled static-cache recipe runs it (torch.compile traces the Triton launch)."""
+    from dynamic_moe_router.hf.tiny import tiny_model
+
+    x = torch.randint(3, 96, (3, 10), generator=torch.Generator().manual_seed(3)).cuda()
+    model = tiny_model(family, attn_implementation="eager").cuda()  # fp32: tokens compared exactly
+    with dmr.patched(model, policy, validate=False):
+        ordinary = _static_generate(model, x, compiled=False, new=8)
+    with dmr.patched(model, policy, validate=False, fused_routing=True) as handle:
+        assert all(r.fused_reason is None for r in handle.routers)
+        fused = _static_generate(model, x, compiled=False, new=8)
+    assert torch.equal(fused, ordinary)
+    bf16 = tiny_model(family, dtype=torch.bfloat16, attn_implementation="eager").cuda()
+    with dmr.patched(bf16, policy, validate=False, fused_routing=True), torch.no_grad():
+        eager_logits = bf16(x).logits
+        eager = _static_generate(bf16, x, compiled=False, new=8)
+    with dmr.patched(bf16, policy, validate=False, fused_routing=True, cuda_graphs=True), torch.no_grad():
+        assert torch.equal(bf16(x).logits, eager_logits) and torch.equal(bf16(x).logits, eager_logits)
+        assert torch.equal(_static_generate(bf16, x, compiled=False, new=8), eager)
+    torch._dynamo.reset()
+    with dmr.patched(bf16, policy, validate=False, fused_routing=True):
+        compiled = _static_generate(bf16, x, compiled=True, new=8)
+        assert torch.equal(_static_generate(bf16, x, compiled=True, new=8), compiled)  # replay is stable
+    assert compiled.shape == eager.shape and torch.equal(compiled[:, 10], eager[:, 10])

@@ -122,7 +122,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     _need_transformers(args)
     from .hf.inspect import inspect_model, load_model_skeleton
 
-    info = inspect_model(load_model_skeleton(args.model))
+    info = inspect_model(load_model_skeleton(args.model), args.policy)
     lines = [
         f"{info['model_class']} ({info['family']}): {info['moe_layers']} MoE layers",
         f"  scoring: {info['scoring']}",
@@ -137,6 +137,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"{row['expert_intermediate_size']:>6}  {shared}"
         )
     lines += [f"  recognised by {r}" for r in dict.fromkeys(row["recognised_by"] for row in info["layers"])]
+    fused: dict[str, list[int]] = {}
+    for row in info["layers"]:
+        fused.setdefault(row["fused_routing"], []).append(row["layer"])
+    lines += [
+        f"  fused routing (fused_routing=True) with {info['policy']}: {state} (MoE layers {ids})"
+        for state, ids in fused.items()
+    ]
     _emit(args, info, "\n".join(lines))
     return 0
 
@@ -689,6 +696,12 @@ def build_parser() -> argparse.ArgumentParser:
         "model",
         type=check.model_or_tiny,
         help="a transformers checkpoint directory, or tiny:FAMILY (e.g. tiny:mixtral)",
+    )
+    p.add_argument(
+        "--policy",
+        action=_PolicyArg,
+        help="policy JSON file or NAME:key=value,...: whether the fused routing kernel covers each layer "
+        "under it (default: the native static_top_k)",
     )
     _json_flag(p)
     p.set_defaults(func=cmd_inspect)

@@ -9,7 +9,9 @@ import torch
 
 from .. import core
 from ..errors import UnsupportedModelError
+from ..policies import RoutingPolicy, StaticTopK
 from .families import get_family
+from .fused_routing import layer_reason
 from .layers import find_moe_layers
 
 __all__ = ["inspect_model", "load_model_skeleton"]
@@ -36,8 +38,12 @@ def load_model_skeleton(source: str) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def inspect_model(model: torch.nn.Module) -> dict[str, Any]:
+def inspect_model(model: torch.nn.Module, policy: RoutingPolicy | None = None) -> dict[str, Any]:
     """A JSON-ready description of the MoE layers of ``model``.
+
+    Each layer's ``fused_routing`` says whether ``dmr.patch(..., fused_routing=True)`` routes it
+    with the fused kernel under ``policy`` (default: the native ``StaticTopK()``): ``"covered"``,
+    or why it runs the ordinary routing.
 
     Example:
         >>> from dynamic_moe_router.hf.inspect import inspect_model
@@ -52,6 +58,7 @@ def inspect_model(model: torch.nn.Module) -> dict[str, Any]:
     layers, unknown = find_moe_layers(model)
     config: Any = model.config
     family = get_family(config.model_type)
+    policy = StaticTopK() if policy is None else policy
     rows = []
     rules = []
     for layer in layers:
@@ -75,6 +82,7 @@ def inspect_model(model: torch.nn.Module) -> dict[str, Any]:
                 "shared_experts": [
                     a for a in family.shared_experts if getattr(layer.block, a, None) is not None
                 ],
+                "fused_routing": layer_reason(family.scorer, layer, policy) or "covered",
                 # how the layer was recognised: the family record's block class, router and scorer
                 "recognised_by": (
                     f"family record {family.model_type!r}: block {type(layer.block).__name__}, router "
@@ -87,6 +95,7 @@ def inspect_model(model: torch.nn.Module) -> dict[str, Any]:
     return {
         "family": family.model_type,
         "model_class": type(model).__name__,
+        "policy": policy.describe(),
         "scoring": family.notes,
         "policy_distribution": family.scorer.distribution,
         "weights": distinct[0] if len(distinct) == 1 else "; ".join(distinct),

@@ -30,10 +30,11 @@ from ..experts import ExpertsCounter, experts_forward, graph_safe_backend, resol
 from ..policies import RoutingPolicy, StaticTopK
 from ..routing import finish, select
 from .families import FamilySpec
+from .fused_routing import device_reason, layer_reason, softmax_route
 from .graphs import GraphCache, GraphPool, module_state
 from .layers import MoELayer, find_moe_layers, model_family, unwrap
 from .parallel import ExchangeCounter, ExpertShard, check_dispatch, expert_shard, local_weights, shard_forward
-from .scoring import RouterScores
+from .scoring import RouterScores, _linear_logits, weights_dtype
 
 __all__ = ["PatchHandle", "PatchOptions", "get_patch", "patch", "patched", "unpatch"]
 
@@ -52,6 +53,7 @@ class PatchOptions:
     compile_routing: bool = False
     cuda_graphs: bool = False
     dispatch: str = "auto"
+    fused_routing: bool = False
 
     def __post_init__(self) -> None:
         if self.renormalize is not None and not isinstance(self.renormalize, bool):
@@ -72,6 +74,16 @@ class PatchOptions:
                 f"cuda_graphs must be True or False, got {self.cuda_graphs!r}", field="cuda_graphs"
             )
         check_dispatch(self.dispatch)
+        if not isinstance(self.fused_routing, bool):
+            raise PolicyError(
+                f"fused_routing must be True or False, got {self.fused_routing!r}", field="fused_routing"
+            )
+        if self.fused_routing and self.compile_routing:
+            raise PolicyError(
+                "fused_routing=True and compile_routing=True both replace the routing's launches; "
+                "choose one (fused_routing runs one Triton kernel per layer)",
+                field="fused_routing",
+            )
         if self.cuda_graphs and self.compile_routing:
             raise PolicyError(
                 "cuda_graphs=True and compile_routing=True both take over the routing's launches; "
@@ -113,6 +125,13 @@ class DynamicRouter:
         layer_policy = policy.for_layer(self.layer.index)
         layer_policy.k_range(self.layer.native_k, self.layer.num_experts)  # raises PolicyError early
         self.policy = policy
+        #: why the fused routing kernel does not cover this layer under the policy (None: it does)
+        self.fused_reason: str | None = (
+            layer_reason(self.family.scorer, self.layer, policy) if self.options.fused_routing else "off"
+        )
+        if self.fused_reason is None:  # the layer's policy and its (k_min, k_max), read once
+            layer_policy = policy.for_layer(self.layer.index)
+            self._fused = (layer_policy, *layer_policy.k_range(self.layer.native_k, self.layer.num_experts))
         self._compiled = None  # recompiled for the new policy on the next call
         self.graphs.clear()  # captured with the old policy
         self.compensation = None
@@ -171,6 +190,8 @@ class DynamicRouter:
         ``h (T, H)`` and the block's extra router inputs: no host synchronisation. Last, on a layer
         with zero-computation experts, how many pairs the family's own top-k sends to them."""
         layer, router = self.layer, self.layer.router
+        if self.fused_reason is None and self.observe is None:  # one Triton launch after the linear
+            return (*self._route_fused(h), None)
         sc = self.family.scorer.scores(router, h, self.family.logits_dtype, *router_inputs)
         if self.observe is not None and not torch.compiler.is_compiling():
             self.observe(layer.index, sc)
@@ -189,6 +210,14 @@ class DynamicRouter:
         )
         routing = finish(sel, weights)
         return sc.logits, routing.ids, routing.weights, None, native_zero
+
+    def _route_fused(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        """:meth:`_route` of a plain softmax router with the fused kernel (:mod:`.fused_routing`)."""
+        logits = _linear_logits(self.layer.router, h, self.family.logits_dtype)  # (T, E)
+        layer_policy, k_min, k_max = self._fused
+        dtype = weights_dtype(self.family.weights_dtype, logits.dtype, h.dtype)
+        ids, weights = softmax_route(logits, layer_policy, k_min, k_max, self.renormalize, dtype)
+        return logits, ids, weights, None
 
     def _route_by_mask(
         self, policy: Any, h: torch.Tensor, sc: RouterScores
@@ -466,6 +495,33 @@ def _refuse_compensation_with_zero_experts(policy: RoutingPolicy, layers: list[M
             )
 
 
+def _check_fused(
+    options: PatchOptions, layers: list[MoELayer], family: FamilySpec, policy: RoutingPolicy
+) -> None:
+    """``fused_routing=True``: the model's routers must be where the kernel runs; layers it does not
+    cover are named in a warning (they run the ordinary routing)."""
+    if not options.fused_routing:
+        return
+    for layer in layers:
+        reason = device_reason(layer.router.weight)
+        if reason is not None:
+            raise PolicyError(
+                f"fused_routing=True: {reason}. Move the model to a CUDA device first (model.cuda()) or "
+                "patch without fused_routing",
+                field="fused_routing",
+            )
+    skipped = {layer.index: layer_reason(family.scorer, layer, policy) for layer in layers}
+    skipped = {i: r for i, r in skipped.items() if r is not None}
+    if skipped:
+        reasons = "; ".join(
+            f"{r} (MoE layers {[i for i in skipped if skipped[i] == r]})"
+            for r in dict.fromkeys(skipped.values())
+        )
+        warnings.warn(
+            f"dynamic-moe-router: fused_routing=True does not cover every layer: {reasons}", stacklevel=3
+        )
+
+
 def _check_graphs(options: PatchOptions, layers: list[MoELayer]) -> None:
     if not options.cuda_graphs:
         return
@@ -531,6 +587,7 @@ def patch(
     compile_routing: bool = False,
     cuda_graphs: bool = False,
     dispatch: str = "auto",
+    fused_routing: bool = False,
 ) -> PatchHandle:
     """Give every MoE layer of ``model`` dynamic routing with ``policy`` (in place, per instance).
 
@@ -571,6 +628,13 @@ def patch(
             pairs of its slice to the experts' ranks: the bytes exchanged fall with the dropped
             pairs, at one host sync per layer). ``"auto"`` (default) is ``"all_reduce"``. Ignored on a
             model in one process. See :mod:`dynamic_moe_router.hf.parallel`.
+        fused_routing: route each covered layer (a plain softmax router, a policy of
+            :data:`~dynamic_moe_router.hf.fused_routing.FUSED_POLICIES`) with one Triton kernel:
+            softmax, ranking, the policy's count and the weights in one launch (a CUDA device, or
+            ``TRITON_INTERPRET=1``). Other layers run the ordinary routing, named in a warning and
+            by ``dmr inspect --policy``. Its weights may differ from the eager ones in the last bits
+            of fp32; leave it off for a bit-exact reproduction. See
+            :mod:`dynamic_moe_router.hf.fused_routing`.
 
     Returns:
         A :class:`PatchHandle`; ``handle.unpatch()`` or :func:`unpatch` undoes the patch.
@@ -606,6 +670,7 @@ def patch(
         compile_routing=compile_routing,
         cuda_graphs=cuda_graphs,
         dispatch=dispatch,
+        fused_routing=fused_routing,
     )
     policy = StaticTopK() if policy is None else _resolve_auto(policy, target)
     existing = get_patch(target)
@@ -625,6 +690,7 @@ def patch(
     _refuse_compensation_with_zero_experts(policy, layers)
     _check_backend(options, layers, family)
     _check_graphs(options, layers)
+    _check_fused(options, layers, family, policy)
     return core.apply_replacing(PatchHandle(target, family, layers, policy, options, unknown), existing)
 
 

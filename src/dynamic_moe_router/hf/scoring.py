@@ -71,14 +71,21 @@ def _linear_logits(router: Any, h: torch.Tensor, logits_dtype: str) -> torch.Ten
     return logits.float() if logits_dtype == "cast_fp32" else logits
 
 
+def weights_dtype(rule: str, logits_dtype: torch.dtype, hidden_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the combine weights under a family's ``weights_dtype`` rule (from fp32 weights)."""
+    if rule == "logits":
+        return logits_dtype
+    if rule == "hidden":
+        return hidden_dtype
+    return torch.float32  # "fp32": left as computed
+
+
 def _cast(
-    w: torch.Tensor, weights_dtype: str, logits: torch.Tensor, hidden_dtype: torch.dtype
+    w: torch.Tensor, weights_dtype_rule: str, logits: torch.Tensor, hidden_dtype: torch.dtype
 ) -> torch.Tensor:
-    if weights_dtype == "logits":
-        return w.to(logits.dtype)
-    if weights_dtype == "hidden":
-        return w.to(hidden_dtype)
-    return w  # "fp32": left as computed
+    if weights_dtype_rule == "fp32":
+        return w  # left as computed
+    return w.to(weights_dtype(weights_dtype_rule, logits.dtype, hidden_dtype))
 
 
 class SoftmaxScorer(Scorer):
