@@ -122,6 +122,12 @@ def test_uncovered_layers_are_named_and_run_the_ordinary_routing():  # type: ign
     try:
         assert all("batch_aware" in (r.fused_reason or "") for r in handle.routers)
         assert torch.equal(model(x).logits, plain)  # the ordinary routing, bit for bit
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            handle.set_policy(dmr.TopP(p=0.5))  # covered: no warning
+        assert all(r.fused_reason is None for r in handle.routers)
+        with pytest.warns(UserWarning, match=r"policy batch_aware is not covered"):
+            handle.set_policy(policy)
     finally:
         handle.unpatch()
 

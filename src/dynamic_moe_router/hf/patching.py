@@ -459,6 +459,8 @@ class PatchHandle(core.PatchHandleBase):
     def _policy_changed(self, policy: Any) -> None:
         for router in self.routers:
             router.set_policy(policy)
+        if self.options.fused_routing:  # set_policy -> _policy_changed -> here
+            _warn_uncovered({r.layer.index: r.fused_reason for r in self.routers}, 4)
 
     def counters(self) -> list[ExpertsCounter]:
         return [e.counter for e in self.experts]
@@ -510,15 +512,21 @@ def _check_fused(
                 "patch without fused_routing",
                 field="fused_routing",
             )
-    skipped = {layer.index: layer_reason(family.scorer, layer, policy) for layer in layers}
-    skipped = {i: r for i, r in skipped.items() if r is not None}
+    _warn_uncovered({layer.index: layer_reason(family.scorer, layer, policy) for layer in layers}, 4)
+
+
+def _warn_uncovered(reasons: dict[int, str | None], stacklevel: int) -> None:
+    """Warn once, naming the layers ``fused_routing=True`` does not cover (``reasons``: per MoE layer,
+    ``None`` where it does) and why."""
+    skipped = {i: r for i, r in reasons.items() if r is not None}
     if skipped:
-        reasons = "; ".join(
+        text = "; ".join(
             f"{r} (MoE layers {[i for i in skipped if skipped[i] == r]})"
             for r in dict.fromkeys(skipped.values())
         )
         warnings.warn(
-            f"dynamic-moe-router: fused_routing=True does not cover every layer: {reasons}", stacklevel=3
+            f"dynamic-moe-router: fused_routing=True does not cover every layer: {text}",
+            stacklevel=stacklevel,
         )
 
 
