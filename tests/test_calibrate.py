@@ -312,3 +312,18 @@ def test_a_measurement_on_part_of_the_windows_takes_whole_batches_or_one_partial
     assert meter(dmr.TopP(p=0.5), windows=1)[1] > 0 and meter(dmr.TopP(p=0.5), windows=2)[1] > 0
     assert cal._Meter(model, windows, 1).probe == 1 and cal._Meter(model, windows[:3], 2).probe == 1
     assert cal._Meter(model, windows[:1], 2).probe is None  # one window: no part to take
+
+
+@pytest.mark.parametrize("extra", [["--no-learned"], ["--family", "top_p"]])
+def test_cli_train_steps_without_the_learned_family_is_refused_before_loading(
+    tmp_path, capsys, monkeypatch, extra
+):  # type: ignore[no-untyped-def]
+    import dynamic_moe_router.eval as ev
+
+    monkeypatch.setattr(ev, "load_checkpoint", lambda *_: pytest.fail("a model was loaded"))
+    args = ["calibrate", "--model", str(ROOT / "models" / "ref-mixtral"), "--target-reduction", "0.3",
+            "--train-steps", "50", *extra, "--out", str(tmp_path / "policy.json")]  # fmt: skip
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--train-steps" in err and extra[-1] in err
+    assert not (tmp_path / "policy.json").exists()

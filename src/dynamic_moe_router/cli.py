@@ -569,6 +569,12 @@ def _check_calibrate(args: argparse.Namespace) -> str | None:
             f"argument --no-learned: --family {args.family} already names the one family to calibrate; "
             "pass one of them"
         )
+    if _explicit(args, "train_steps") and (args.no_learned or args.family not in (None, "learned")):
+        chosen = "--no-learned" if args.no_learned else f"--family {args.family}"
+        return (
+            f"argument --train-steps: only the learned family trains, and {chosen} leaves it out; drop "
+            "--train-steps or calibrate the learned family"
+        )
     if args.report and _same_file(args.report, args.out):
         return "argument --report: the same file as --out; pass another path for the report"
     partial = str(_calibration_partial(args))
