@@ -149,3 +149,19 @@ def test_fused_routing_refuses_what_it_cannot_do(monkeypatch):  # type: ignore[n
 def test_other_families_name_their_scorer():  # type: ignore[no-untyped-def]
     reasons = fused_reason(tiny_model("deepseek_v3"), dmr.TopP(p=0.5))
     assert reasons and all(r is not None and "plain softmax routers" in r for r in reasons)
+
+
+@needs_kernel
+def test_a_model_moved_off_the_gpu_after_patching_routes_the_ordinary_way():  # type: ignore[no-untyped-def]
+    model = tiny_model("olmoe")
+    x = torch.randint(3, 100, (1, 6))
+    with dmr.patched(model, dmr.TopP(p=0.5)):
+        plain = model(x).logits
+    handle = dmr.patch(model.to(_device()), dmr.TopP(p=0.5), fused_routing=True)
+    try:
+        model.cpu()
+        for router in handle.routers:
+            router._interpret = False  # CPU tensors and no interpreter: the kernel cannot run them
+        assert torch.equal(model(x).logits, plain)
+    finally:
+        handle.unpatch()

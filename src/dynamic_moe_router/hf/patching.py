@@ -12,6 +12,7 @@ Patching replaces the ``forward`` of each MoE block's *router instance* and *exp
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -129,6 +130,8 @@ class DynamicRouter:
         self.fused_reason: str | None = (
             layer_reason(self.family.scorer, self.layer, policy) if self.options.fused_routing else "off"
         )
+        #: Triton's interpreter runs the kernel on CPU tensors (read once: no environment lookups in a trace)
+        self._interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
         if self.fused_reason is None:  # the layer's policy and its (k_min, k_max), read once
             layer_policy = policy.for_layer(self.layer.index)
             self._fused = (layer_policy, *layer_policy.k_range(self.layer.native_k, self.layer.num_experts))
@@ -190,7 +193,8 @@ class DynamicRouter:
         ``h (T, H)`` and the block's extra router inputs: no host synchronisation. Last, on a layer
         with zero-computation experts, how many pairs the family's own top-k sends to them."""
         layer, router = self.layer, self.layer.router
-        if self.fused_reason is None and self.observe is None:  # one Triton launch after the linear
+        # one Triton launch after the linear (a model moved off the GPU after patching: the ordinary path)
+        if self.fused_reason is None and self.observe is None and (h.is_cuda or self._interpret):
             return (*self._route_fused(h), None)
         sc = self.family.scorer.scores(router, h, self.family.logits_dtype, *router_inputs)
         if self.observe is not None and not torch.compiler.is_compiling():
