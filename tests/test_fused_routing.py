@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import dynamic_moe_router as dmr
-from dynamic_moe_router.errors import PolicyError
+from dynamic_moe_router.errors import BackendUnavailableError, PolicyError
 from dynamic_moe_router.hf.fused_routing import FUSED_POLICIES, fused_reason, softmax_route
 from dynamic_moe_router.hf.tiny import tiny_model
 from dynamic_moe_router.policies import POLICY_REGISTRY
@@ -41,6 +41,21 @@ OTHER_CASES: dict[str, dmr.RoutingPolicy] = {
 
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _spy(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
+    """Record every fused-kernel routing call of a patched model (the number of tokens)."""
+    import dynamic_moe_router.hf.patching as patching
+
+    calls: list[int] = []
+    real = patching.softmax_route
+
+    def spy(logits, *args):  # type: ignore[no-untyped-def]
+        calls.append(int(logits.shape[0]))
+        return real(logits, *args)
+
+    monkeypatch.setattr(patching, "softmax_route", spy)
+    return calls
 
 
 def test_every_registered_policy_is_fused_or_says_why():  # type: ignore[no-untyped-def]
@@ -71,8 +86,6 @@ def test_kernel_matches_route(name, tokens, experts, native_k, renorm):  # type:
     gen = torch.Generator().manual_seed(tokens * 1000 + experts)
     logits = (torch.randn(tokens, experts, generator=gen) * 2.0).to(_device())  # (T, E)
     for policy in FUSED_CASES[name]:
-        if policy.k_range(native_k, experts)[1] > experts:
-            continue
         k_min, k_max = policy.k_range(native_k, experts)
         ids, weights = softmax_route(logits, policy, k_min, k_max, renorm, torch.float32)
         ref = _reference(logits, policy, native_k, renorm)
@@ -84,7 +97,9 @@ def test_kernel_matches_route(name, tokens, experts, native_k, renorm):  # type:
 
 @needs_kernel
 def test_kernel_writes_the_weights_dtype_and_handles_no_tokens():  # type: ignore[no-untyped-def]
-    logits = torch.randn(9, 8, device=_device()).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(4)  # bf16 logits with no exact ties in a row (checked below)
+    logits = torch.randn(9, 8, generator=gen).to(torch.bfloat16).to(_device())
+    assert all(len(set(row)) == 8 for row in logits.float().tolist())
     ids, weights = softmax_route(logits, dmr.TopP(p=0.6), 1, 2, True, torch.bfloat16)
     ref = _reference(logits, dmr.TopP(p=0.6), 2, True)
     assert weights.dtype == torch.bfloat16 and torch.equal(ids.cpu(), ref.ids.cpu())
@@ -95,15 +110,18 @@ def test_kernel_writes_the_weights_dtype_and_handles_no_tokens():  # type: ignor
 
 @needs_kernel
 @pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen3_moe"])
-def test_patched_model_with_fused_routing_matches_the_ordinary_routing(family):  # type: ignore[no-untyped-def]
+def test_patched_model_with_fused_routing_matches_the_ordinary_routing(family, monkeypatch):  # type: ignore[no-untyped-def]
     model = tiny_model(family).to(_device())
     x = torch.randint(3, 100, (2, 11), device=_device())
     policy = dmr.PerLayer(dmr.TopP(p=0.6), {0: dmr.RelativeThreshold(beta=0.4)})
-    with dmr.patched(model, policy), dmr.profile(model) as plain_report:
+    with torch.no_grad(), dmr.patched(model, policy), dmr.profile(model) as plain_report:
         plain = model(x).logits
-    with dmr.patched(model, policy, fused_routing=True) as handle, dmr.profile(model) as fused_report:
+    calls = _spy(monkeypatch)
+    fused_patch = dmr.patched(model, policy, fused_routing=True)
+    with torch.no_grad(), fused_patch as handle, dmr.profile(model) as fused_report:
         assert all(r.fused_reason is None for r in handle.routers)
         fused = model(x).logits
+    assert len(calls) == len(handle.routers)  # every layer ran the kernel
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     assert fused_report.to_dict()["routed_flop_reduction"] == plain_report.to_dict()["routed_flop_reduction"]
 
@@ -140,7 +158,7 @@ def test_fused_routing_refuses_what_it_cannot_do(monkeypatch):  # type: ignore[n
         dmr.patch(model, dmr.TopP(p=0.5), fused_routing=True, compile_routing=True)
     if not torch.cuda.is_available():
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        with pytest.raises(PolicyError, match="needs CUDA tensors"), warnings.catch_warnings():
+        with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"), warnings.catch_warnings():
             warnings.simplefilter("error")
             dmr.patch(model, dmr.TopP(p=0.5), fused_routing=True)
     assert dmr.get_patch(model) is None  # nothing half-applied
@@ -163,5 +181,50 @@ def test_a_model_moved_off_the_gpu_after_patching_routes_the_ordinary_way():  # 
         for router in handle.routers:
             router._interpret = False  # CPU tensors and no interpreter: the kernel cannot run them
         assert torch.equal(model(x).logits, plain)
+    finally:
+        handle.unpatch()
+
+
+@needs_kernel
+def test_nan_rows_keep_nothing_as_the_reference_does():  # type: ignore[no-untyped-def]
+    logits = torch.randn(4, 8, generator=torch.Generator().manual_seed(5)).to(_device())
+    logits[1] = float("nan")
+    for policy in (dmr.StaticTopK(), dmr.TopP(p=0.5)):
+        ids, weights = softmax_route(logits, policy, *policy.k_range(2, 8), True, torch.float32)
+        ref = dmr.route(torch.softmax(logits, -1), policy, native_k=2, normalize="sum", validate=False)
+        assert torch.equal(ids.cpu(), ref.ids.cpu()) and ids[1].tolist() == [8, 8]
+        assert torch.equal(weights[1].cpu(), torch.zeros(2))  # exactly zero at sentinels
+        torch.testing.assert_close(
+            weights[[0, 2, 3]].cpu(), ref.weights[[0, 2, 3]].cpu(), rtol=1e-5, atol=1e-7
+        )
+
+
+@needs_kernel
+def test_gradients_take_the_ordinary_routing(monkeypatch):  # type: ignore[no-untyped-def]
+    model = tiny_model("mixtral").to(_device())
+    x = torch.randint(3, 100, (1, 5), device=_device())
+    calls = _spy(monkeypatch)
+    with dmr.patched(model, dmr.TopP(p=0.5), fused_routing=True):
+        model(x).logits.sum().backward()  # grad enabled, weights require grad: no kernel
+        assert calls == []
+        router = model.model.layers[0].mlp.gate
+        assert router.weight.grad is not None and bool(router.weight.grad.abs().sum() > 0)
+        with torch.no_grad():
+            model(x)
+        assert len(calls) == 2  # inference: both layers ran the kernel
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", ["deepseek_v3", "hunyuan_v1_moe", "gemma4_text"])
+def test_families_without_a_plain_softmax_router_warn_and_route_the_ordinary_way(family):  # type: ignore[no-untyped-def]
+    model = tiny_model(family).to(_device())
+    x = torch.randint(3, 100, (1, 6), device=_device())
+    with torch.no_grad(), dmr.patched(model, dmr.TopP(p=0.5)):
+        plain = model(x).logits
+    with pytest.warns(UserWarning, match="plain softmax routers"):
+        handle = dmr.patch(model, dmr.TopP(p=0.5), fused_routing=True)
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, plain)
     finally:
         handle.unpatch()

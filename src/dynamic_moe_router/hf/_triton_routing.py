@@ -44,11 +44,12 @@ def softmax_route(
         count = extra + K_MIN
     else:
         count = tl.zeros((BLOCK_T,), tl.int32)
-    work = tl.where(cm[None, :], p, -1.0)  # padded columns are never chosen
+    work = tl.where(cm[None, :] & (p == p), p, -1.0)  # padded columns and NaN are never kept
     ranked_ids = tl.zeros((BLOCK_T, K_POW2), tl.int32)
     ranked_p = tl.zeros((BLOCK_T, K_POW2), tl.float32)
     cum = tl.zeros((BLOCK_T,), tl.float32)
     alive = tl.full((BLOCK_T,), 1, tl.int32)
+    available = tl.zeros((BLOCK_T,), tl.int32)  # candidates with a real (not NaN) probability
     top = tl.max(work, axis=1)  # (BT,) the best candidate's probability
     for j in tl.static_range(K_MAX):
         best = tl.max(work, axis=1)  # (BT,)
@@ -56,6 +57,7 @@ def softmax_route(
         work = tl.where(cols[None, :] == idx[:, None], -2.0, work)
         ranked_ids = tl.where(slots[None, :] == j, idx[:, None], ranked_ids)
         ranked_p = tl.where(slots[None, :] == j, best[:, None], ranked_p)
+        available += ((best == best) & (best >= 0.0)).to(tl.int32)
         if POLICY == 1:  # top-p: kept while the mass ranked before it (cumsum - p) is below p
             cum = cum + best
             before = cum - best
@@ -67,17 +69,20 @@ def softmax_route(
             count += alive
     if POLICY == 0:
         count = tl.full((BLOCK_T,), K_MAX, tl.int32)
-    count = tl.minimum(tl.maximum(count, K_MIN), K_MAX)
-    keep = (slots[None, :] < count[:, None]) & (slots[None, :] < K_MAX)  # (BT, K2)
+    count = tl.minimum(tl.minimum(tl.maximum(count, K_MIN), K_MAX), available)  # as core.select caps it
+    keep = (slots[None, :] < count[:, None]) & (slots[None, :] < K_MAX) & (ranked_ids < E)  # (BT, K2)
     w = tl.where(keep, ranked_p, 0.0)
     if RENORM:
         total = tl.sum(w, axis=1)[:, None]
         w = w / tl.where(total > 0.0, total, 1.0)
-    ids = tl.where(keep & (ranked_ids < E), ranked_ids, E)  # a NaN row never indexes past E
+    w = tl.where(keep, w, 0.0)  # exactly zero at sentinels
+    ids = tl.where(keep, ranked_ids, E)  # a NaN row never indexes past E
     out = rows[:, None] * K_MAX + slots[None, :]
     om = rm[:, None] & (slots[None, :] < K_MAX)
     tl.store(ids_ptr + out, ids.to(ids_ptr.dtype.element_ty), mask=om)
     if weights_ptr.dtype.element_ty == tl.float32:
         tl.store(weights_ptr + out, w, mask=om)
-    else:  # round to nearest even, as torch's .to() does
+    elif weights_ptr.dtype.element_ty == tl.float64:
+        tl.store(weights_ptr + out, w.to(tl.float64), mask=om)
+    else:  # fp16 / bf16: round to nearest even, as torch's .to() does
         tl.store(weights_ptr + out, w.to(weights_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=om)

@@ -14,10 +14,14 @@ plain softmax over all experts (mixtral, olmoe, qwen2_moe, qwen3_moe, ...), and 
 layer or policy runs the ordinary routing, and ``dmr inspect --policy P`` names the reason.
 
 The kernel follows :func:`dynamic_moe_router.route` step by step (fp32 softmax, ranking, the
-policy's count rule, the family's weight rule); its exponential and sums are Triton's, so its
-weights may differ from the eager ones in the last bits of fp32 (``tests/test_fused_routing.py``
-compares every policy with ``dmr.route``). For a bit-exact reproduction of the unpatched model leave
-``fused_routing`` off (the default).
+policy's count rule, the family's weight rule, a count capped at the candidates with a real
+probability); its exponential and sums are Triton's, so its weights may differ from the eager ones
+in the last bits of fp32, and a token whose probability sits exactly at a policy threshold, or two
+experts with exactly equal probabilities (the kernel ranks the lower index first; ``torch.topk``'s
+order among ties is its own), may be routed differently (``tests/test_fused_routing.py`` compares
+every policy with ``dmr.route``). It has no backward: a call that needs gradients runs the ordinary
+routing. For a bit-exact reproduction of the unpatched model leave ``fused_routing`` off (the
+default).
 
 Example:
     >>> import dynamic_moe_router as dmr
@@ -32,8 +36,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +56,8 @@ FUSED_POLICIES: dict[type, Callable[[Any], tuple[int, float, float]]] = {
 }
 #: the largest expert count the kernel keeps in registers
 MAX_EXPERTS = 1024
+#: the largest k_max the kernel unrolls its ranking loop for
+MAX_K = 32
 
 
 def _type_name(policy: RoutingPolicy) -> str:
@@ -79,8 +85,11 @@ def layer_reason(scorer: Any, layer: Any, policy: RoutingPolicy) -> str | None:
             f"policy {_type_name(layer_policy)} is not covered by the fused routing kernel "
             f"(covered: {covered}); it runs the ordinary routing"
         )
-    if layer_policy.k_range(layer.native_k, layer.num_experts)[1] == 0:
+    k_max = layer_policy.k_range(layer.native_k, layer.num_experts)[1]
+    if k_max == 0:
         return "the policy keeps no expert (k_max = 0); it runs the ordinary routing"
+    if k_max > MAX_K:
+        return f"k_max = {k_max} is above the fused kernel's {MAX_K}; it runs the ordinary routing"
     return None
 
 
@@ -96,11 +105,11 @@ def fused_reason(model: torch.nn.Module, policy: RoutingPolicy) -> list[str | No
 
 def device_reason(logits: torch.Tensor) -> str | None:
     """``None`` if the kernel can run on ``logits``' device, else why not."""
-    from ..experts._gpu import _triton_installed
+    from ..experts._gpu import _interpret, _triton_installed
 
     if not _triton_installed():
         return "Triton is not installed (pip install triton; it ships with CUDA builds of PyTorch)"
-    if not logits.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if not logits.is_cuda and not _interpret():
         return f"the fused routing kernel needs CUDA tensors (or TRITON_INTERPRET=1); got {logits.device}"
     return None
 
@@ -122,7 +131,6 @@ def softmax_route(
     from . import _triton_routing as kernels  # a plain import: torch.compile traces it
 
     num_tokens, num_experts = logits.shape
-    code, a, b = FUSED_POLICIES[type(policy)](policy)
     ids = torch.empty(num_tokens, k_max, dtype=torch.int64, device=logits.device)
     # on CUDA the kernel rounds to the weights' dtype itself (to nearest even, as .to() does); Triton's
     # interpreter truncates instead, so there it writes fp32 and torch rounds
@@ -135,10 +143,24 @@ def softmax_route(
     e_pow2 = _next_pow2(num_experts)
     block_t = max(1, min(64, 4096 // e_pow2))
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    with _on_device(logits):
+        _launch(kernels, logits, ids, weights, policy, k_min, k_max, renormalize, block_t, e_pow2)
+    return ids, weights if direct else weights.to(weights_dtype)
+
+
+def _on_device(t: torch.Tensor) -> Any:
+    """Triton launches on the current CUDA device: make it ``t``'s (a model spread over GPUs)."""
+    if t.is_cuda and not torch.compiler.is_compiling() and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _launch(kernels, logits, ids, weights, policy, k_min, k_max, renormalize, block_t, e_pow2) -> None:  # type: ignore[no-untyped-def]
+    num_tokens, num_experts = logits.shape
+    code, a, b = FUSED_POLICIES[type(policy)](policy)
     kernels.softmax_route[(-(-num_tokens // block_t),)](
         logits, ids, weights, num_tokens, num_experts, logits.stride(0), a, b,
         math.log(num_experts) if num_experts > 1 else 1.0, k_min,
         K_MAX=k_max, K_POW2=_next_pow2(k_max), E_POW2=e_pow2, BLOCK_T=block_t, POLICY=code,
         RENORM=renormalize,
     )  # fmt: skip
-    return ids, weights if direct else weights.to(weights_dtype)

@@ -26,7 +26,13 @@ from .._deprecation import warn_renamed
 from ..backends import BACKENDS
 from ..core import Selected
 from ..core._torch import TORCH_OPS
-from ..errors import PolicyError, RoutingInputError, UnsupportedModeError, UnsupportedModelError
+from ..errors import (
+    BackendUnavailableError,
+    PolicyError,
+    RoutingInputError,
+    UnsupportedModeError,
+    UnsupportedModelError,
+)
 from ..experts import ExpertsCounter, experts_forward, graph_safe_backend, resolve_backend
 from ..policies import RoutingPolicy, StaticTopK
 from ..routing import finish, select
@@ -124,7 +130,9 @@ class DynamicRouter:
 
     def set_policy(self, policy: RoutingPolicy) -> None:
         layer_policy = policy.for_layer(self.layer.index)
-        layer_policy.k_range(self.layer.native_k, self.layer.num_experts)  # raises PolicyError early
+        k_range = layer_policy.k_range(
+            self.layer.native_k, self.layer.num_experts
+        )  # raises PolicyError early
         self.policy = policy
         #: why the fused routing kernel does not cover this layer under the policy (None: it does)
         self.fused_reason: str | None = (
@@ -132,9 +140,7 @@ class DynamicRouter:
         )
         #: Triton's interpreter runs the kernel on CPU tensors (read once: no environment lookups in a trace)
         self._interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-        if self.fused_reason is None:  # the layer's policy and its (k_min, k_max), read once
-            layer_policy = policy.for_layer(self.layer.index)
-            self._fused = (layer_policy, *layer_policy.k_range(self.layer.native_k, self.layer.num_experts))
+        self._fused = (layer_policy, *k_range)  # the layer's policy and its (k_min, k_max), read once
         self._compiled = None  # recompiled for the new policy on the next call
         self.graphs.clear()  # captured with the old policy
         self.compensation = None
@@ -193,8 +199,7 @@ class DynamicRouter:
         ``h (T, H)`` and the block's extra router inputs: no host synchronisation. Last, on a layer
         with zero-computation experts, how many pairs the family's own top-k sends to them."""
         layer, router = self.layer, self.layer.router
-        # one Triton launch after the linear (a model moved off the GPU after patching: the ordinary path)
-        if self.fused_reason is None and self.observe is None and (h.is_cuda or self._interpret):
+        if self.fused_reason is None and self._fused_runs(h):  # one Triton launch after the linear
             return (*self._route_fused(h), None)
         sc = self.family.scorer.scores(router, h, self.family.logits_dtype, *router_inputs)
         if self.observe is not None and not torch.compiler.is_compiling():
@@ -214,6 +219,15 @@ class DynamicRouter:
         )
         routing = finish(sel, weights)
         return sc.logits, routing.ids, routing.weights, None, native_zero
+
+    def _fused_runs(self, h: torch.Tensor) -> bool:
+        """Whether this call of a covered layer takes the fused kernel: not while calibration observes
+        the scores, not on a device it cannot run on (a model moved off the GPU after patching), and
+        not when gradients are wanted (the kernel has no backward; the ordinary routing has)."""
+        if self.observe is not None or not (h.is_cuda or self._interpret):
+            return False
+        weight = self.family.router_attribute(self.layer.router, self.family.router_weight)
+        return not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad))
 
     def _route_fused(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         """:meth:`_route` of a plain softmax router with the fused kernel (:mod:`.fused_routing`)."""
@@ -508,15 +522,17 @@ def _check_fused(
     cover are named in a warning (they run the ordinary routing)."""
     if not options.fused_routing:
         return
+    reasons = {layer.index: layer_reason(family.scorer, layer, policy) for layer in layers}
     for layer in layers:
-        reason = device_reason(layer.router.weight)
+        if reasons[layer.index] is not None:
+            continue  # runs the ordinary routing wherever it is
+        reason = device_reason(family.router_attribute(layer.router, family.router_weight))
         if reason is not None:
-            raise PolicyError(
+            raise BackendUnavailableError(
                 f"fused_routing=True: {reason}. Move the model to a CUDA device first (model.cuda()) or "
-                "patch without fused_routing",
-                field="fused_routing",
+                "patch without fused_routing"
             )
-    _warn_uncovered({layer.index: layer_reason(family.scorer, layer, policy) for layer in layers}, 4)
+    _warn_uncovered(reasons, 4)
 
 
 def _warn_uncovered(reasons: dict[int, str | None], stacklevel: int) -> None:
@@ -645,7 +661,8 @@ def patch(
             softmax, ranking, the policy's count and the weights in one launch (a CUDA device, or
             ``TRITON_INTERPRET=1``). Other layers run the ordinary routing, named in a warning and
             by ``dmr inspect --policy``. Its weights may differ from the eager ones in the last bits
-            of fp32; leave it off for a bit-exact reproduction. See
+            of fp32 (and exact ties or threshold cases may route differently); leave it off for a
+            bit-exact reproduction. Calls that need gradients run the ordinary routing. See
             :mod:`dynamic_moe_router.hf.fused_routing`.
 
     Returns:
