@@ -112,7 +112,7 @@ def test_kernel_writes_the_weights_dtype_and_handles_no_tokens():  # type: ignor
 @pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen3_moe"])
 def test_patched_model_with_fused_routing_matches_the_ordinary_routing(family, monkeypatch):  # type: ignore[no-untyped-def]
     model = tiny_model(family).to(_device())
-    x = torch.randint(3, 100, (2, 11), device=_device())
+    x = torch.randint(3, model.config.vocab_size, (2, 11), device=_device())
     policy = dmr.PerLayer(dmr.TopP(p=0.6), {0: dmr.RelativeThreshold(beta=0.4)})
     with torch.no_grad(), dmr.patched(model, policy), dmr.profile(model) as plain_report:
         plain = model(x).logits
@@ -129,7 +129,7 @@ def test_patched_model_with_fused_routing_matches_the_ordinary_routing(family, m
 @needs_kernel
 def test_uncovered_layers_are_named_and_run_the_ordinary_routing():  # type: ignore[no-untyped-def]
     model = tiny_model("mixtral").to(_device())
-    x = torch.randint(3, 100, (1, 7), device=_device())
+    x = torch.randint(3, model.config.vocab_size, (1, 7), device=_device())
     policy = dmr.BatchAware(dmr.TopP(p=0.5))
     with dmr.patched(model, policy):
         plain = model(x).logits
@@ -172,7 +172,7 @@ def test_other_families_name_their_scorer():  # type: ignore[no-untyped-def]
 @needs_kernel
 def test_a_model_moved_off_the_gpu_after_patching_routes_the_ordinary_way():  # type: ignore[no-untyped-def]
     model = tiny_model("olmoe")
-    x = torch.randint(3, 100, (1, 6))
+    x = torch.randint(3, model.config.vocab_size, (1, 6))
     with dmr.patched(model, dmr.TopP(p=0.5)):
         plain = model(x).logits
     handle = dmr.patch(model.to(_device()), dmr.TopP(p=0.5), fused_routing=True)
@@ -202,7 +202,7 @@ def test_nan_rows_keep_nothing_as_the_reference_does():  # type: ignore[no-untyp
 @needs_kernel
 def test_gradients_take_the_ordinary_routing(monkeypatch):  # type: ignore[no-untyped-def]
     model = tiny_model("mixtral").to(_device())
-    x = torch.randint(3, 100, (1, 5), device=_device())
+    x = torch.randint(3, model.config.vocab_size, (1, 5), device=_device())
     calls = _spy(monkeypatch)
     with dmr.patched(model, dmr.TopP(p=0.5), fused_routing=True):
         model(x).logits.sum().backward()  # grad enabled, weights require grad: no kernel
@@ -218,7 +218,7 @@ def test_gradients_take_the_ordinary_routing(monkeypatch):  # type: ignore[no-un
 @pytest.mark.parametrize("family", ["deepseek_v3", "hunyuan_v1_moe", "gemma4_text"])
 def test_families_without_a_plain_softmax_router_warn_and_route_the_ordinary_way(family):  # type: ignore[no-untyped-def]
     model = tiny_model(family).to(_device())
-    x = torch.randint(3, 100, (1, 6), device=_device())
+    x = torch.randint(3, model.config.vocab_size, (1, 6), device=_device())
     with torch.no_grad(), dmr.patched(model, dmr.TopP(p=0.5)):
         plain = model(x).logits
     with pytest.warns(UserWarning, match="plain softmax routers"):
