@@ -24,7 +24,13 @@ from dynamic_moe_router._atomic import write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from render_calibrate import render_calibrate
-from render_decode import render_batch_aware, render_gpu_batch_aware, render_gpu_decode, render_gpu_routing
+from render_decode import (
+    batch_aware_table,
+    render_batch_aware,
+    render_gpu_batch_aware,
+    render_gpu_decode,
+    render_gpu_routing,
+)
 from render_gpu import render_gpu_e2e, render_gpu_experts
 from render_parallel import render_ep, render_gpu_ep_local
 from render_router_tuning import TITLE as ROUTER_TUNING_TITLE
@@ -493,6 +499,20 @@ def render_quality_flops(data: dict[str, Any], path: Path) -> list[str]:
                 "changes are mostly noise; perplexity and BLiMP carry the signal."
             )
         lines.append("")
+        decoding = model.get("batched_decoding")
+        if decoding:
+            lines += [
+                f"Batched decoding (the `batch_aware` family, {decoding['wall_s']:.0f} s): each batch decodes "
+                f"its sequences together, teacher-forced, a {decoding['prompt']}-token prompt of Gutenberg test "
+                f"text then {decoding['steps']} steps, each routing one token of every sequence in one MoE call. "
+                "*ppl ratio*: decode perplexity against the native top-k on the same batch (± bootstrap standard "
+                "error over sequences); *pairs saved* in the decode steps; *distinct*: experts one decode step "
+                f"touches per layer, of {decoding['num_experts']} (what a bandwidth-bound GPU layer pays for). "
+                "`BatchAware` outputs depend on the batch's composition.",
+                "",
+                *batch_aware_table(decoding["rows"]),
+                "",
+            ]
     return lines
 
 

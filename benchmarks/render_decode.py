@@ -41,19 +41,25 @@ def render_batch_aware(data: dict[str, Any], path: Path) -> list[str]:
         "",
     ]
     for model in data["models"]:
-        out += [
-            f"### {model['model']} (top-{model['native_k']} of {model['num_experts']} experts)",
-            "",
-            "| batch | policy | ppl ratio | pairs saved | distinct experts per step |",
-            "|---:|---|---:|---:|---:|",
-        ]
-        for r in model["rows"]:
-            out.append(
-                f"| {r['batch']} | `{r['spec']}` | {r['ppl_ratio']:.4f} ± {r['ppl_ratio_se']:.4f} | "
-                f"{r['pair_reduction']:.1%} | {r['distinct_experts_per_call']:.1f} "
-                f"({r['distinct_fraction']:.0%}) |"
-            )
+        out += [f"### {model['model']} (top-{model['native_k']} of {model['num_experts']} experts)", ""]
+        out += batch_aware_table(model["rows"])
         out.append("")
+    return out
+
+
+def batch_aware_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The table of batched-decoding rows (``batch_aware_eval.py``, or ``dmr bench``'s
+    ``batched_decoding``)."""
+    out = [
+        "| batch | policy | ppl ratio | pairs saved | distinct experts per step |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['batch']} | `{r['spec']}` | {r['ppl_ratio']:.4f} ± {r['ppl_ratio_se']:.4f} | "
+            f"{r['pair_reduction']:.1%} | {r['distinct_experts_per_call']:.1f} "
+            f"({r['distinct_fraction']:.0%}) |"
+        )
     return out
 
 
@@ -154,6 +160,8 @@ def render_gpu_decode(data: dict[str, Any], path: Path) -> list[str]:
                 f"{c.get('compiled_graphs', '-')} |  |"
             )
         out.append("")
+    if data.get("note"):  # what a later check of this run found, recorded in the result file
+        out += [f"Note: {data['note']}", ""]
     out += ["### Targets", "", *_decode_targets(cells), ""]
     return out
 
@@ -163,13 +171,11 @@ def _decode_targets(cells: list[dict[str, Any]]) -> list[str]:
     pair_ratio = {
         c["shape"]: 1 - c["routed_pair_reduction_on_prompt"]
         for c in cells
-        if c.get("variant") == "dynamic" and "routed_pair_reduction_on_prompt" in c
+        if str(c.get("variant")).split("+")[0] == "dynamic" and "routed_pair_reduction_on_prompt" in c
     }
     out = []
     for shape, mode, prompt, batch in dict.fromkeys(_cell_key(c) for c in cells if "mode" in c):
-        dyn = by.get((shape, mode, prompt, batch, "dynamic"))
         un = by.get((shape, mode, prompt, batch, "unpatched"))
-        st = by.get((shape, mode, prompt, batch, "static"))
         where = f"{shape}, {mode}, batch {batch}, prompt {prompt}"
         for suffix, label in EAGER_OPTIONS.items():  # dynamic against static with the same options
             dyn_o = by.get((shape, mode, prompt, batch, f"dynamic{suffix}"))
@@ -182,13 +188,17 @@ def _decode_targets(cells: list[dict[str, Any]]) -> list[str]:
                     f"{un['decode_tok_s']:.0f} and static{suffix} {st_o['decode_tok_s']:.0f} "
                     f"(at least both): {_mark(ok)}."
                 )
-        if mode == "compiled" and batch == 1 and dyn and st and shape in pair_ratio:
-            lim = COMPILED_SLACK * pair_ratio[shape]
-            r = dyn["step_ms"] / st["step_ms"]
-            out.append(
-                f"- Compiled decode step ratio, {where}: dynamic/static {r:.3f} for a pair ratio of "
-                f"{pair_ratio[shape]:.3f} (limit {lim:.3f}): {_mark(r <= lim)}."
-            )
+        for suffix in ("", "+fused"):  # dynamic against static with the same options
+            dyn_o = by.get((shape, mode, prompt, batch, f"dynamic{suffix}"))
+            st_o = by.get((shape, mode, prompt, batch, f"static{suffix}"))
+            if mode == "compiled" and batch == 1 and dyn_o and st_o and shape in pair_ratio:
+                lim = COMPILED_SLACK * pair_ratio[shape]
+                r = dyn_o["step_ms"] / st_o["step_ms"]
+                out.append(
+                    f"- Compiled decode step ratio{EAGER_OPTIONS[suffix]}, {where}: "
+                    f"dynamic{suffix}/static{suffix} {r:.3f} for a pair ratio of {pair_ratio[shape]:.3f} "
+                    f"(limit {lim:.3f}): {_mark(r <= lim)}."
+                )
         key = (shape, mode, prompt, batch)
         for variant in dict.fromkeys(c["variant"] for c in cells if _cell_key(c) == key and "error" in c):
             if variant != "unpatched":

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 import dynamic_moe_router as dmr
 from dynamic_moe_router.sweeps.quality import BenchSettings, run_bench, summary_table
 
@@ -18,7 +20,16 @@ ROW_KEYS = {
 
 
 def test_bench_on_a_slice(tmp_path):  # type: ignore[no-untyped-def]
-    settings = BenchSettings(ppl_tokens=512, blimp_limit=1, lambada_limit=4, calibration_tokens=1024)
+    settings = BenchSettings(
+        ppl_tokens=512,
+        blimp_limit=1,
+        lambada_limit=4,
+        calibration_tokens=1024,
+        decode_batches=(4, 8),
+        decode_prompt=16,
+        decode_steps=4,
+        batch_aware_fractions=(0.25,),
+    )
     payload = run_bench([ROOT / "models" / "ref-olmoe"], tmp_path, settings, log=lambda *_: None)
     saved = json.loads((tmp_path / "quality_flops.json").read_text())
     assert saved == json.loads(json.dumps(payload))
@@ -37,6 +48,19 @@ def test_bench_on_a_slice(tmp_path):  # type: ignore[no-untyped-def]
         "calibrated",
         "learned",
     }
+    decoding = model["batched_decoding"]  # the batch_aware family: a batched-decoding measurement
+    assert [(r["batch"], r["policy"]) for r in decoding["rows"]] == [
+        (b, p) for b in (4, 8) for p in ("native", "static_k3", "batch_aware_0.25")
+    ]
+    for r in decoding["rows"]:
+        assert r["decode_tokens"] == r["batch"] * 5 and r["decode_ppl"] > 1  # the prefill's + 4 steps
+        if r["policy"] == "native":
+            assert (r["ppl_ratio"], r["pair_reduction"]) == (1.0, 0.0)
+        if r["policy"] == "static_k3":
+            assert r["pair_reduction"] == pytest.approx(0.25)  # 3 of 4 slots, exactly
+        if r["policy"] == "batch_aware_0.25":  # fewer distinct experts than native, at the same batch
+            native = next(n for n in decoding["rows"] if n["batch"] == r["batch"] and n["policy"] == "native")
+            assert r["distinct_experts_per_call"] < native["distinct_experts_per_call"]
     committed = {
         f"learned {f.stem.removeprefix('learned-')}": dmr.load_policy(f)
         for f in (ROOT / "models" / "ref-olmoe" / "allocators").glob("learned-t*.json")
@@ -59,6 +83,8 @@ def test_bench_on_a_slice(tmp_path):  # type: ignore[no-untyped-def]
     spec.loader.exec_module(gen)
     section = "\n".join(gen.render_quality_flops(saved, tmp_path / "quality_flops.json"))
     assert "30% target" in section and "35% target" in section and "ref-olmoe" in section
+    assert "Batched decoding" in section
+    assert "`batch_aware(inner=static_top_k(k=native), experts=0.25" in section
     assert model["model"] == "models/ref-olmoe"  # paths relative to the repository
     assert all(not entry["file"].startswith("/") for entry in model["data"].values())
 

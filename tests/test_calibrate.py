@@ -327,3 +327,27 @@ def test_cli_train_steps_without_the_learned_family_is_refused_before_loading(
     out, err = capsys.readouterr()
     assert out == "" and "--train-steps" in err and extra[-1] in err
     assert not (tmp_path / "policy.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("windows", "batch", "expected"),
+    [(32, 8, 8), (48, 8, 16), (40, 8, 8), (56, 8, 16), (12, 8, 3), (3, 8, 1), (1, 8, None)],
+)
+def test_probe_takes_about_a_quarter_of_the_windows(windows, batch, expected):  # type: ignore[no-untyped-def]
+    import torch
+
+    from dynamic_moe_router.calibrate import _Meter
+
+    meter = _Meter(None, torch.zeros(windows, 5, dtype=torch.long), batch)
+    assert meter.probe == expected
+
+
+def test_replay_cuts_recorded_outputs_to_the_batch_whatever_the_argument_name():  # type: ignore[no-untyped-def]
+    import torch
+
+    from dynamic_moe_router.calibrate import _replay
+
+    recorded = torch.arange(24.0).reshape(4, 3, 2)  # (B, S, H)
+    assert torch.equal(_replay(iter([recorded]), torch.zeros(2, 3, 2)), recorded[:2])
+    assert torch.equal(_replay(iter([recorded]), hidden_states=torch.zeros(3, 3, 2)), recorded[:3])
+    assert torch.equal(_replay(iter([recorded]), x=torch.zeros(1, 3, 2), mask=None), recorded[:1])

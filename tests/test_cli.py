@@ -42,6 +42,21 @@ def test_inspect_checkpoint_directory_without_loading_weights(capsys, tmp_path):
     assert data["layers"][0]["shared_experts"] == ["shared_experts"]
 
 
+def test_inspect_checks_the_folder_saved_policy_unless_one_is_given(capsys, tmp_path):  # type: ignore[no-untyped-def]
+    tiny_model("mixtral").config.save_pretrained(tmp_path)
+    code, out, _ = run(capsys, "inspect", str(tmp_path), "--json")
+    data = json.loads(out)
+    assert code == 0 and data["policy"].startswith("static_top_k") and "native" in data["policy_source"]
+    dmr.BatchAware(dmr.TopP(p=0.5)).save_pretrained(tmp_path)  # not covered by the fused kernel
+    code, out, _ = run(capsys, "inspect", str(tmp_path), "--json")
+    data = json.loads(out)
+    assert code == 0 and data["policy"].startswith("batch_aware")
+    assert "dmr_policy.json" in data["policy_source"]
+    assert all("not covered" in row["fused_routing"] for row in data["layers"])
+    code, out, _ = run(capsys, "inspect", str(tmp_path), "--policy", "top_p:p=0.5")
+    assert code == 0 and "from --policy spec" in out and "covered (MoE layers [0, 1])" in out
+
+
 def test_inspect_errors(capsys, tmp_path):  # type: ignore[no-untyped-def]
     code, _, err = run(capsys, "inspect", str(tmp_path / "missing"))
     assert code == 2 and "neither a model directory nor tiny:FAMILY" in err

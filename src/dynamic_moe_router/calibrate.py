@@ -362,7 +362,9 @@ class _Prefix:
 def _replay(outputs: Iterator[torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
     """A replayed decoder layer's forward: the next recorded output ``(B, S, H)``, cut to the rows
     of the batch it is given (its hidden states, positional or by name)."""
-    hidden = args[0] if args else kwargs["hidden_states"]  # (b, S, H), b <= B
+    hidden = args[0] if args else kwargs.get("hidden_states")  # (b, S, H), b <= B
+    if not isinstance(hidden, torch.Tensor):  # a family passing its hidden states by another name
+        hidden = next(v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() == 3)
     return next(outputs)[: hidden.shape[0]]
 
 
@@ -443,11 +445,12 @@ class _Meter:
 
     @property
     def probe(self) -> int | None:
-        """Windows of a sensitivity probe: :data:`PROBE_FRACTION` of them, in whole batches or one
-        partial batch (``None``: too few windows to take part of them)."""
+        """Windows of a sensitivity probe: :data:`PROBE_FRACTION` of them, rounded to the nearest
+        whole number of batches (at least one), or one partial batch when that fraction is less
+        than a batch (``None``: too few windows to take part of them)."""
         part = max(1, int(len(self.windows) * PROBE_FRACTION))
         if part > self.batch_size:
-            part = part // self.batch_size * self.batch_size
+            part = max(1, round(part / self.batch_size)) * self.batch_size
         return part if part < len(self.windows) else None
 
     @torch.inference_mode()
@@ -679,7 +682,9 @@ def calibrate(
                         "family": result.family,
                     }
                 )
-                candidates.append(result)  # far behind the best family: refinement cannot close the gap
+                # not among the REFINE_FAMILIES best global results, or far behind the best: kept
+                # as its global result, unrefined
+                candidates.append(result)
                 continue
             knob = KNOBS[result.family]
             refined = _refine_per_layer(

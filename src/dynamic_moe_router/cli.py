@@ -37,7 +37,8 @@ from .errors import DataNotFoundError, DmrError, MissingDependencyError
 CLI_CALIBRATION_FAMILIES = ("top_p", "relative_threshold", "entropy", "learned")
 #: the point families of ``dmr bench --families`` (kept equal to ``sweeps.quality.FAMILIES`` by a test)
 CLI_SWEEP_FAMILIES = (
-    "native", "static", "lu_median", "top_p", "relative_threshold", "entropy", "calibrated", "learned"
+    "native", "static", "lu_median", "top_p", "relative_threshold", "entropy", "calibrated", "learned",
+    "batch_aware",
 )  # fmt: skip
 #: the shared corpora of ``dmr eval --corpus`` (kept equal to ``eval.CORPORA`` by a test)
 CLI_CORPORA = ("gutenberg_test", "wikitext2_test")
@@ -122,7 +123,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     _need_transformers(args)
     from .hf.inspect import inspect_model, load_model_skeleton
 
-    info = inspect_model(load_model_skeleton(args.model), args.policy)
+    skeleton = load_model_skeleton(args.model)
+    source = _saved_policy(args, None)  # --policy, else the folder's dmr_policy.json, else native
+    info = inspect_model(skeleton, args.policy)
+    info["policy_source"] = source
     lines = [
         f"{info['model_class']} ({info['family']}): {info['moe_layers']} MoE layers",
         f"  scoring: {info['scoring']}",
@@ -140,6 +144,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     fused: dict[str, list[int]] = {}
     for row in info["layers"]:
         fused.setdefault(row["fused_routing"], []).append(row["layer"])
+    lines.append(f"  policy checked: {info['policy']} (from {source})")
     lines += [
         f"  fused routing (fused_routing=True) with {info['policy']}: {state} (MoE layers {ids})"
         for state, ids in fused.items()
@@ -707,7 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy",
         action=_PolicyArg,
         help="policy JSON file or NAME:key=value,...: whether the fused routing kernel covers each layer "
-        "under it (default: the native static_top_k)",
+        "under it (default: the model folder's dmr_policy.json if there is one, else the native "
+        "static_top_k)",
     )
     _json_flag(p)
     p.set_defaults(func=cmd_inspect)

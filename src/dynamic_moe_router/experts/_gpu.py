@@ -25,6 +25,7 @@ deterministic run to run.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -62,12 +63,28 @@ def _triton_installed() -> bool:
     return _TRITON_FOUND[0]
 
 
-def triton_reason(module: torch.nn.Module, hidden: torch.Tensor, layout: Any) -> str | None:
-    """``None`` if the Triton kernels can run this layer, else why not."""
+def device_reason(t: torch.Tensor, who: str = "Triton kernels need") -> str | None:
+    """``None`` if a Triton kernel can run on ``t``'s device (Triton installed; CUDA, or CPU under
+    ``TRITON_INTERPRET=1``), else why not (``who``: the subject of the message, with its verb)."""
     if not _triton_installed():
         return "Triton is not installed (pip install triton; it ships with CUDA builds of PyTorch)"
-    if not hidden.is_cuda and not _interpret():
-        return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1); got {hidden.device}"
+    if not t.is_cuda and not _interpret():
+        return f"{who} CUDA tensors (or TRITON_INTERPRET=1); got {t.device}"
+    return None
+
+
+def on_device(t: torch.Tensor) -> Any:
+    """Triton launches on the current CUDA device: make it ``t``'s (a model spread over GPUs)."""
+    if t.is_cuda and not torch.compiler.is_compiling() and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def triton_reason(module: torch.nn.Module, hidden: torch.Tensor, layout: Any) -> str | None:
+    """``None`` if the Triton kernels can run this layer, else why not."""
+    reason = device_reason(hidden)
+    if reason is not None:
+        return reason
     if layout.transposed or layout.interleaved or layout.has_bias or layout.activation != "act_fn":
         return "the Triton kernels support the standard layout (gate_up (E, 2I, H), down (E, H, I), no bias)"
     if type(getattr(module, "act_fn", None)).__name__ not in _SILU_NAMES:
@@ -173,6 +190,11 @@ def _launch_combine(k, plan: PairPlan, y: torch.Tensor, weights: torch.Tensor, o
 
 def grouped_path(module, hidden, ids, weights, counter):
     """Prefill path: Triton gather / SwiGLU / combine around two ``grouped_mm`` calls."""
+    with on_device(hidden):
+        return _grouped_path(module, hidden, ids, weights, counter)
+
+
+def _grouped_path(module, hidden, ids, weights, counter):
     k = _kernels()
     e = module.gate_up_proj.shape[0]
     h = hidden.shape[1]
@@ -231,6 +253,11 @@ def decode_config(num_pairs: int, num_experts: int, hidden: int, inter: int) -> 
 
 def fused_path(module, hidden, ids, weights, counter, configs=None):
     """Decode path: two Triton grouped GEMMs (gather and SwiGLU fused into the first) and the combine."""
+    with on_device(hidden):
+        return _fused_path(module, hidden, ids, weights, counter, configs)
+
+
+def _fused_path(module, hidden, ids, weights, counter, configs=None):
     k = _kernels()
     w1, w2 = module.gate_up_proj, module.down_proj  # (E, 2I, H), (E, H, I)
     e, two_i, h = w1.shape

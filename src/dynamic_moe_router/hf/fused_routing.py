@@ -36,7 +36,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -45,7 +44,7 @@ import torch
 
 from ..policies import EntropyAdaptive, RelativeThreshold, RoutingPolicy, StaticTopK, TopP
 
-__all__ = ["FUSED_POLICIES", "fused_reason", "layer_reason", "softmax_route"]
+__all__ = ["FUSED_POLICIES", "fused_reason", "layer_reason", "policy_rule", "softmax_route"]
 
 #: policy class -> (kernel code, parameter A, parameter B) of its count rule in the kernel
 FUSED_POLICIES: dict[type, Callable[[Any], tuple[int, float, float]]] = {
@@ -105,13 +104,14 @@ def fused_reason(model: torch.nn.Module, policy: RoutingPolicy) -> list[str | No
 
 def device_reason(logits: torch.Tensor) -> str | None:
     """``None`` if the kernel can run on ``logits``' device, else why not."""
-    from ..experts._gpu import _interpret, _triton_installed
+    from ..experts._gpu import device_reason as triton_device_reason
 
-    if not _triton_installed():
-        return "Triton is not installed (pip install triton; it ships with CUDA builds of PyTorch)"
-    if not logits.is_cuda and not _interpret():
-        return f"the fused routing kernel needs CUDA tensors (or TRITON_INTERPRET=1); got {logits.device}"
-    return None
+    return triton_device_reason(logits, "the fused routing kernel needs")
+
+
+def policy_rule(policy: RoutingPolicy) -> tuple[int, float, float]:
+    """The kernel's ``(code, A, B)`` for a policy of :data:`FUSED_POLICIES` (``KeyError`` otherwise)."""
+    return FUSED_POLICIES[type(policy)](policy)
 
 
 def _next_pow2(n: int) -> int:
@@ -125,9 +125,11 @@ def softmax_route(
     k_max: int,
     renormalize: bool,
     weights_dtype: torch.dtype,
+    rule: tuple[int, float, float] | None = None,  # policy_rule(policy), when the caller keeps it
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ids (T, k_max)`` int64 (sentinel ``E``) and ``weights (T, k_max)`` of ``weights_dtype``:
     what the softmax scorer, ``policy`` and the weight rule give, in one launch."""
+    from ..experts._gpu import on_device
     from . import _triton_routing as kernels  # a plain import: torch.compile traces it
 
     num_tokens, num_experts = logits.shape
@@ -143,21 +145,15 @@ def softmax_route(
     e_pow2 = _next_pow2(num_experts)
     block_t = max(1, min(64, 4096 // e_pow2))
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    with _on_device(logits):
-        _launch(kernels, logits, ids, weights, policy, k_min, k_max, renormalize, block_t, e_pow2)
+    with on_device(logits):
+        rule = policy_rule(policy) if rule is None else rule
+        _launch(kernels, logits, ids, weights, rule, k_min, k_max, renormalize, block_t, e_pow2)
     return ids, weights if direct else weights.to(weights_dtype)
 
 
-def _on_device(t: torch.Tensor) -> Any:
-    """Triton launches on the current CUDA device: make it ``t``'s (a model spread over GPUs)."""
-    if t.is_cuda and not torch.compiler.is_compiling() and t.device.index != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
-def _launch(kernels, logits, ids, weights, policy, k_min, k_max, renormalize, block_t, e_pow2) -> None:  # type: ignore[no-untyped-def]
+def _launch(kernels, logits, ids, weights, rule, k_min, k_max, renormalize, block_t, e_pow2) -> None:  # type: ignore[no-untyped-def]
     num_tokens, num_experts = logits.shape
-    code, a, b = FUSED_POLICIES[type(policy)](policy)
+    code, a, b = rule
     kernels.softmax_route[(-(-num_tokens // block_t),)](
         logits, ids, weights, num_tokens, num_experts, logits.stride(0), a, b,
         math.log(num_experts) if num_experts > 1 else 1.0, k_min,

@@ -34,10 +34,11 @@ from ..errors import (
     UnsupportedModelError,
 )
 from ..experts import ExpertsCounter, experts_forward, graph_safe_backend, resolve_backend
+from ..experts._gpu import _interpret
 from ..policies import RoutingPolicy, StaticTopK
 from ..routing import finish, select
 from .families import FamilySpec
-from .fused_routing import device_reason, layer_reason, softmax_route
+from .fused_routing import device_reason, layer_reason, policy_rule, softmax_route
 from .graphs import GraphCache, GraphPool, module_state
 from .layers import MoELayer, find_moe_layers, model_family, unwrap
 from .parallel import ExchangeCounter, ExpertShard, check_dispatch, expert_shard, local_weights, shard_forward
@@ -139,8 +140,10 @@ class DynamicRouter:
             layer_reason(self.family.scorer, self.layer, policy) if self.options.fused_routing else "off"
         )
         #: Triton's interpreter runs the kernel on CPU tensors (read once: no environment lookups in a trace)
-        self._interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-        self._fused = (layer_policy, *k_range)  # the layer's policy and its (k_min, k_max), read once
+        self._interpret = _interpret()
+        # the layer's policy, its (k_min, k_max) and its count rule in the kernel, resolved once
+        rule = policy_rule(layer_policy) if self.fused_reason is None else None
+        self._fused = (layer_policy, *k_range, rule)
         self._compiled = None  # recompiled for the new policy on the next call
         self.graphs.clear()  # captured with the old policy
         self.compensation = None
@@ -226,15 +229,17 @@ class DynamicRouter:
         not when gradients are wanted (the kernel has no backward; the ordinary routing has)."""
         if self.observe is not None or not (h.is_cuda or self._interpret):
             return False
+        if not torch.is_grad_enabled():  # generate(), inference_mode, no_grad: no attribute lookups
+            return True
         weight = self.family.router_attribute(self.layer.router, self.family.router_weight)
-        return not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad))
+        return not (h.requires_grad or weight.requires_grad)
 
     def _route_fused(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         """:meth:`_route` of a plain softmax router with the fused kernel (:mod:`.fused_routing`)."""
         logits = _linear_logits(self.layer.router, h, self.family.logits_dtype)  # (T, E)
-        layer_policy, k_min, k_max = self._fused
+        layer_policy, k_min, k_max, rule = self._fused
         dtype = weights_dtype(self.family.weights_dtype, logits.dtype, h.dtype)
-        ids, weights = softmax_route(logits, layer_policy, k_min, k_max, self.renormalize, dtype)
+        ids, weights = softmax_route(logits, layer_policy, k_min, k_max, self.renormalize, dtype, rule=rule)
         return logits, ids, weights, None
 
     def _route_by_mask(
@@ -564,8 +569,6 @@ def _check_graphs(options: PatchOptions, layers: list[MoELayer]) -> None:
 
 def model_folder(model: torch.nn.Module) -> str | None:
     """The local folder ``model`` was loaded from (``from_pretrained``'s path), or ``None``."""
-    import os
-
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(
         model, "name_or_path", None
     )

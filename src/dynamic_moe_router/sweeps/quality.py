@@ -12,7 +12,12 @@ static baselines, a sweep of each dynamic policy family and the calibrated polic
 * ``calibrated``: ``calibrate(target_reduction=0.35)`` on the valid split (the score-policy families,
   per layer; the learned family trains, which the sweep leaves to the committed allocators);
 * ``learned``: the learned allocators committed beside the checkpoint
-  (``MODEL/allocators/learned-t*.json``, trained on the train split, budget fitted on valid).
+  (``MODEL/allocators/learned-t*.json``, trained on the train split, budget fitted on valid);
+* ``batch_aware``: not a point of the sweep but a second measurement, in batched decoding
+  (:mod:`.batched_decode`): many test sequences decoded at once with a KV cache, teacher-forced,
+  under the native routing, static ``k - 1`` and ``BatchAware(StaticTopK(), experts=f)``; per batch
+  size, the decode perplexity ratio to native, the pair reduction and the distinct experts one decode
+  step touches (``batched_decoding`` in each model's result).
 
 Quality: perplexity on the first ``ppl_tokens`` tokens of the Gutenberg test split (windows of
 512), BLiMP (the first ``blimp_limit`` pairs of each of its 67 paradigms) and LAMBADA (the first
@@ -76,7 +81,8 @@ __all__ = [
 
 #: the point families of the sweep, in order (``native`` is always run: every change is against it)
 FAMILIES = (
-    "native", "static", "lu_median", "top_p", "relative_threshold", "entropy", "calibrated", "learned"
+    "native", "static", "lu_median", "top_p", "relative_threshold", "entropy", "calibrated", "learned",
+    "batch_aware",
 )  # fmt: skip
 #: where a checkpoint's committed learned allocators live (``learned`` points), relative to it
 ALLOCATORS_GLOB = "allocators/learned-t*.json"
@@ -99,12 +105,25 @@ class BenchSettings:
     batch_size: int = 16
     #: most model runs per parameter search of the calibration (``calibrate(iterations=...)``)
     calibration_iterations: int = 4
+    #: batched decoding (the ``batch_aware`` family): sequences decoded at once, prompt and decode
+    #: tokens per sequence, and the ``BatchAware`` expert fractions
+    decode_batches: tuple[int, ...] = (16, 64)
+    decode_prompt: int = 64
+    decode_steps: int = 32
+    batch_aware_fractions: tuple[float, ...] = (0.75, 0.5)
 
 
 #: ``dmr bench --quick``: the same sweep on less data (4.5 minutes measured on 2 CPU cores); a smoke run,
 #: not the published numbers
 QUICK = BenchSettings(
-    ppl_tokens=1024, blimp_limit=1, lambada_limit=10, calibration_tokens=512, calibration_iterations=3
+    ppl_tokens=1024,
+    blimp_limit=1,
+    lambada_limit=10,
+    calibration_tokens=512,
+    calibration_iterations=3,
+    decode_batches=(8,),
+    decode_prompt=32,
+    decode_steps=8,
 )
 
 
@@ -372,7 +391,7 @@ def _bench_model(  # type: ignore[no-untyped-def]
             f"ppl {r['ppl']:7.3f} ({r['ppl_rel_change']:+.2%})  BLiMP {r['blimp_delta'] * 100:+.1f}  "
             f"LAMBADA {r['lambada_delta'] * 100:+.1f} pts"
         )
-    return {
+    result = {
         "model": portable_path(path),
         "family": model.config.model_type,
         "moe_layers": len(layers),
@@ -380,6 +399,31 @@ def _bench_model(  # type: ignore[no-untyped-def]
         "data": state["native"]["data"],
         "rows": rows,
     }
+    if "batch_aware" in families:
+        if "batched_decoding" not in state:
+            state["batched_decoding"] = _batched_decoding(model, tokenizer, settings, log)
+            save()
+        result["batched_decoding"] = state["batched_decoding"]
+    return result
+
+
+def _batched_decoding(model, tokenizer, settings: BenchSettings, log) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """The ``batch_aware`` measurement on the first test tokens (see :mod:`.batched_decode`)."""
+    from .batched_decode import batched_decoding, corpus_ids
+
+    s = settings
+    log(
+        f"batched decoding at batch sizes {list(s.decode_batches)} "
+        f"(BatchAware fractions {list(s.batch_aware_fractions)})"
+    )
+    length = s.decode_prompt + s.decode_steps + 1
+    relative = "gutenberg/test.jsonl"
+    ids = corpus_ids(tokenizer, relative, max(s.decode_batches) * length)
+    start = time.time()
+    result = batched_decoding(
+        model, ids, s.decode_batches, s.batch_aware_fractions, s.decode_prompt, s.decode_steps, log=log
+    )
+    return {"file": portable_path(data_file(relative)), **result, "wall_s": round(time.time() - start, 1)}
 
 
 def _load_partial(partial: Path, header: dict[str, Any]) -> dict[str, Any]:
@@ -470,7 +514,7 @@ def run_bench(  # type: ignore[no-untyped-def]
     partial = out_dir / PARTIAL_NAME
     header = {
         "kind": "quality_flops.partial",
-        "settings": asdict(settings),
+        "settings": json.loads(json.dumps(asdict(settings))),  # as read back from the partial file
         "models": [portable_path(m) for m in models],
         "families": list(families),
     }

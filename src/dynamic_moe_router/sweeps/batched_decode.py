@@ -1,0 +1,227 @@
+"""Quality of routing policies in batched decoding: many sequences decoded at once, with a KV cache.
+
+:class:`~dynamic_moe_router.BatchAware` decides per routing call, so what it costs depends on the
+batch: it is measured the way it runs. For each batch size ``B``:
+
+* ``B`` windows of a corpus (``prompt + steps + 1`` tokens each, the first ones of the corpus, in
+  the ``dmr eval`` / ``dmr bench`` tokenisation: documents joined with the end-of-text token);
+* the model, patched with each policy, reads the prompts (prefill) and then decodes ``steps``
+  steps with its KV cache, teacher-forced: every step routes the ``B`` sequences' next true tokens
+  together (``T = B`` tokens per MoE call), and the negative log-likelihood of each true token is
+  recorded;
+* per policy: the decode perplexity, its paired ratio to the native policy with a bootstrap
+  standard error over sequences, the routed-pair reduction of the decode steps, and the mean
+  number of distinct experts one decode step touches per layer (what a bandwidth-bound GPU layer
+  pays for).
+
+Policies (:func:`batch_aware_policies`): the native top-k, ``StaticTopK(k - 1)`` (the static point
+at fewer pairs), and ``BatchAware(StaticTopK(), experts=f)`` for each fraction ``f``.
+
+Example:
+    >>> import dynamic_moe_router as dmr
+    >>> from dynamic_moe_router.hf.tiny import tiny_model
+    >>> from dynamic_moe_router.sweeps.batched_decode import batched_decoding
+    >>> import torch
+    >>> model = tiny_model("olmoe")
+    >>> ids = torch.randint(3, model.config.vocab_size, (200,), generator=torch.Generator().manual_seed(0))
+    >>> result = batched_decoding(model, ids, batches=(4,), fractions=(0.5,), prompt=8, steps=4)
+    >>> [r["policy"] for r in result["rows"]]
+    ['native', 'static_k3', 'batch_aware_0.5']
+    >>> result["rows"][0]["ppl_ratio"], result["rows"][0]["pair_reduction"]
+    (1.0, 0.0)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data import data_file, read_jsonl
+from ..errors import PolicyError
+from ..hf.layers import experts_inputs, find_moe_layers
+from ..hf.patching import patched
+from ..policies import BatchAware, RoutingPolicy, StaticTopK
+
+__all__ = [
+    "DecodeMeter",
+    "batch_aware_policies",
+    "batched_decoding",
+    "corpus_ids",
+    "decode_nll",
+    "paired_ratio",
+]
+
+
+def corpus_ids(tokenizer: Any, relative: str, tokens: int) -> torch.Tensor:
+    """The first ``tokens + 1`` token ids of a shared corpus (``relative`` to the data folder),
+    tokenised document by document and joined with the end-of-text token, exactly as
+    ``dynamic_moe_router.eval.perplexity`` does."""
+    path = data_file(relative)
+    if path.suffix in (".jsonl", ".xz"):
+        docs: Iterable[str] = (r["text"] for r in read_jsonl(path))
+    else:
+        docs = [path.read_text(encoding="utf-8").replace("\r\n", "\n")]
+    ids: list[int] = []
+    for doc in docs:
+        if not doc.strip():
+            continue
+        ids.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+        if len(ids) > tokens:
+            break
+    return torch.tensor(ids[: tokens + 1], dtype=torch.long)
+
+
+class DecodeMeter:
+    """Pre-hooks on each experts module: kept pairs and distinct experts per call, while ``on``.
+
+    Call :meth:`remove` when done (the hooks stay on the model until then).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.on = False
+        self.pairs = 0
+        self.calls = 0
+        self.distinct = 0
+        self.tokens = 0
+        self._handles = [
+            layer.experts.register_forward_pre_hook(self._hook(layer.num_experts), with_kwargs=True)
+            for layer in find_moe_layers(model)[0]
+        ]
+
+    def _hook(self, num_experts: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if not self.on:
+                return
+            hidden, ids = experts_inputs(args, kwargs)  # (T, H), (T, k)
+            kept = ids[ids < num_experts]
+            self.pairs += int(kept.numel())
+            self.distinct += int(torch.unique(kept).numel())
+            self.calls += 1
+            self.tokens += int(hidden.shape[0])
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+@torch.no_grad()
+def decode_nll(model: Any, windows: torch.Tensor, prompt: int, meter: DecodeMeter) -> torch.Tensor:
+    """``(B, steps)`` NLL of the true next tokens of ``windows (B, prompt + steps + 1)``, decoded with
+    the cache, all sequences per step (the meter counts the decode steps only)."""
+    out = model(windows[:, :prompt], use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1]  # (B, V)
+    nll = []
+    meter.on = True
+    try:
+        for s in range(prompt, windows.shape[1]):
+            target = windows[:, s]  # (B,)
+            nll.append(F.cross_entropy(logits.float(), target, reduction="none"))
+            if s + 1 == windows.shape[1]:
+                break
+            out = model(target[:, None], past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1]
+    finally:
+        meter.on = False
+    return torch.stack(nll, dim=1)
+
+
+def paired_ratio(
+    nll: torch.Tensor, base: torch.Tensor, seed: int = 0, draws: int = 2000
+) -> tuple[float, float]:
+    """``exp(mean nll - mean base)`` of ``(B, steps)`` NLLs and its bootstrap standard error over
+    sequences.
+
+    Example:
+        >>> import torch
+        >>> paired_ratio(torch.ones(4, 3), torch.ones(4, 3))
+        (1.0, 0.0)
+    """
+    gen = torch.Generator().manual_seed(seed)
+    diff = (nll - base).mean(dim=1).double()  # (B,) per sequence
+    idx = torch.randint(0, diff.numel(), (draws, diff.numel()), generator=gen)
+    boot = torch.exp(diff[idx].mean(dim=1))
+    return math.exp(float(diff.mean())), float(boot.std())
+
+
+def batch_aware_policies(native_k: int, fractions: Iterable[float]) -> dict[str, RoutingPolicy]:
+    """Named policies of the measurement: native, static ``k - 1`` (when ``k > 1``) and
+    ``BatchAware(StaticTopK(), experts=f)`` per fraction (a :class:`PolicyError` for a bad one)."""
+    out: dict[str, RoutingPolicy] = {"native": StaticTopK()}
+    if native_k > 1:
+        out[f"static_k{native_k - 1}"] = StaticTopK(k=native_k - 1)
+    for f in fractions:
+        out[f"batch_aware_{f}"] = BatchAware(StaticTopK(), experts=f)
+    return out
+
+
+def batched_decoding(
+    model: Any,
+    ids: torch.Tensor,  # (N,) token ids, N >= max(batches) * (prompt + steps + 1)
+    batches: Iterable[int],
+    fractions: Iterable[float],
+    prompt: int,
+    steps: int,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Decode-quality rows of :func:`batch_aware_policies` at each batch size (see the module)."""
+    batches, fractions = tuple(int(b) for b in batches), tuple(float(f) for f in fractions)
+    layers = find_moe_layers(model)[0]
+    native_k, num_experts = layers[0].native_k, layers[0].num_experts
+    named = batch_aware_policies(native_k, fractions)  # bad fractions fail before any decoding
+    length = prompt + steps + 1
+    if prompt < 1 or steps < 1 or not batches or min(batches) < 1:
+        raise PolicyError(
+            f"batched decoding needs prompt >= 1, steps >= 1 and batch sizes >= 1; got prompt={prompt}, "
+            f"steps={steps}, batches={list(batches)}",
+            field="batches",
+        )
+    if ids.numel() < max(batches) * length:
+        raise PolicyError(
+            f"batched decoding needs {max(batches) * length} token ids (batch {max(batches)} x "
+            f"{length}), got {ids.numel()}; pass a longer text or smaller batches",
+            field="batches",
+        )
+    rows: list[dict[str, Any]] = []
+    for batch in batches:
+        windows = ids[: batch * length].reshape(batch, length)  # (B, prompt + steps + 1)
+        base, base_pairs = None, 0
+        for name, policy in named.items():
+            t0 = time.perf_counter()
+            meter = DecodeMeter(model)
+            try:
+                with patched(model, policy, validate=False):
+                    nll = decode_nll(model, windows, prompt, meter)
+            finally:
+                meter.remove()
+            if base is None:
+                base, base_pairs = nll, meter.pairs
+            ratio, se = paired_ratio(nll, base)
+            row = {
+                "batch": batch,
+                "policy": name,
+                "spec": policy.describe(),
+                "decode_ppl": math.exp(float(nll.mean())),
+                "ppl_ratio": ratio,
+                "ppl_ratio_se": se,
+                "pair_reduction": 1 - meter.pairs / base_pairs,
+                "distinct_experts_per_call": meter.distinct / meter.calls,
+                "distinct_fraction": meter.distinct / meter.calls / num_experts,
+                "decode_tokens": int(nll.numel()),
+                "seconds": time.perf_counter() - t0,
+            }
+            rows.append(row)
+            if log is not None:
+                log(
+                    f"batched decoding B={batch:4d} {name:18s} ppl x{ratio:.4f} (se {se:.4f}) "
+                    f"pairs -{row['pair_reduction']:.3f} "
+                    f"distinct {row['distinct_experts_per_call']:.1f}/{num_experts}"
+                )
+    return {"native_k": native_k, "num_experts": num_experts, "prompt": prompt, "steps": steps, "rows": rows}
