@@ -3,9 +3,6 @@
 ``BatchAware`` decides per routing call, so what it costs depends on the batch: it is measured the
 way it runs, with many sequences decoded at once. For each reference model and batch size ``B``:
 
-The measurement itself is the library's (:mod:`dynamic_moe_router.sweeps.batched_decode`, which
-``dmr bench`` also runs, on fewer batch sizes); this script runs it on more of them.
-
 * ``B`` windows of Gutenberg test (``--prompt`` + ``--steps`` + 1 tokens each, the first ones of
   the split, in the ``dmr bench`` tokenisation);
 * the model, patched with each policy, reads the prompts (prefill) and then decodes ``--steps``
@@ -20,6 +17,9 @@ The measurement itself is the library's (:mod:`dynamic_moe_router.sweeps.batched
 Policies: the native top-k, ``StaticTopK(k - 1)`` (the static point at fewer pairs), and
 ``BatchAware(StaticTopK(), experts=f)`` for each ``--fractions`` value. Outputs depend on the
 batch, so the same policy is measured at each batch size.
+
+The measurement itself is the library's (:mod:`dynamic_moe_router.sweeps.batched_decode`, which
+``dmr bench`` also runs, on fewer batch sizes); this script runs it on more of them.
 
 Run (the recorded result: ``benchmarks/results/batch_aware.json``; see BENCHMARKS.md)::
 

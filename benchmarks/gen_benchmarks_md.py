@@ -504,7 +504,9 @@ def render_quality_flops(data: dict[str, Any], path: Path) -> list[str]:
             lines += [
                 f"Batched decoding (the `batch_aware` family, {decoding['wall_s']:.0f} s): each batch decodes "
                 f"its sequences together, teacher-forced, a {decoding['prompt']}-token prompt of Gutenberg test "
-                f"text then {decoding['steps']} steps, each routing one token of every sequence in one MoE call. "
+                f"text (routed by the policy too) then {decoding['steps']} steps, each routing one token of every "
+                f"sequence in one MoE call; {decoding['steps'] + 1} tokens per sequence are scored, the first "
+                "predicted by the prefill. "
                 "*ppl ratio*: decode perplexity against the native top-k on the same batch (± bootstrap standard "
                 "error over sequences); *pairs saved* in the decode steps; *distinct*: experts one decode step "
                 f"touches per layer, of {decoding['num_experts']} (what a bandwidth-bound GPU layer pays for). "

@@ -191,12 +191,13 @@ def _decode_targets(cells: list[dict[str, Any]]) -> list[str]:
         for suffix in ("", "+fused"):  # dynamic against static with the same options
             dyn_o = by.get((shape, mode, prompt, batch, f"dynamic{suffix}"))
             st_o = by.get((shape, mode, prompt, batch, f"static{suffix}"))
-            if mode == "compiled" and batch == 1 and dyn_o and st_o and shape in pair_ratio:
-                lim = COMPILED_SLACK * pair_ratio[shape]
+            ratio = 1 - dyn_o["routed_pair_reduction_on_prompt"] if dyn_o else pair_ratio.get(shape)
+            if mode == "compiled" and batch == 1 and dyn_o and st_o and ratio is not None:
+                lim = COMPILED_SLACK * ratio
                 r = dyn_o["step_ms"] / st_o["step_ms"]
                 out.append(
                     f"- Compiled decode step ratio{EAGER_OPTIONS[suffix]}, {where}: "
-                    f"dynamic{suffix}/static{suffix} {r:.3f} for a pair ratio of {pair_ratio[shape]:.3f} "
+                    f"dynamic{suffix}/static{suffix} {r:.3f} for a pair ratio of {ratio:.3f} "
                     f"(limit {lim:.3f}): {_mark(r <= lim)}."
                 )
         key = (shape, mode, prompt, batch)

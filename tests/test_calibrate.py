@@ -331,7 +331,18 @@ def test_cli_train_steps_without_the_learned_family_is_refused_before_loading(
 
 @pytest.mark.parametrize(
     ("windows", "batch", "expected"),
-    [(32, 8, 8), (48, 8, 16), (40, 8, 8), (56, 8, 16), (12, 8, 3), (3, 8, 1), (1, 8, None)],
+    # whole batches nearest a quarter, halves up: 40 -> 10 -> 8; 80 -> 20 -> 24; 144 -> 36 -> 40
+    [
+        (32, 8, 8),
+        (48, 8, 16),
+        (40, 8, 8),
+        (56, 8, 16),
+        (80, 8, 24),
+        (144, 8, 40),
+        (12, 8, 3),
+        (3, 8, 1),
+        (1, 8, None),
+    ],
 )
 def test_probe_takes_about_a_quarter_of_the_windows(windows, batch, expected):  # type: ignore[no-untyped-def]
     import torch
@@ -350,4 +361,8 @@ def test_replay_cuts_recorded_outputs_to_the_batch_whatever_the_argument_name():
     recorded = torch.arange(24.0).reshape(4, 3, 2)  # (B, S, H)
     assert torch.equal(_replay(iter([recorded]), torch.zeros(2, 3, 2)), recorded[:2])
     assert torch.equal(_replay(iter([recorded]), hidden_states=torch.zeros(3, 3, 2)), recorded[:3])
-    assert torch.equal(_replay(iter([recorded]), x=torch.zeros(1, 3, 2), mask=None), recorded[:1])
+    assert torch.equal(
+        _replay(iter([recorded]), mask=torch.ones(4, 3, 3), x=torch.zeros(1, 3, 2)), recorded[:1]
+    )
+    with pytest.raises(dmr.errors.UnsupportedModelError, match="without its hidden states"):
+        _replay(iter([recorded]), mask=torch.ones(4, 3, 3))

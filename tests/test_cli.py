@@ -57,6 +57,15 @@ def test_inspect_checks_the_folder_saved_policy_unless_one_is_given(capsys, tmp_
     assert code == 0 and "from --policy spec" in out and "covered (MoE layers [0, 1])" in out
 
 
+def test_inspect_names_a_saved_policy_that_does_not_fit(capsys, tmp_path):  # type: ignore[no-untyped-def]
+    tiny_model("mixtral").config.save_pretrained(tmp_path)  # two MoE layers: 0 and 1
+    dmr.PerLayer(dmr.StaticTopK(), {7: dmr.TopP(p=0.5)}).save_pretrained(tmp_path)
+    code, _, err = run(capsys, "inspect", str(tmp_path))
+    assert code == 2 and "dmr_policy.json" in err and "--policy static_top_k" in err
+    code, out, _ = run(capsys, "inspect", str(tmp_path), "--policy", "static_top_k")
+    assert code == 0 and "covered" in out
+
+
 def test_inspect_errors(capsys, tmp_path):  # type: ignore[no-untyped-def]
     code, _, err = run(capsys, "inspect", str(tmp_path / "missing"))
     assert code == 2 and "neither a model directory nor tiny:FAMILY" in err

@@ -164,6 +164,27 @@ def test_fused_routing_refuses_what_it_cannot_do(monkeypatch):  # type: ignore[n
     assert dmr.get_patch(model) is None  # nothing half-applied
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
+def test_set_policy_checks_the_device_of_newly_covered_layers(monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = tiny_model("mixtral")
+    uncovered = dmr.BatchAware(dmr.TopP(p=0.5))
+    with pytest.warns(UserWarning, match="not covered"):
+        handle = dmr.patch(model, uncovered, fused_routing=True)  # no covered layer: nothing to check
+    with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
+        handle.set_policy(dmr.TopP(p=0.5))  # every layer now covered, on a CPU: refused up front
+    assert handle.policy is uncovered and all(r.policy is uncovered for r in handle.routers)
+    handle.unpatch()
+
+
+def test_policy_rule_names_the_covered_policies():  # type: ignore[no-untyped-def]
+    from dynamic_moe_router.hf.fused_routing import policy_rule
+
+    assert policy_rule(dmr.EntropyAdaptive(low=0.2, high=0.7))[0] == 3
+    with pytest.raises(PolicyError, match=r"batch_aware is not covered by the fused routing kernel \(cov"):
+        policy_rule(dmr.BatchAware(dmr.TopP(p=0.5)))
+
+
 def test_other_families_name_their_scorer():  # type: ignore[no-untyped-def]
     reasons = fused_reason(tiny_model("deepseek_v3"), dmr.TopP(p=0.5))
     assert reasons and all(r is not None and "plain softmax routers" in r for r in reasons)

@@ -49,7 +49,7 @@ import torch
 
 from ._progress import Progress, Task
 from ._progress import task as _task
-from .errors import PolicyError, TargetUnreachableError
+from .errors import PolicyError, TargetUnreachableError, UnsupportedModelError
 from .hf.layers import _LAYER_RE, find_moe_layers, unwrap
 from .hf.patching import get_patch, patched
 from .policies import EntropyAdaptive, PerLayer, RelativeThreshold, RoutingPolicy, StaticTopK, TopP
@@ -362,10 +362,18 @@ class _Prefix:
 def _replay(outputs: Iterator[torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
     """A replayed decoder layer's forward: the next recorded output ``(B, S, H)``, cut to the rows
     of the batch it is given (its hidden states, positional or by name)."""
-    hidden = args[0] if args else kwargs.get("hidden_states")  # (b, S, H), b <= B
-    if not isinstance(hidden, torch.Tensor):  # a family passing its hidden states by another name
-        hidden = next(v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() == 3)
+    hidden = args[0] if args else next((kwargs[n] for n in _HIDDEN_NAMES if n in kwargs), None)  # (b, S, H)
+    if not isinstance(hidden, torch.Tensor):
+        raise UnsupportedModelError(
+            f"calibrate: a decoder layer was called without its hidden states as the first argument or as "
+            f"one of {list(_HIDDEN_NAMES)} (keywords: {sorted(kwargs)}); calibrate with per_layer=False "
+            "(dmr calibrate --global-only), which replays no layer"
+        )
     return next(outputs)[: hidden.shape[0]]
+
+
+#: the keywords a decoder layer's hidden states may come under, in the order they are looked up
+_HIDDEN_NAMES = ("hidden_states", "hidden_state", "x", "inputs_embeds")
 
 
 class _Meter:
@@ -448,9 +456,10 @@ class _Meter:
         """Windows of a sensitivity probe: :data:`PROBE_FRACTION` of them, rounded to the nearest
         whole number of batches (at least one), or one partial batch when that fraction is less
         than a batch (``None``: too few windows to take part of them)."""
-        part = max(1, int(len(self.windows) * PROBE_FRACTION))
-        if part > self.batch_size:
-            part = max(1, round(part / self.batch_size)) * self.batch_size
+        exact = len(self.windows) * PROBE_FRACTION
+        part = max(1, int(exact))
+        if part > self.batch_size:  # whole batches, halves rounded up
+            part = max(1, int(exact / self.batch_size + 0.5)) * self.batch_size
         return part if part < len(self.windows) else None
 
     @torch.inference_mode()

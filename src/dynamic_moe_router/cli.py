@@ -30,12 +30,13 @@ from ._version import __version__
 #: experts backends offered by ``--backend``: the PyTorch entries of the backend table
 #: (:mod:`dynamic_moe_router.backends` imports no torch, so building the parser stays light)
 from .backends import BACKENDS as CLI_BACKENDS
-from .errors import DataNotFoundError, DmrError, MissingDependencyError
+from .errors import DataNotFoundError, DmrError, MissingDependencyError, PolicyError, PolicyFileError
 
 #: calibration families offered by ``--family`` (kept equal to ``calibrate.FAMILIES`` by a test; a
 #: literal so that building the parser does not import torch)
 CLI_CALIBRATION_FAMILIES = ("top_p", "relative_threshold", "entropy", "learned")
-#: the point families of ``dmr bench --families`` (kept equal to ``sweeps.quality.FAMILIES`` by a test)
+#: the families of ``dmr bench --families`` (kept equal to ``sweeps.quality.FAMILIES`` by a test;
+#: ``batch_aware`` is the batched-decoding measurement, not a point)
 CLI_SWEEP_FAMILIES = (
     "native", "static", "lu_median", "top_p", "relative_threshold", "entropy", "calibrated", "learned",
     "batch_aware",
@@ -124,8 +125,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .hf.inspect import inspect_model, load_model_skeleton
 
     skeleton = load_model_skeleton(args.model)
-    source = _saved_policy(args, None)  # --policy, else the folder's dmr_policy.json, else native
-    info = inspect_model(skeleton, args.policy)
+    from_folder = args.policy is None and _folder_policy(args) is not None
+    try:
+        source = _saved_policy(args, None)  # --policy, else the folder's dmr_policy.json, else native
+        info = inspect_model(skeleton, args.policy)
+    except (PolicyError, PolicyFileError) as err:
+        if not from_folder:
+            raise
+        raise type(err)(
+            f"{err} (the policy saved in {_folder_policy(args)}); pass --policy static_top_k to inspect "
+            "the model under the native routing"
+        ) from None
     info["policy_source"] = source
     lines = [
         f"{info['model_class']} ({info['family']}): {info['moe_layers']} MoE layers",
@@ -179,6 +189,14 @@ def _profile_ids(args: argparse.Namespace, vocab: int | None):  # type: ignore[n
     return torch.tensor(ids[:need], dtype=torch.long).reshape(args.batch, args.tokens)  # (B, T)
 
 
+def _folder_policy(args: argparse.Namespace) -> Path | None:
+    """The model folder's saved policy file (``dmr_policy.json``), if it has one."""
+    from .policies import POLICY_FILE
+
+    path = Path(str(args.model)) / POLICY_FILE
+    return path if not str(args.model).startswith("tiny:") and path.is_file() else None
+
+
 def _saved_policy(args: argparse.Namespace, default: str | None) -> str:
     """Without ``--policy``: the policy saved in the model's folder (``dmr_policy.json``), else
     ``default`` (a spec, or ``None`` = the native routing). Returns where the policy came from."""
@@ -186,10 +204,10 @@ def _saved_policy(args: argparse.Namespace, default: str | None) -> str:
 
     if args.policy is not None:
         return f"--policy {getattr(args, '_policy_file', None) or 'spec'}"
-    folder = Path(str(args.model))
-    if not str(args.model).startswith("tiny:") and (folder / POLICY_FILE).is_file():
-        args.policy = from_pretrained(folder)
-        return str(folder / POLICY_FILE)
+    saved = _folder_policy(args)
+    if saved is not None:
+        args.policy = from_pretrained(saved.parent)
+        return str(saved)
     if default is None:
         return "native routing (no --policy, no saved policy)"
     args.policy = parse_policy(default)
@@ -978,8 +996,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=list(CLI_SWEEP_FAMILIES),
         metavar="FAMILY",
-        help=f"sweep only these point families ({', '.join(CLI_SWEEP_FAMILIES)}; native always runs; "
-        "default: all)",
+        help=f"sweep only these families ({', '.join(CLI_SWEEP_FAMILIES)}; native always runs; "
+        "batch_aware is the batched-decoding measurement; default: all)",
     )
     p.add_argument(
         "--resume",

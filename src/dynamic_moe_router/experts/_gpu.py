@@ -37,9 +37,11 @@ import torch.nn.functional as F
 __all__ = [
     "PairPlan",
     "decode_config",
+    "device_reason",
     "experts_op",
     "fused_path",
     "grouped_path",
+    "on_device",
     "plan_pairs",
     "plan_pairs_reference",
     "triton_reason",

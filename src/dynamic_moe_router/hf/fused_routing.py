@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from ..errors import PolicyError
 from ..policies import EntropyAdaptive, RelativeThreshold, RoutingPolicy, StaticTopK, TopP
 
 __all__ = ["FUSED_POLICIES", "fused_reason", "layer_reason", "policy_rule", "softmax_route"]
@@ -110,8 +111,22 @@ def device_reason(logits: torch.Tensor) -> str | None:
 
 
 def policy_rule(policy: RoutingPolicy) -> tuple[int, float, float]:
-    """The kernel's ``(code, A, B)`` for a policy of :data:`FUSED_POLICIES` (``KeyError`` otherwise)."""
-    return FUSED_POLICIES[type(policy)](policy)
+    """The kernel's ``(code, A, B)`` for a policy of :data:`FUSED_POLICIES`.
+
+    Example:
+        >>> import dynamic_moe_router as dmr
+        >>> policy_rule(dmr.TopP(p=0.5))
+        (1, 0.5, 0.0)
+    """
+    rule = FUSED_POLICIES.get(type(policy))
+    if rule is None:
+        covered = ", ".join(_type_name(cls) for cls in FUSED_POLICIES)  # type: ignore[arg-type]
+        raise PolicyError(
+            f"policy {_type_name(policy)} is not covered by the fused routing kernel (covered: {covered}); "
+            "route it the ordinary way (fused_routing=False)",
+            field="policy",
+        )
+    return rule(policy)
 
 
 def _next_pow2(n: int) -> int:

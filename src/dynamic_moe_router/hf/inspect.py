@@ -59,6 +59,7 @@ def inspect_model(model: torch.nn.Module, policy: RoutingPolicy | None = None) -
     config: Any = model.config
     family = get_family(config.model_type)
     policy = StaticTopK() if policy is None else policy
+    core.validate_policy(policy, layers, family=family.model_type, router_input=True)  # as patch() would
     rows = []
     rules = []
     for layer in layers:

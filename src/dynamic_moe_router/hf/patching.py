@@ -480,6 +480,8 @@ class PatchHandle(core.PatchHandleBase):
             self._saved.append(_install(layer.experts, experts))
 
     def _policy_changed(self, policy: Any) -> None:
+        if self.options.fused_routing:  # layers the new policy newly covers: the same device check
+            _check_fused_devices(self.layers, self.family_record, policy)  # before any router changes
         for router in self.routers:
             router.set_policy(policy)
         if self.options.fused_routing:  # set_policy -> _policy_changed -> here
@@ -527,6 +529,15 @@ def _check_fused(
     cover are named in a warning (they run the ordinary routing)."""
     if not options.fused_routing:
         return
+    _warn_uncovered(_check_fused_devices(layers, family, policy), 4)
+
+
+def _check_fused_devices(
+    layers: list[MoELayer], family: FamilySpec, policy: RoutingPolicy
+) -> dict[int, str | None]:
+    """Per MoE layer, why the fused kernel does not cover it under ``policy`` (``None``: it does);
+    raises :class:`BackendUnavailableError` when a covered layer's router is where the kernel cannot
+    run."""
     reasons = {layer.index: layer_reason(family.scorer, layer, policy) for layer in layers}
     for layer in layers:
         if reasons[layer.index] is not None:
@@ -537,7 +548,7 @@ def _check_fused(
                 f"fused_routing=True: {reason}. Move the model to a CUDA device first (model.cuda()) or "
                 "patch without fused_routing"
             )
-    _warn_uncovered(reasons, 4)
+    return reasons
 
 
 def _warn_uncovered(reasons: dict[int, str | None], stacklevel: int) -> None:

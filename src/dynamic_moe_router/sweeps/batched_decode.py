@@ -5,10 +5,11 @@ batch: it is measured the way it runs. For each batch size ``B``:
 
 * ``B`` windows of a corpus (``prompt + steps + 1`` tokens each, the first ones of the corpus, in
   the ``dmr eval`` / ``dmr bench`` tokenisation: documents joined with the end-of-text token);
-* the model, patched with each policy, reads the prompts (prefill) and then decodes ``steps``
-  steps with its KV cache, teacher-forced: every step routes the ``B`` sequences' next true tokens
-  together (``T = B`` tokens per MoE call), and the negative log-likelihood of each true token is
-  recorded;
+* the model, patched with each policy, reads the prompts (prefill: the policy routes them too, as
+  it would in use) and then decodes ``steps`` steps with its KV cache, teacher-forced: every step
+  routes the ``B`` sequences' next true tokens together (``T = B`` tokens per MoE call); the
+  negative log-likelihood of the ``steps + 1`` true tokens after each prompt is recorded (the first
+  predicted by the prefill);
 * per policy: the decode perplexity, its paired ratio to the native policy with a bootstrap
   standard error over sequences, the routed-pair reduction of the decode steps, and the mean
   number of distinct experts one decode step touches per layer (what a bandwidth-bound GPU layer
@@ -42,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import data_file, read_jsonl
-from ..errors import PolicyError
+from ..errors import DataNotFoundError, PolicyError, UnsupportedModelError
 from ..hf.layers import experts_inputs, find_moe_layers
 from ..hf.patching import patched
 from ..policies import BatchAware, RoutingPolicy, StaticTopK
@@ -61,6 +62,12 @@ def corpus_ids(tokenizer: Any, relative: str, tokens: int) -> torch.Tensor:
     """The first ``tokens + 1`` token ids of a shared corpus (``relative`` to the data folder),
     tokenised document by document and joined with the end-of-text token, exactly as
     ``dynamic_moe_router.eval.perplexity`` does."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UnsupportedModelError(
+            "corpus_ids joins documents with the end-of-text token, and this tokenizer has none; set "
+            "tokenizer.eos_token (or pass ids of your own)"
+        )
     path = data_file(relative)
     if path.suffix in (".jsonl", ".xz"):
         docs: Iterable[str] = (r["text"] for r in read_jsonl(path))
@@ -71,7 +78,7 @@ def corpus_ids(tokenizer: Any, relative: str, tokens: int) -> torch.Tensor:
         if not doc.strip():
             continue
         ids.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])
-        ids.append(tokenizer.eos_token_id)
+        ids.append(eos)
         if len(ids) > tokens:
             break
     return torch.tensor(ids[: tokens + 1], dtype=torch.long)
@@ -114,8 +121,9 @@ class DecodeMeter:
 
 @torch.no_grad()
 def decode_nll(model: Any, windows: torch.Tensor, prompt: int, meter: DecodeMeter) -> torch.Tensor:
-    """``(B, steps)`` NLL of the true next tokens of ``windows (B, prompt + steps + 1)``, decoded with
-    the cache, all sequences per step (the meter counts the decode steps only)."""
+    """``(B, steps + 1)`` NLL of the true tokens after the prompt in ``windows (B, prompt + steps + 1)``:
+    the first from the prefill's logits, then one per decode step with the cache, all sequences per
+    step (the meter counts the decode steps only)."""
     out = model(windows[:, :prompt], use_cache=True)
     past, logits = out.past_key_values, out.logits[:, -1]  # (B, V)
     nll = []
@@ -136,7 +144,7 @@ def decode_nll(model: Any, windows: torch.Tensor, prompt: int, meter: DecodeMete
 def paired_ratio(
     nll: torch.Tensor, base: torch.Tensor, seed: int = 0, draws: int = 2000
 ) -> tuple[float, float]:
-    """``exp(mean nll - mean base)`` of ``(B, steps)`` NLLs and its bootstrap standard error over
+    """``exp(mean nll - mean base)`` of ``(B, N)`` NLLs and its bootstrap standard error over
     sequences.
 
     Example:
@@ -184,10 +192,10 @@ def batched_decoding(
             field="batches",
         )
     if ids.numel() < max(batches) * length:
-        raise PolicyError(
+        raise DataNotFoundError(
             f"batched decoding needs {max(batches) * length} token ids (batch {max(batches)} x "
-            f"{length}), got {ids.numel()}; pass a longer text or smaller batches",
-            field="batches",
+            f"{length} = prompt + steps + 1), got {ids.numel()}; pass a longer text, or smaller batches, "
+            "prompt or steps"
         )
     rows: list[dict[str, Any]] = []
     for batch in batches:

@@ -79,7 +79,8 @@ __all__ = [
     "summary_table",
 ]
 
-#: the point families of the sweep, in order (``native`` is always run: every change is against it)
+#: the families of the sweep, in order (``native`` is always run: every change is against it);
+#: ``batch_aware`` is not a point of the sweep but the batched-decoding measurement of each model
 FAMILIES = (
     "native", "static", "lu_median", "top_p", "relative_threshold", "entropy", "calibrated", "learned",
     "batch_aware",
@@ -111,6 +112,32 @@ class BenchSettings:
     decode_prompt: int = 64
     decode_steps: int = 32
     batch_aware_fractions: tuple[float, ...] = (0.75, 0.5)
+
+    def __post_init__(self) -> None:
+        """The batched-decoding fields, checked before any model loads (lists become tuples)."""
+        from .batched_decode import batch_aware_policies
+
+        for name in ("decode_batches", "batch_aware_fractions"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        batches = self.decode_batches
+        if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
+            raise PolicyError(
+                f"BenchSettings.decode_batches must be a non-empty tuple of batch sizes >= 1, "
+                f"got {batches!r}",
+                field="decode_batches",
+            )
+        for name in ("decode_prompt", "decode_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PolicyError(f"BenchSettings.{name} must be an int >= 1, got {value!r}", field=name)
+        try:
+            batch_aware_policies(2, self.batch_aware_fractions)
+        except PolicyError as err:
+            raise PolicyError(
+                f"BenchSettings.batch_aware_fractions: {err}", field="batch_aware_fractions"
+            ) from None
 
 
 #: ``dmr bench --quick``: the same sweep on less data (4.5 minutes measured on 2 CPU cores); a smoke run,
@@ -582,6 +609,18 @@ def summary_table(payload: dict[str, Any]) -> str:
                 f"{r['blimp_acc']:>6.3f} {100 * r['blimp_delta']:>+7.1f} {r['lambada_acc']:>6.3f} "
                 f"{100 * r['lambada_delta']:>+7.1f}"
             )
+        decoding = result.get("batched_decoding")
+        if decoding:
+            lines.append(
+                f"  batched decoding ({decoding['prompt']}-token prompts, {decoding['steps']} steps)"
+            )
+            lines.append(f"  {'batch':>5} {'policy':<18} {'ppl ratio':>16} {'pairs':>7} {'distinct':>9}")
+            for r in decoding["rows"]:
+                lines.append(
+                    f"  {r['batch']:>5} {r['policy']:<18} {r['ppl_ratio']:>8.4f} ± {r['ppl_ratio_se']:.4f} "
+                    f"{r['pair_reduction']:>7.1%} "
+                    f"{r['distinct_experts_per_call']:>5.1f}/{decoding['num_experts']}"
+                )
     return "\n".join(lines)
 
 
