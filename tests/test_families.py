@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -183,8 +185,16 @@ def test_output_router_logits_and_aux_loss(family):  # type: ignore[no-untyped-d
         )
         return
     assert len(same.router_logits) == len(dynamic.router_logits) == len(ref.router_logits) > 0
-    for a, b in zip(same.router_logits, ref.router_logits, strict=False):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # as accurate as the unpatched model against an fp64 run: past the first layer both fp32 runs carry
+    # re-association noise that grows with depth and changes with the thread count (qwen3_next's
+    # unpatched layer-2 logits differ by 1e-5 between 2 and 4 threads)
+    exact_model = copy.deepcopy(model).double()
+    exact_model.set_experts_implementation("eager")  # transformers' grouped_mm has no fp64
+    exact = exact_model(x, output_router_logits=True).router_logits
+    for a, b, e in zip(same.router_logits, ref.router_logits, exact, strict=True):
+        native_err = (b.double() - e).abs().max().item()
+        patched_err = (a.double() - e).abs().max().item()
+        assert patched_err <= 2 * native_err + 1e-6, (patched_err, native_err)
     # the first MoE layer sees the same input under any policy, so its logits are identical
     torch.testing.assert_close(dynamic.router_logits[0], ref.router_logits[0], atol=0, rtol=0)
     if getattr(ref, "aux_loss", None) is not None:
