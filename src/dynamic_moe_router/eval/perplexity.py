@@ -11,6 +11,7 @@ independent), and the perplexity interval is ``exp(mean +- 1.96 se)``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from ..data import data_file, decode_error, read_jsonl
 from ..errors import DataNotFoundError
 
-__all__ = ["CORPORA", "corpus_documents", "perplexity", "read_text_file"]
+__all__ = ["CORPORA", "corpus_documents", "perplexity", "read_text_file", "token_ids"]
 
 #: the shared corpora ``dmr eval`` knows by name, and their files in the data folder
 CORPORA = {"gutenberg_test": "gutenberg/test.jsonl", "wikitext2_test": "wikitext2/test.txt"}
@@ -78,6 +79,19 @@ def corpus_documents(name_or_path: str, encoding: str = "utf-8") -> tuple[list[s
     return read_text_file(path, encoding), str(path)
 
 
+def token_ids(tokenizer: Any, documents: Iterable[str], max_tokens: int | None = None) -> list[int]:
+    """``documents`` tokenised one by one and joined with the end-of-text token (each document ends
+    with it); with ``max_tokens``, the first ``max_tokens + 1`` ids (inputs and targets of
+    ``max_tokens`` predictions), the tokenising stopped as soon as they are there."""
+    ids: list[int] = []
+    for doc in documents:  # one by one, so a token budget stops the tokenising early
+        ids.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+        if max_tokens is not None and len(ids) > max_tokens:
+            break
+    return ids if max_tokens is None else ids[: max_tokens + 1]
+
+
 @torch.no_grad()
 def perplexity(
     model,  # type: ignore[no-untyped-def]
@@ -93,15 +107,7 @@ def perplexity(
     stride = context if stride is None else stride
     if not 0 < stride <= context:
         raise ValueError(f"stride must be in (0, context={context}], got {stride}")
-    ids: list[int] = []
-    for doc in documents:  # one by one, so a token budget stops the tokenising early
-        ids.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])
-        ids.append(tokenizer.eos_token_id)
-        if max_tokens is not None and len(ids) > max_tokens:
-            break
-    if max_tokens is not None:
-        ids = ids[: max_tokens + 1]
-    tokens = torch.tensor(ids, dtype=torch.long)
+    tokens = torch.tensor(token_ids(tokenizer, documents, max_tokens), dtype=torch.long)
     # windows: (start of inputs, first scored target index within the window)
     windows = []
     scored_until = 0  # targets tokens[1 .. scored_until] are already scored

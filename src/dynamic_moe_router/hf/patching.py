@@ -480,12 +480,17 @@ class PatchHandle(core.PatchHandleBase):
             self._saved.append(_install(layer.experts, experts))
 
     def _policy_changed(self, policy: Any) -> None:
-        if self.options.fused_routing:  # layers the new policy newly covers: the same device check
-            _check_fused_devices(self.layers, self.family_record, policy)  # before any router changes
+        # fused routing: the device check of patch(), for layers the new policy newly covers, before
+        # any router changes; its reasons name the uncovered layers after the switch
+        reasons = (
+            _check_fused_devices(self.layers, self.family_record, policy)
+            if self.options.fused_routing
+            else None
+        )
         for router in self.routers:
             router.set_policy(policy)
-        if self.options.fused_routing:  # set_policy -> _policy_changed -> here
-            _warn_uncovered({r.layer.index: r.fused_reason for r in self.routers}, 4)
+        if reasons is not None:  # set_policy -> _policy_changed -> here
+            _warn_uncovered(reasons, 4)
 
     def counters(self) -> list[ExpertsCounter]:
         return [e.counter for e in self.experts]

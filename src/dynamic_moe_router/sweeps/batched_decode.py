@@ -42,8 +42,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import data_file, read_jsonl
+from ..data import data_file
 from ..errors import DataNotFoundError, PolicyError, UnsupportedModelError
+from ..eval.perplexity import read_text_file, token_ids
 from ..hf.layers import experts_inputs, find_moe_layers
 from ..hf.patching import patched
 from ..policies import BatchAware, RoutingPolicy, StaticTopK
@@ -60,28 +61,16 @@ __all__ = [
 
 def corpus_ids(tokenizer: Any, relative: str, tokens: int) -> torch.Tensor:
     """The first ``tokens + 1`` token ids of a shared corpus (``relative`` to the data folder),
-    tokenised document by document and joined with the end-of-text token, exactly as
-    ``dynamic_moe_router.eval.perplexity`` does."""
+    tokenised document by document and joined with the end-of-text token by
+    :func:`dynamic_moe_router.eval.perplexity.token_ids`, as ``dmr eval`` does."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UnsupportedModelError(
             "corpus_ids joins documents with the end-of-text token, and this tokenizer has none; set "
             "tokenizer.eos_token (or pass ids of your own)"
         )
-    path = data_file(relative)
-    if path.suffix in (".jsonl", ".xz"):
-        docs: Iterable[str] = (r["text"] for r in read_jsonl(path))
-    else:
-        docs = [path.read_text(encoding="utf-8").replace("\r\n", "\n")]
-    ids: list[int] = []
-    for doc in docs:
-        if not doc.strip():
-            continue
-        ids.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])
-        ids.append(eos)
-        if len(ids) > tokens:
-            break
-    return torch.tensor(ids[: tokens + 1], dtype=torch.long)
+    documents = read_text_file(data_file(relative))
+    return torch.tensor(token_ids(tokenizer, documents, tokens), dtype=torch.long)
 
 
 class DecodeMeter:
