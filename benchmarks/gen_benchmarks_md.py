@@ -960,6 +960,18 @@ def render_learned(entry: tuple[Path, dict[str, Any]]) -> list[str]:
             bits.append(f"one allocator per compensation mode trained at {a['train_once']:.0%}")
         if a.get("tag"):
             bits.append(f"tag {a['tag']} (final noise {a.get('noise_final')})")
+        if any(bool(c) for c in a.get("comp_modes", [])):
+            bits.append(
+                "plain mean compensation"
+                if a.get("plain_means", True)
+                else f"trained compensation (means lr {a.get('means_lr')}"
+                + (
+                    ""
+                    if a.get("no_static")
+                    else f"; {a.get('static_means_steps')} steps for each static point"
+                )
+                + ")"
+            )
         if a.get("no_static"):
             bits.append("no static baselines")
         if str(r.get("file", "")).endswith(".partial.json"):
@@ -978,8 +990,11 @@ def render_learned(entry: tuple[Path, dict[str, Any]]) -> list[str]:
         "budget is tuned on Gutenberg valid windows (*valid* column); test text is only for reporting. The "
         "reductions on the test corpora are read from the patch's pair counters. Perplexity changes are against "
         "native top-k, in percent ± the paired bootstrap SE over windows in points. Static baselines (uniform "
-        "k, and per-layer k chosen greedily on valid) run with and without compensation (a dropped slot "
-        "replaced by its expert's mean output on training text).",
+        "k, and per-layer k chosen greedily on valid) run with and without compensation. Compensation replaces "
+        "a dropped slot by a per-expert vector times the slot's native weight: the expert's mean output on "
+        "training text (*plain*), or that vector trained further by the same distillation loss (*trained*: "
+        "with the allocator in `dmr.train_allocator`, for a static point by `dmr.learn.train_means`), so "
+        "that learned and static points get the same kind of compensation.",
         "",
     ]
     verdicts: list[str] = []

@@ -46,7 +46,7 @@ import dynamic_moe_router as dmr
 from dynamic_moe_router.data import data_file, read_jsonl
 from dynamic_moe_router.eval import load_checkpoint
 from dynamic_moe_router.hf.layers import find_moe_layers, model_family
-from dynamic_moe_router.learn import expert_means, fit_budget, spread_windows
+from dynamic_moe_router.learn import expert_means, fit_budget, spread_windows, train_means
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cpu_experts import write_result  # sibling scripts: one result writer
@@ -134,6 +134,9 @@ def run_model(path: Path, args: argparse.Namespace, log, checkpoint) -> dict[str
         "native_k": native_k,
         "moe_layers": len(layers),
         "native_ppl": {n: ppl_of(v) for n, v in native.items()},
+        "means": "plain"
+        if args.plain_means
+        else f"trained ({args.static_means_steps} steps for a static point)",
         "native_nll_per_window": {n: [round(float(x), 5) for x in v] for n, v in native.items()},
         "test_tokens": {n: int(w[:, :-1].numel()) for n, w in test.items()},
         "budget_windows": int(budget.shape[0]),
@@ -171,9 +174,17 @@ def run_model(path: Path, args: argparse.Namespace, log, checkpoint) -> dict[str
             if ks not in [s[1] for s in statics]:
                 statics.append((f"per-layer {ks} (target {target:.0%})", ks))
         log(f"  per-layer static chosen on valid in {time.time() - t0:.0f} s")
+        static_means = dmr.AllocatorTraining(
+            steps=args.static_means_steps,
+            batch_windows=args.batch_windows,
+            means_lr=args.means_lr,
+            seed=args.seed,
+        )
         for name, ks in statics:
             for comp in args.comp_modes:
                 pol = dmr.LearnedAllocator.fixed(model, ks, means=means if comp else None)
+                if comp and not args.plain_means:  # the same trained compensation the learned points get
+                    pol = train_means(model, pol, train, static_means)
                 res = evaluate(pol)
                 out["static"].append({"point": name, "ks": ks, "comp": bool(comp), "results": res})
                 checkpoint(out)
@@ -184,7 +195,7 @@ def run_model(path: Path, args: argparse.Namespace, log, checkpoint) -> dict[str
         for f in sorted(Path(args.allocators).glob(f"{path.name}*.json")):
             pol = dmr.load_policy(f)
             saved[pol.compensation] = (pol, f.name)
-    for comp in args.comp_modes:
+    for comp in [] if args.no_learned else args.comp_modes:
         for target in args.targets:
             t0 = time.time()
             if args.train_once is not None and bool(comp) in saved and target != args.train_once:
@@ -194,6 +205,7 @@ def run_model(path: Path, args: argparse.Namespace, log, checkpoint) -> dict[str
                     target_reduction=args.train_once, steps=args.steps, batch_windows=args.batch_windows,
                     lr=args.lr, seed=args.seed, compensation=bool(comp), means_windows=args.means_windows,
                     offset_iterations=args.offset_iterations, noise_final=args.noise_final,
+                    learn_means=not args.plain_means, means_lr=args.means_lr,
                 )  # fmt: skip
                 saved[bool(comp)] = (
                     dmr.train_allocator(model, train, budget, cfg),
@@ -211,6 +223,7 @@ def run_model(path: Path, args: argparse.Namespace, log, checkpoint) -> dict[str
                     target_reduction=target, steps=args.steps, batch_windows=args.batch_windows, lr=args.lr,
                     seed=args.seed, compensation=bool(comp), means_windows=args.means_windows,
                     offset_iterations=args.offset_iterations, noise_final=args.noise_final,
+                    learn_means=not args.plain_means, means_lr=args.means_lr,
                 )  # fmt: skip
                 pol = dmr.train_allocator(model, train, budget, cfg)
                 record = dict(pol.record or {})
@@ -232,6 +245,7 @@ def run_model(path: Path, args: argparse.Namespace, log, checkpoint) -> dict[str
                     "target": target,
                     "tag": args.tag,
                     "noise_final": (record.get("config") or {}).get("noise_final"),
+                    "learn_means": (record.get("config") or {}).get("learn_means", False),
                     "source": source,
                     "valid_reduction": valid_red,
                     "offset": pol.offset,
@@ -339,6 +353,16 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="train one allocator per compensation mode at this target, refit its offset for the others",
     )
+    p.add_argument(
+        "--plain-means",
+        action="store_true",
+        help="compensate with the plain mean outputs (default: trained, learned and static alike)",
+    )
+    p.add_argument("--means-lr", type=float, default=1e-2)
+    p.add_argument(
+        "--static-means-steps", type=int, default=200, help="training steps of a static point's means"
+    )
+    p.add_argument("--no-learned", action="store_true", help="only the static baselines")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-windows", type=int, default=800)
     p.add_argument("--means-windows", type=int, default=64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,14 @@ import torch
 import dynamic_moe_router as dmr
 from dynamic_moe_router.hf.layers import find_moe_layers
 from dynamic_moe_router.hf.tiny import tiny_model
-from dynamic_moe_router.learn import AllocatorTraining, fit_budget, measure_reduction, train_allocator
+from dynamic_moe_router.learn import (
+    AllocatorTraining,
+    expert_means,
+    fit_budget,
+    measure_reduction,
+    train_allocator,
+    train_means,
+)
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
 
@@ -259,12 +267,66 @@ def test_training_is_deterministic_for_a_seed():  # type: ignore[no-untyped-def]
         ({"batch_windows": True}, "batch_windows"),
         ({"k_max": 0}, "k_max"),
         ({"lr": float("nan")}, "lr"),
+        ({"means_lr": 0.0}, "means_lr"),
+        ({"learn_means": 1}, "learn_means"),
     ],
 )
 def test_training_config_is_validated(kwargs, field):  # type: ignore[no-untyped-def]
     with pytest.raises(dmr.PolicyError) as err:
         AllocatorTraining(**kwargs)
     assert err.value.field == field
+
+
+@torch.no_grad()
+def _kl_to_native(model, policy, data: torch.Tensor) -> float:  # type: ignore[no-untyped-def]
+    """Mean per-token KL(native || patched) of the next-token distributions on ``data``."""
+    native = torch.log_softmax(model(data[:, :-1]).logits.float(), -1)
+    with dmr.patched(model, policy, validate=False):
+        dynamic = torch.log_softmax(model(data[:, :-1]).logits.float(), -1)
+    return float((native.exp() * (native - dynamic)).sum(-1).mean())
+
+
+def test_trained_compensation_lowers_the_loss_of_a_fixed_allocation_and_changes_nothing_else():  # type: ignore[no-untyped-def]
+    model = tiny_model("olmoe")  # 2 MoE layers, native k 4
+    data = torch.randint(0, 64, (16, 33), generator=torch.Generator().manual_seed(2))
+    plain = dmr.LearnedAllocator.fixed(model, [2, 3], means=expert_means(model, data))
+    cfg = AllocatorTraining(steps=40, batch_windows=4, means_lr=1e-2)
+    tuned = train_means(model, plain, data, cfg)
+    assert plain.params is not None and tuned.params is not None and tuned.record is not None
+    assert torch.equal(tuned.params["weight"], plain.params["weight"]) and tuned.offset == plain.offset
+    assert torch.equal(tuned.params["bias"], plain.params["bias"])
+    assert not torch.equal(tuned.params["means"], plain.params["means"])
+    assert tuned.record["means_steps"] == 40 and len(tuned.record["means_history"]) == 5
+    assert _kl_to_native(model, tuned, data) < 0.9 * _kl_to_native(model, plain, data)
+    assert measure_reduction(model, tuned, data) == measure_reduction(model, plain, data) == 0.375
+    assert dmr.get_patch(model) is None
+    # a fixed allocation without compensation gets the experts' means first, then trains them
+    bare = train_means(model, dmr.LearnedAllocator.fixed(model, [2, 3]), data, cfg)
+    assert bare.compensation and bare.params is not None
+    assert bare.params["means"].shape == plain.params["means"].shape
+    with pytest.raises(dmr.PolicyError, match="LearnedAllocator"):
+        train_means(model, dmr.StaticTopK(), data, cfg)  # type: ignore[arg-type]
+    with pytest.raises(dmr.PolicyMismatchError):
+        train_means(tiny_model("mixtral"), plain, data, cfg)
+
+
+def test_learn_means_trains_the_allocators_compensation_and_can_be_turned_off():  # type: ignore[no-untyped-def]
+    model = tiny_model("olmoe")
+    data = torch.randint(0, 64, (8, 17), generator=torch.Generator().manual_seed(3))
+    base = {
+        "target_reduction": 0.3,
+        "steps": 6,
+        "batch_windows": 2,
+        "offset_iterations": 3,
+        "means_windows": 8,
+    }
+    means = expert_means(model, data)
+    off = train_allocator(model, data, data, AllocatorTraining(**base, learn_means=False))
+    on = train_allocator(model, data, data, AllocatorTraining(**base))
+    assert off.params is not None and on.params is not None
+    torch.testing.assert_close(off.params["means"], means)
+    assert not torch.allclose(on.params["means"], means)
+    assert on.record is not None and on.record["config"]["learn_means"] is True
 
 
 def test_bad_windows_and_targets_fail_before_training():  # type: ignore[no-untyped-def]
@@ -393,3 +455,33 @@ def test_compensation_is_refused_for_zero_computation_experts():  # type: ignore
     with pytest.raises(dmr.PolicyError, match="zero-computation"):
         dmr.patch(model, policy)
     assert dmr.get_patch(model) is None
+
+
+def test_quantile_budget_keeps_the_fraction_of_each_long_call_and_round_trips(tmp_path):  # type: ignore[no-untyped-def]
+    model = tiny_model("olmoe")  # 2 MoE layers, native k 4
+    heads = random_heads(model, seed=4, scale=3.0)
+    pol = heads.with_quantile_budget(0.35, min_tokens=8)
+    ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(5))
+    with dmr.patched(model, pol) as handle:
+        model(ids)
+        long_call = handle.executed_pairs()
+    assert long_call == 2 * round(0.65 * 40 * 4)  # exact per layer: 104 of 160 pairs
+    with dmr.patched(model, heads) as handle:
+        model(ids)
+        assert handle.executed_pairs() != long_call  # the threshold budget keeps another count
+    with dmr.patched(model, pol) as handle:  # a call shorter than min_tokens uses the threshold
+        model(ids[:1, :4])
+        short = handle.executed_pairs()
+    with dmr.patched(model, heads) as handle:
+        model(ids[:1, :4])
+        assert handle.executed_pairs() == short
+    pol.save(tmp_path / "q.json")
+    back = dmr.load_policy(tmp_path / "q.json")
+    assert back == pol and back.budget == "quantile"
+    assert back.with_threshold_budget() == dataclasses.replace(heads, quantile_min_tokens=8)
+    with pytest.raises(dmr.PolicyError) as err:
+        dataclasses.replace(heads, budget="quantile")
+    assert err.value.field == "keep_fraction"
+    with pytest.raises(dmr.PolicyError) as err:
+        dataclasses.replace(heads, budget="per-token")
+    assert err.value.field == "budget"

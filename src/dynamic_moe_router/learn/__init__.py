@@ -2,10 +2,18 @@
 
 * :mod:`.windows`: training and budget windows spread over the documents of a corpus;
 * :mod:`.trainer`: :func:`train_allocator` (distillation with a routed-FLOP budget) and
-  :func:`fit_budget` (the logit offset that lands a trained allocator on a target reduction).
+  :func:`fit_budget` (the logit offset that lands a trained allocator on a target reduction), and
+  :func:`train_means` (trained compensation for a fixed allocation, such as static per-layer top-k).
 """
 
-from .trainer import AllocatorTraining, expert_means, fit_budget, measure_reduction, train_allocator
+from .trainer import (
+    AllocatorTraining,
+    expert_means,
+    fit_budget,
+    measure_reduction,
+    train_allocator,
+    train_means,
+)
 from .windows import spread_windows
 
 __all__ = [
@@ -15,4 +23,5 @@ __all__ = [
     "measure_reduction",
     "spread_windows",
     "train_allocator",
+    "train_means",
 ]

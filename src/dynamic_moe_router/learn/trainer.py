@@ -18,10 +18,12 @@ by the library's own pair counters lands on the target on budget text (tune on v
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -36,7 +38,14 @@ from ..hf.profiling import profile
 from ..policies import RoutingPolicy
 from ..policies.learned import LearnedAllocator, allocator_logits
 
-__all__ = ["AllocatorTraining", "expert_means", "fit_budget", "measure_reduction", "train_allocator"]
+__all__ = [
+    "AllocatorTraining",
+    "expert_means",
+    "fit_budget",
+    "measure_reduction",
+    "train_allocator",
+    "train_means",
+]
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,11 @@ class AllocatorTraining:
         compensation: replace each dropped native slot by its expert's mean output on the training
             windows (weighted by the slot's native weight); trained with it on.
         means_windows: training windows the compensation means are computed on.
+        learn_means: train the compensation vectors too (with ``compensation``): they start at the
+            experts' mean outputs and follow the same distillation loss, so a dropped slot is replaced
+            by the vector that best stands in for it under the learned masks; the policy's size and
+            FLOPs do not change. Set ``False`` for the plain means.
+        means_lr: Adam learning rate of the compensation vectors (with ``learn_means``).
     """
 
     target_reduction: float = 0.35
@@ -72,15 +86,16 @@ class AllocatorTraining:
     noise_final: float = 1.0
     compensation: bool = True
     means_windows: int = 64
+    learn_means: bool = True
+    means_lr: float = 1e-2
 
     def __post_init__(self) -> None:
         t = self.target_reduction
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0:
             raise PolicyError(f"target_reduction must be in (0, 1), got {t!r}", field="target_reduction")
-        if not isinstance(self.compensation, bool):
-            raise PolicyError(
-                f"compensation must be True or False, got {self.compensation!r}", field="compensation"
-            )
+        for name in ("compensation", "learn_means"):
+            if not isinstance(getattr(self, name), bool):
+                raise PolicyError(f"{name} must be True or False, got {getattr(self, name)!r}", field=name)
         checks = (
             ("steps", 1),
             ("batch_windows", 1),
@@ -105,7 +120,7 @@ class AllocatorTraining:
         n = self.noise_final
         if isinstance(n, bool) or not isinstance(n, (int, float)) or not 0.0 <= n <= 1.0:
             raise PolicyError(f"noise_final must be in [0, 1], got {n!r}", field="noise_final")
-        for name in ("lr", "lambda_lr"):
+        for name in ("lr", "lambda_lr", "means_lr"):
             value = getattr(self, name)
             if (
                 isinstance(value, bool)
@@ -121,11 +136,15 @@ class _TrainableHeads(RoutingPolicy):
     reads_router_input = True
     type_name = "learned (training)"
 
-    def __init__(self, template: LearnedAllocator, seed: int) -> None:
+    def __init__(self, template: LearnedAllocator, seed: int, learn_means: bool = False) -> None:
         assert template.params is not None
         self.template = template
         self.weight = torch.nn.Parameter(template.params["weight"].clone())  # (L, k_max, D)
         self.bias = torch.nn.Parameter(template.params["bias"].clone())  # (L, k_max)
+        self.means: torch.nn.Parameter | None = None  # (L, E, H) when the compensation is trained too
+        if learn_means and template.compensation:
+            self.means = torch.nn.Parameter(template.params["means"].clone())
+        self.frozen = False  # True: the template's own (deterministic) masks; only the means train
         self.rows = {layer: row for row, layer in enumerate(template.moe_layers)}
         self.native = False  # True: keep exactly the native top-k (the teacher)
         self.noise = 1.0  # scale of the logistic noise
@@ -141,6 +160,8 @@ class _TrainableHeads(RoutingPolicy):
         return self.template.compensated and not self.native
 
     def layer_means(self, layer: int, device: Any) -> torch.Tensor:
+        if self.means is not None:
+            return self.means[self.rows[layer]].to(device)
         return self.template.layer_means(layer, device)
 
     def check_model(self, family: str, layers: Any) -> None:
@@ -155,6 +176,8 @@ class _TrainableHeads(RoutingPolicy):
         k_max, native_k = self.template.k_max, self.template.native_k
         if self.native:
             return (torch.arange(k_max, device=h.device) < native_k).expand(h.shape[0], k_max)
+        if self.frozen:
+            return self.template.keep_mask(h, ranked_probs, probs, layer).float()
         row = self.rows[layer]
         w, b = self.weight[row].to(h.device), self.bias[row].to(h.device)
         z = allocator_logits(w, b, h, ranked_probs, probs)  # (T, k_max)
@@ -172,7 +195,9 @@ class _TrainableHeads(RoutingPolicy):
     def export(self, offset: float, record: dict[str, Any]) -> LearnedAllocator:
         params = {"weight": self.weight.detach().cpu().clone(), "bias": self.bias.detach().cpu().clone()}
         t = self.template
-        if t.compensation:
+        if self.means is not None:
+            params["means"] = self.means.detach().cpu().clone()
+        elif t.compensation:
             assert t.params is not None
             params["means"] = t.params["means"]
         return LearnedAllocator(
@@ -336,6 +361,105 @@ def fit_budget(
     return policy.with_offset(best[0]), best[1]
 
 
+@contextmanager
+def _frozen(root: Any) -> Iterator[None]:
+    """The model's weights frozen and in eval mode; their ``requires_grad`` flags and train/eval mode
+    restored afterwards."""
+    params = list(root.parameters())
+    saved_flags = [p.requires_grad for p in params]
+    was_training = root.training
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        root.eval()
+        yield
+    finally:
+        for p, flag in zip(params, saved_flags, strict=True):
+            p.requires_grad_(flag)
+        root.train(was_training)
+
+
+def _distil_kl(model: Any, heads: _TrainableHeads, batch: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(native || dynamic) of the next-token distributions on ``batch (B, T + 1)``
+    (the model is patched with ``heads``; the native pass is the teacher)."""
+    heads.native = True
+    with torch.no_grad():
+        teacher = torch.log_softmax(model(batch[:, :-1]).logits.float(), -1)  # (B, T, V)
+    heads.native = False
+    student = torch.log_softmax(model(batch[:, :-1]).logits.float(), -1)  # (B, T, V)
+    return (teacher.exp() * (teacher - student)).sum(-1).mean()
+
+
+def train_means(
+    model: Any,
+    policy: LearnedAllocator,
+    train_windows: torch.Tensor,
+    config: AllocatorTraining | None = None,
+    *,
+    progress: Progress | None = None,
+) -> LearnedAllocator:
+    """Train only the compensation vectors of ``policy`` (its heads and offset stay as they are) by
+    the distillation loss of :func:`train_allocator`, with ``config``'s ``steps``, ``batch_windows``,
+    ``means_lr`` and ``seed``; a policy without compensation first gets the experts' mean outputs
+    (:func:`expert_means` on ``config.means_windows`` windows).
+
+    It gives a fixed allocation (for example static per-layer top-k, :meth:`LearnedAllocator.fixed`)
+    the same trained compensation a learned allocator gets, so that the two compare fairly.
+
+    Example:
+        >>> import torch, dynamic_moe_router as dmr
+        >>> from dynamic_moe_router.hf.tiny import tiny_model
+        >>> from dynamic_moe_router.learn import train_means
+        >>> model = tiny_model("olmoe")
+        >>> static = dmr.LearnedAllocator.fixed(model, [2, 3])  # keep 2 and 3 of the native 4 slots
+        >>> cfg = dmr.AllocatorTraining(steps=2, batch_windows=2, means_windows=2)
+        >>> tuned = train_means(model, static, torch.randint(0, 64, (4, 17)), cfg)
+        >>> tuned.compensation, tuned.params["means"].shape, tuned.record["means_steps"]
+        (True, torch.Size([2, 8, 32]), 2)
+    """
+    config = AllocatorTraining() if config is None else config
+    train_windows = _check_windows("train_windows", train_windows)
+    if not isinstance(policy, LearnedAllocator):
+        raise PolicyError(
+            f"train_means trains a LearnedAllocator's compensation, got {type(policy).__name__}",
+            field="policy",
+        )
+    root = unwrap(model)
+    policy.check_model(model_family(root).model_type, find_moe_layers(root, model_family(root))[0])
+    if not policy.compensation:
+        policy = policy.with_means(expert_means(model, train_windows[: config.means_windows]))
+    heads = _TrainableHeads(policy, config.seed, learn_means=True)
+    heads.frozen = True
+    assert heads.means is not None
+    device = next(root.parameters()).device
+    bar = task(progress, "training compensation", config.steps)
+    start = time.perf_counter()
+    history: list[dict[str, float]] = []
+    with _frozen(root):
+        opt = torch.optim.Adam([heads.means], lr=config.means_lr)
+        order = torch.Generator().manual_seed(config.seed)
+        with patched(model, heads, validate=False):
+            for step in range(config.steps):
+                pick = torch.randint(0, len(train_windows), (config.batch_windows,), generator=order)
+                kl = _distil_kl(model, heads, train_windows[pick].to(device))
+                opt.zero_grad()
+                kl.backward()
+                opt.step()
+                if step % 10 == 0 or step == config.steps - 1:
+                    history.append({"step": step, "kl": float(kl.detach())})
+                bar.advance()
+    bar.finish()
+    record = {
+        **dict(policy.record or {}),
+        "means_steps": config.steps,
+        "means_lr": config.means_lr,
+        "means_seconds": time.perf_counter() - start,
+        "means_history": history,
+    }
+    trained = heads.means.detach().cpu().clone()
+    return dataclasses.replace(policy.with_means(trained), record=record)
+
+
 def train_allocator(
     model: Any,
     train_windows: torch.Tensor,
@@ -374,35 +498,26 @@ def train_allocator(
     _check_reachable(find_moe_layers(root, model_family(root))[0][0].native_k, config.target_reduction)
     means = expert_means(model, train_windows[: config.means_windows]) if config.compensation else None
     template = LearnedAllocator.keep_native(root, config.k_max, means=means)
-    heads = _TrainableHeads(template, config.seed)
+    heads = _TrainableHeads(template, config.seed, config.learn_means)
     device = next(root.parameters()).device
-    params = list(root.parameters())
-    saved_flags = [p.requires_grad for p in params]
-    was_training = root.training
     history: list[dict[str, float]] = []
     bar = task(progress, f"training allocator ({config.target_reduction:.0%} fewer routed FLOPs)",
                config.steps + config.offset_iterations)  # fmt: skip
     start = time.perf_counter()
     lam = 0.0
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        root.eval()
-        opt = torch.optim.Adam([heads.weight, heads.bias], lr=config.lr)
+    with _frozen(root):
+        groups: list[dict[str, Any]] = [{"params": [heads.weight, heads.bias], "lr": config.lr}]
+        if heads.means is not None:
+            groups.append({"params": [heads.means], "lr": config.means_lr})
+        opt = torch.optim.Adam(groups)
         order = torch.Generator().manual_seed(config.seed)
         with patched(model, heads, validate=False):
             for step in range(config.steps):
                 pick = torch.randint(0, len(train_windows), (config.batch_windows,), generator=order)
-                batch = train_windows[pick].to(device)  # (B, context + 1)
-                heads.native = True
-                with torch.no_grad():
-                    teacher = torch.log_softmax(model(batch[:, :-1]).logits.float(), -1)  # (B, T, V)
-                heads.native = False
                 heads.noise = 1.0 + (config.noise_final - 1.0) * step / max(1, config.steps - 1)
                 heads.soft.clear()
                 heads.hard.clear()
-                student = torch.log_softmax(model(batch[:, :-1]).logits.float(), -1)  # (B, T, V)
-                kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
+                kl = _distil_kl(model, heads, train_windows[pick].to(device))
                 kept = torch.stack(heads.soft).mean() / template.native_k  # soft kept-pair fraction
                 reduction = 1.0 - sum(heads.hard) / len(heads.hard) / template.native_k
                 loss = kl + lam * kept
@@ -435,10 +550,6 @@ def train_allocator(
             model, trained, budget_windows, config.target_reduction,
             iterations=config.offset_iterations, on_step=bar.advance,
         )  # fmt: skip
-    finally:
-        for p, flag in zip(params, saved_flags, strict=True):
-            p.requires_grad_(flag)
-        root.train(was_training)
     bar.finish()
     record["budget_reduction"] = reduction
     record["offset"] = fitted.offset

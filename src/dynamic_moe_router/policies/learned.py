@@ -8,6 +8,14 @@ ranked slot::
     z = features @ weight[l].T + bias[l] + offset             # (T, k_max)
     keep slot j  <=>  z[:, j] > 0    (the top slot when no logit is positive)
 
+With ``budget="quantile"`` the threshold is not fixed: in every forward call of at least
+``quantile_min_tokens`` tokens, each layer keeps the ``keep_fraction * T * native_k`` highest
+keep-logits of the call (each token's best slot first), so the routed-FLOP
+reduction of a prefill or an evaluation batch is ``1 - keep_fraction`` on any text, where a fixed
+threshold tuned on one corpus drifts on another. The price: a token's experts then depend on the
+other tokens of its call (deterministic for a given batch, as with ``BatchAware``). Shorter calls
+(decoding) use the threshold.
+
 Unlike the count policies, the kept slots need not be a prefix of the ranking (a token may keep
 its second expert and drop its first); the patched router packs the kept slots to the front, so
 the routing contract (kept slots first, then sentinels) holds. ``offset`` is the budget knob: it is
@@ -48,6 +56,8 @@ __all__ = ["FEATURES", "LearnedAllocator", "allocator_logits", "feature_size"]
 
 #: the feature set of the heads (stored in the file, so that a later release can add others)
 FEATURES = "hidden+ranked_probs+entropy"
+#: how the kept slots are budgeted: a fixed logit threshold (the offset), or a per-call quantile
+BUDGETS = ("threshold", "quantile")
 
 
 def feature_size(hidden_size: int, k_max: int) -> int:
@@ -115,6 +125,9 @@ class LearnedAllocator(RoutingPolicy):
     offset: float = 0.0
     features: str = FEATURES
     compensation: bool = False
+    budget: str = "threshold"
+    keep_fraction: float | None = None
+    quantile_min_tokens: int = 64
     sha256: str = ""
     params: Mapping[str, Any] | None = field(default=None, compare=False, repr=False, metadata=_NOT_IN_JSON)
     record: Mapping[str, Any] | None = field(default=None, compare=False, repr=False, metadata=_NOT_IN_JSON)
@@ -170,6 +183,7 @@ class LearnedAllocator(RoutingPolicy):
                 f"({self.native_k}), got k_max={self.k_max}",
                 field="k_max",
             )
+        self._check_budget()
         if self.params is None:
             raise PolicyError(
                 "learned: a LearnedAllocator needs its head weights (params); read a saved one with "
@@ -177,6 +191,29 @@ class LearnedAllocator(RoutingPolicy):
                 field="params",
             )
         self._check_params()
+
+    def _check_budget(self) -> None:
+        if self.budget not in BUDGETS:
+            raise PolicyError(
+                f"learned: budget must be one of {list(BUDGETS)}, got {self.budget!r}", field="budget"
+            )
+        q = self.keep_fraction
+        if self.budget == "threshold" and q is not None:
+            raise PolicyError(
+                f"learned: keep_fraction={q!r} only applies to budget='quantile' (the threshold budget "
+                "is the offset); use with_quantile_budget(target_reduction)",
+                field="keep_fraction",
+            )
+        if self.budget == "quantile" and (
+            isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q <= 1.0
+        ):
+            raise PolicyError(
+                f"learned: budget='quantile' needs keep_fraction in (0, 1] (1 - target reduction), got {q!r}",
+                field="keep_fraction",
+            )
+        if q is not None:
+            object.__setattr__(self, "keep_fraction", float(q))
+        check_int("quantile_min_tokens", self.quantile_min_tokens, minimum=1)
 
     def _check_params(self) -> None:
         import torch
@@ -286,6 +323,37 @@ class LearnedAllocator(RoutingPolicy):
         """The same heads with another budget offset (larger keeps more slots)."""
         return dataclasses.replace(self, offset=offset)
 
+    def with_quantile_budget(self, target_reduction: float, min_tokens: int = 64) -> LearnedAllocator:
+        """The same heads with the quantile budget: every forward call of at least ``min_tokens``
+        tokens keeps ``1 - target_reduction`` of its native pairs in each layer, the highest
+        keep-logits of the call (see the module docstring); shorter calls keep the threshold.
+
+        Example:
+            >>> import torch, dynamic_moe_router as dmr
+            >>> from dynamic_moe_router.hf.tiny import tiny_model
+            >>> model = tiny_model("olmoe")  # native k 4
+            >>> pol = dmr.LearnedAllocator.keep_native(model).with_quantile_budget(0.5, min_tokens=8)
+            >>> with dmr.patched(model, pol) as handle:
+            ...     _ = model(torch.randint(0, 64, (2, 16)))
+            ...     handle.executed_pairs()  # 2 layers x 32 tokens x 4 slots x 0.5
+            128
+        """
+        if isinstance(target_reduction, bool) or not isinstance(target_reduction, (int, float)):
+            raise PolicyError(
+                f"learned: target_reduction must be a number in [0, 1), got {target_reduction!r}",
+                field="keep_fraction",
+            )
+        return dataclasses.replace(
+            self,
+            budget="quantile",
+            keep_fraction=1.0 - float(target_reduction),
+            quantile_min_tokens=min_tokens,
+        )
+
+    def with_threshold_budget(self) -> LearnedAllocator:
+        """The same heads with the fixed-threshold budget (the offset) in every call."""
+        return dataclasses.replace(self, budget="threshold", keep_fraction=None)
+
     @property
     def compensated(self) -> bool:
         """Whether dropped native slots are replaced by their expert's mean output."""
@@ -374,7 +442,19 @@ class LearnedAllocator(RoutingPolicy):
         """Which ranked slots each token keeps (the top slot when the head keeps none)."""
         import torch
 
-        keep = self.keep_logits(h, ranked_probs, probs, layer) > 0  # (T, k_max)
+        z = self.keep_logits(h, ranked_probs, probs, layer)  # (T, k_max)
+        tokens = z.shape[0]
+        if self.budget == "quantile" and tokens >= self.quantile_min_tokens:
+            assert self.keep_fraction is not None
+            n = min(z.numel(), max(tokens, round(self.keep_fraction * tokens * self.native_k)))
+            # each token's best slot first (at least one per token, within the count), then the
+            # call's highest other keep-logits
+            first = torch.zeros_like(z).scatter_(1, z.argmax(-1, keepdim=True), float("inf"))
+            top = torch.topk((z + first).reshape(-1), n).indices  # (n,)
+            keep = torch.zeros(z.numel(), dtype=torch.bool, device=z.device).index_fill_(0, top, True)
+            keep = keep.view_as(z)
+        else:
+            keep = z > 0
         none = ~keep.any(dim=-1, keepdim=True)  # (T, 1)
         first = torch.zeros_like(keep)
         first[:, 0] = True
@@ -420,8 +500,11 @@ class LearnedAllocator(RoutingPolicy):
         from safetensors import SafetensorError, safe_open
         from safetensors.torch import load
 
-        names = {f.name for f in dataclasses.fields(cls) if f.name not in ("params", "record")} | {"weights"}
-        unknown, missing = set(data) - names, names - set(data)
+        fields = [f for f in dataclasses.fields(cls) if f.name not in ("params", "record")]
+        names = {f.name for f in fields} | {"weights"}
+        # fields added later have defaults, so files written before them still load
+        required = {f.name for f in fields if f.default is dataclasses.MISSING} | {"weights", "sha256"}
+        unknown, missing = set(data) - names, required - set(data)
         if unknown or missing:
             raise PolicyFileError(
                 f"{where}: learned policy fields {sorted(unknown)} are unknown and {sorted(missing)} are "
@@ -472,7 +555,13 @@ class LearnedAllocator(RoutingPolicy):
             raise PolicyFileError(f"{where}: invalid learned policy: {err}") from err
 
     def describe(self) -> str:
+        budget = (
+            f"budget=quantile(keep {self.keep_fraction:.4g} of native pairs per call of >= "
+            f"{self.quantile_min_tokens} tokens), "
+            if self.budget == "quantile"
+            else ""
+        )
         return (
             f"learned(family={self.family}, layers={len(self.moe_layers)}, k_max={self.k_max}, "
-            f"offset={self.offset:.4g}, compensation={self.compensation}, sha256={self.sha256[:12]})"
+            f"offset={self.offset:.4g}, {budget}compensation={self.compensation}, sha256={self.sha256[:12]})"
         )
