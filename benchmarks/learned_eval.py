@@ -46,7 +46,13 @@ import dynamic_moe_router as dmr
 from dynamic_moe_router.data import data_file, read_jsonl
 from dynamic_moe_router.eval import load_checkpoint
 from dynamic_moe_router.hf.layers import find_moe_layers, model_family
-from dynamic_moe_router.learn import expert_means, fit_budget, spread_windows, train_means
+from dynamic_moe_router.learn import (
+    expert_means,
+    fit_budget,
+    fit_quantile_budget,
+    spread_windows,
+    train_means,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cpu_experts import write_result  # sibling scripts: one result writer
@@ -134,6 +140,7 @@ def run_model(path: Path, args: argparse.Namespace, log, checkpoint) -> dict[str
         "native_k": native_k,
         "moe_layers": len(layers),
         "native_ppl": {n: ppl_of(v) for n, v in native.items()},
+        "native_valid_nll": float(window_nll(model, dmr.StaticTopK(), budget, args.batch)[0].mean()),
         "means": "plain"
         if args.plain_means
         else f"trained ({args.static_means_steps} steps for a static point)",
@@ -237,17 +244,27 @@ def run_model(path: Path, args: argparse.Namespace, log, checkpoint) -> dict[str
                     pol.save(
                         folder / f"{path.name}-{'comp' if comp else 'nocomp'}-t{round(target * 100)}.json"
                     )
+            if args.budget != "threshold":  # each call keeps 1 - target of its pairs (layer shares: valid)
+                shares = {"quantile": "best"}.get(args.budget, args.budget.removeprefix("quantile-"))
+                pol, valid_red = fit_quantile_budget(
+                    model, pol, budget, target, layer_shares=shares, iterations=args.offset_iterations
+                )
             res = evaluate(pol)
+            valid_nll = float(window_nll(model, pol, budget, args.batch)[0].mean())  # for choices on valid
             hidden = layers[0].hidden_size
             out["learned"].append(
                 {
                     "comp": bool(comp),
                     "target": target,
                     "tag": args.tag,
+                    "budget": args.budget,
+                    "keep_fraction": pol.keep_fraction,
                     "noise_final": (record.get("config") or {}).get("noise_final"),
                     "learn_means": (record.get("config") or {}).get("learn_means", False),
                     "source": source,
                     "valid_reduction": valid_red,
+                    "valid_nll": valid_nll,
+                    "valid_nll_change": valid_nll - out["native_valid_nll"],
                     "offset": pol.offset,
                     "steps": (record.get("config") or {}).get("steps"),
                     "batch_windows": (record.get("config") or {}).get("batch_windows"),
@@ -305,9 +322,13 @@ def merge(files: list[str], out: str) -> None:
     sources = []
     for f in files:
         payload = json.loads(Path(f).read_text())
-        sources.append({"file": Path(f).name, "device": payload.get("device"), "args": payload.get("args")})
+        sources += payload.get("merged_from") or [  # a merged file brings its own sources
+            {"file": Path(f).name, "device": payload.get("device"), "args": payload.get("args")}
+        ]
         for m in payload["models"]:
             cur = merged.setdefault(m["model"], {**m, "static": [], "learned": []})
+            for key, value in m.items():  # fields that later runs record (e.g. native_valid_nll)
+                cur.setdefault(key, value)
             if not cur["static"]:
                 cur["static"] = m["static"]
             seen = {(p["comp"], p["target"], p.get("tag", "")) for p in cur["learned"]}
@@ -316,6 +337,9 @@ def merge(files: list[str], out: str) -> None:
             ]
     for m in merged.values():
         m["learned"].sort(key=lambda p: (p.get("tag", ""), p["comp"], p["target"]))
+        for p in m["learned"]:  # the valid NLL change from native, where the run measured both
+            if p.get("valid_nll") is not None and m.get("native_valid_nll") is not None:
+                p["valid_nll_change"] = p["valid_nll"] - m["native_valid_nll"]
         m["equal_flops"] = compare(m)
     payload = {
         "script": "benchmarks/learned_eval.py",
@@ -348,6 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--noise-final", type=float, default=1.0)
     p.add_argument("--tag", default="", help="label of this configuration in the output")
+    p.add_argument(
+        "--budget",
+        choices=("threshold", "quantile", "quantile-threshold", "quantile-uniform"),
+        default="threshold",
+        help="threshold: the offset fit on valid; quantile: each call keeps exactly 1 - target of the pairs "
+        "(fit_quantile_budget; layer shares: the better on valid of the threshold budget's and uniform); "
+        "quantile-threshold / quantile-uniform: those layer shares",
+    )
     p.add_argument(
         "--train-once",
         type=float,

@@ -62,6 +62,21 @@ def test_learned_family_trains_on_the_train_documents_and_reaches_the_target(tok
         calibrate(model, tokenizer, 0.9, family="learned", tokens=512, context=128, **kwargs)
 
 
+def test_learned_family_with_the_quantile_budget_lands_exactly_on_the_target(tokenizer):  # type: ignore[no-untyped-def]
+    long_docs = [" ".join(DOCS)] * 3
+    model = tiny_model("olmoe", vocab_size=len(tokenizer))
+    training = dmr.AllocatorTraining(steps=10, batch_windows=2, offset_iterations=8)
+    kwargs = {"documents": long_docs, "train_documents": long_docs, "training": training}
+    result = calibrate(
+        model, tokenizer, 0.4, family="learned", tokens=512, context=128, learned_budget="quantile", **kwargs
+    )
+    assert isinstance(result.policy, dmr.LearnedAllocator) and result.policy.budget == "quantile"
+    assert result.reduction == pytest.approx(0.4, abs=1e-3)  # one call of 508 tokens: exact to a pair
+    with pytest.raises(dmr.PolicyError) as err:
+        calibrate(model, tokenizer, 0.4, family="learned", learned_budget="per-token", **kwargs)
+    assert err.value.field == "learned_budget"
+
+
 def test_unreachable_and_invalid_targets(tokenizer):  # type: ignore[no-untyped-def]
     model = tiny_model("mixtral", vocab_size=len(tokenizer))  # top-2: at most 50% fewer routed FLOPs
     with pytest.raises(dmr.TargetUnreachableError, match="lower the target"):
@@ -314,18 +329,19 @@ def test_a_measurement_on_part_of_the_windows_takes_whole_batches_or_one_partial
     assert cal._Meter(model, windows[:1], 2).probe is None  # one window: no part to take
 
 
+@pytest.mark.parametrize("option", [["--train-steps", "50"], ["--budget", "quantile"]])
 @pytest.mark.parametrize("extra", [["--no-learned"], ["--family", "top_p"]])
-def test_cli_train_steps_without_the_learned_family_is_refused_before_loading(
-    tmp_path, capsys, monkeypatch, extra
+def test_cli_learned_options_without_the_learned_family_are_refused_before_loading(
+    tmp_path, capsys, monkeypatch, extra, option
 ):  # type: ignore[no-untyped-def]
     import dynamic_moe_router.eval as ev
 
     monkeypatch.setattr(ev, "load_checkpoint", lambda *_: pytest.fail("a model was loaded"))
     args = ["calibrate", "--model", str(ROOT / "models" / "ref-mixtral"), "--target-reduction", "0.3",
-            "--train-steps", "50", *extra, "--out", str(tmp_path / "policy.json")]  # fmt: skip
+            *option, *extra, "--out", str(tmp_path / "policy.json")]  # fmt: skip
     assert main(args) == 2
     out, err = capsys.readouterr()
-    assert out == "" and "--train-steps" in err and extra[-1] in err
+    assert out == "" and option[0] in err and extra[-1] in err
     assert not (tmp_path / "policy.json").exists()
 
 

@@ -190,6 +190,10 @@ CASES: dict[tuple[str, str], list[tuple[list[str], str]]] = {
     ],
     ("calibrate", "tokens"): ints("--tokens", "0", "100", "-1", "x"),
     ("calibrate", "train_steps"): ints("--train-steps", "0", "-2", "x", "1.5"),
+    ("calibrate", "budget"): [
+        (["--budget", "per-token"], "invalid choice"),
+        (["--budget", "quantile", "--no-learned"], "only the learned family has a budget kind"),
+    ],
     ("calibrate", "global_only"): [(["--global-only=1"], "--global-only")],
     ("calibrate", "no_learned"): [
         (["--no-learned=1"], "--no-learned"),

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import dynamic_moe_router as dmr
 from dynamic_moe_router.hf.layers import find_moe_layers
@@ -15,10 +18,12 @@ from dynamic_moe_router.learn import (
     AllocatorTraining,
     expert_means,
     fit_budget,
+    fit_quantile_budget,
     measure_reduction,
     train_allocator,
     train_means,
 )
+from dynamic_moe_router.policies.learned import spread_keep
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
 
@@ -485,3 +490,89 @@ def test_quantile_budget_keeps_the_fraction_of_each_long_call_and_round_trips(tm
     with pytest.raises(dmr.PolicyError) as err:
         dataclasses.replace(heads, budget="per-token")
     assert err.value.field == "budget"
+
+
+def test_quantile_budget_per_layer_shares_and_top_slot_first(tmp_path):  # type: ignore[no-untyped-def]
+    model = tiny_model("olmoe")  # 2 MoE layers, native k 4
+    heads = random_heads(model, seed=6, scale=3.0)
+    pol = heads.with_quantile_budget(0.5, min_tokens=8, layer_keep=[0.3, 0.9])
+    assert pol.keep_fraction == (0.25, 0.75)  # the proportions of layer_keep, mean 1 - 0.5
+    ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(7))  # 40 tokens
+    seen: dict[int, torch.Tensor] = {}
+
+    def hook(index):  # type: ignore[no-untyped-def]
+        def record(module, args, kwargs):  # type: ignore[no-untyped-def]
+            seen[index] = dmr.hf.layers.experts_inputs(args, kwargs)[1]  # (T, k) kept ids, sentinels after
+
+        return record
+
+    with dmr.patched(model, pol) as handle:
+        hooks = [
+            layer.experts.register_forward_pre_hook(hook(layer.index), with_kwargs=True)
+            for layer in handle.layers
+        ]
+        model(ids)
+        for h in hooks:
+            h.remove()
+    counts = [int((seen[layer.index] < layer.num_experts).sum()) for layer in handle.layers]
+    assert counts == [round(0.25 * 40 * 4), round(0.75 * 40 * 4)]  # 40 and 120 of 160 pairs
+    assert all(int((seen[i] < 8).sum(-1).min()) >= 1 for i in seen)  # every token keeps one expert
+    pol.save(tmp_path / "q.json")
+    back = dmr.load_policy(tmp_path / "q.json")
+    assert back == pol and back.keep_fraction == (0.25, 0.75)
+    assert "per layer 0.25, 0.75" in back.describe()
+    for bad in ((0.5,), (0.5, 0.0), (0.5, 1.5), ("a", 0.5)):
+        with pytest.raises(dmr.PolicyError) as err:
+            dataclasses.replace(heads, budget="quantile", keep_fraction=bad)
+        assert err.value.field == "keep_fraction"
+    with pytest.raises(dmr.PolicyError, match="layer_keep must hold 2 positive numbers"):
+        heads.with_quantile_budget(0.5, layer_keep=[0.5])
+    with pytest.raises(dmr.PolicyError, match="target_reduction"):
+        heads.with_quantile_budget(1.0)
+
+
+def test_quantile_budget_keeps_each_tokens_top_ranked_slot():  # type: ignore[no-untyped-def]
+    model = tiny_model("mixtral")  # native k 2
+    heads = random_heads(model, seed=8, scale=3.0)
+    assert heads.params is not None
+    bias = heads.params["bias"].clone()
+    bias[:, 0], bias[:, 1] = -50.0, 50.0  # every head prefers the second-ranked slot by far
+    biased = dataclasses.replace(heads, params={**heads.params, "bias": bias}, sha256="")
+    pol = biased.with_quantile_budget(0.5, min_tokens=8)
+    h = torch.randn(16, heads.hidden_size)
+    probs = torch.softmax(torch.randn(16, heads.num_experts), -1)
+    ranked = probs.topk(2, -1).values
+    keep = pol.keep_mask(h, ranked, probs, pol.moe_layers[0])  # (T, 2): one slot per token at 50%
+    assert keep[:, 0].all() and not keep[:, 1].any()  # the top slot, as the threshold's fallback
+
+
+@given(
+    keep=st.lists(st.floats(0.01, 1.0), min_size=1, max_size=8),
+    mean=st.floats(0.05, 1.0),
+    native_k=st.sampled_from([1, 2, 4, 8]),
+)
+def test_spread_keep_has_the_mean_the_proportions_and_the_bounds(keep, mean, native_k):  # type: ignore[no-untyped-def]
+    floor = 1.0 / native_k
+    out = spread_keep(mean, keep, len(keep), floor=floor)
+    assert len(out) == len(keep) and all(floor - 1e-12 <= v <= 1.0 for v in out)
+    assert abs(sum(out) / len(out) - max(mean, floor)) < 1e-6
+    free = [(o, k) for o, k in zip(out, keep, strict=True) if floor + 1e-9 < o < 1.0 - 1e-9]
+    for (o1, k1), (o2, k2) in itertools.pairwise(free):  # uncapped layers keep the given proportions
+        assert abs(o1 * k2 - o2 * k1) < 1e-6 * max(1.0, k1, k2)
+
+
+@pytest.mark.parametrize("shares", ["threshold", "uniform", "best"])
+def test_fit_quantile_budget_lands_on_the_target(shares):  # type: ignore[no-untyped-def]
+    model = tiny_model("olmoe")
+    heads = random_heads(model, seed=9, scale=3.0)
+    windows = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(10))
+    pol, red = fit_quantile_budget(model, heads, windows, 0.4, layer_shares=shares, min_tokens=8)
+    assert pol.budget == "quantile" and red == pytest.approx(0.4, abs=1 / 64)
+    assert measure_reduction(model, pol, windows) == red
+    if shares == "uniform":
+        assert isinstance(pol.keep_fraction, float)
+    if shares == "threshold":
+        assert isinstance(pol.keep_fraction, tuple) and len(pol.keep_fraction) == 2
+    with pytest.raises(dmr.PolicyError) as err:
+        fit_quantile_budget(model, heads, windows, 0.4, layer_shares="per-token")
+    assert err.value.field == "layer_shares"

@@ -11,11 +11,18 @@ this machine's CPU, and writes:
   ``record`` is the 35% training's (its target, offset and budget reduction are those of t35; each
   file's own offset is in its JSON).
 
+* ``learned-q25.json`` ... ``learned-q50.json``: the same heads with the quantile budget
+  (:func:`dynamic_moe_router.learn.fit_quantile_budget` on the Gutenberg valid split): every forward
+  call of at least 64 tokens keeps exactly ``1 - target`` of its native pairs, so the reduction holds
+  on any text; shorter calls (decoding) use the threshold offset fitted for the target.
+
 Run from the repository root (about 5-10 minutes per model on 2 cores)::
 
     python training/allocators.py models/ref-olmoe models/ref-mixtral
-    # only refit the offsets of the committed heads (seconds; e.g. after a change to fit_budget)
+    # only refit the budgets of the committed heads (minutes; e.g. after a change to fit_budget)
     python training/allocators.py --refit models/ref-olmoe models/ref-mixtral
+    # only the quantile budgets of the committed heads, on a GPU (the recorded q files: H200)
+    python training/allocators.py --quantile-only --device cuda models/ref-olmoe models/ref-mixtral
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from dynamic_moe_router._atomic import write_text_atomic
 from dynamic_moe_router.calibrate import _calibrate_learned
 from dynamic_moe_router.data import data_file, read_jsonl
 from dynamic_moe_router.eval import load_checkpoint
-from dynamic_moe_router.learn import fit_budget, spread_windows
+from dynamic_moe_router.learn import fit_budget, fit_quantile_budget, spread_windows
 from dynamic_moe_router.policies import LearnedAllocator, load_policy
 
 HEADLINE = 0.35
@@ -40,15 +47,22 @@ OTHERS = (0.25, 0.30, 0.40, 0.50)
 
 def main(argv: list[str]) -> int:
     refit = "--refit" in argv
-    paths = [a for a in argv if a != "--refit"]
+    quantile_only = "--quantile-only" in argv
+    device = argv[argv.index("--device") + 1] if "--device" in argv else "cpu"
+    flags = {"--refit", "--quantile-only", "--device", device}
+    paths = [a for a in argv if a not in flags]
     torch.set_num_threads(2)
     valid = [r["text"] for r in read_jsonl(data_file("gutenberg/valid.jsonl"))]
     for path in map(Path, paths):
         model, tokenizer = load_checkpoint(str(path))
+        model.to(device)
         out = path / "allocators"
         head = out / f"learned-t{round(HEADLINE * 100)}.json"
         budget = spread_windows(tokenizer, valid, per_doc=2, max_windows=64)
-        if refit:
+        if quantile_only:
+            policy = load_policy(head)
+            assert isinstance(policy, LearnedAllocator)
+        elif refit:
             policy = load_policy(head)
             assert isinstance(policy, LearnedAllocator)
             data = json.loads(head.read_text())
@@ -61,7 +75,7 @@ def main(argv: list[str]) -> int:
             policy = _calibrate_learned(model, tokenizer, HEADLINE, valid, None, None, 512, None)
             print(f"{path.name}: trained in {time.time() - start:.0f} s, {policy.describe()}", flush=True)
             policy.save(head)
-        for target in OTHERS:
+        for target in () if quantile_only else OTHERS:
             variant, reached = fit_budget(model, policy, budget, target)
             data = json.loads(head.read_text())
             data["_data"]["offset"] = variant.offset
@@ -70,6 +84,20 @@ def main(argv: list[str]) -> int:
                 json.dumps(data, indent=2, sort_keys=True) + "\n",
             )
             print(f"  {target:.0%}: offset {variant.offset:+.4f}, valid reduction {reached:.4f}", flush=True)
+        for target in sorted((*OTHERS, HEADLINE)):
+            variant, reached = fit_quantile_budget(model, policy, budget, target)
+            data = json.loads(head.read_text())
+            data["_data"].update(
+                offset=variant.offset,
+                budget=variant.budget,
+                keep_fraction=variant.keep_fraction,
+                quantile_min_tokens=variant.quantile_min_tokens,
+            )
+            write_text_atomic(
+                out / f"learned-q{round(target * 100)}.json",
+                json.dumps(data, indent=2, sort_keys=True) + "\n",
+            )
+            print(f"  {target:.0%} quantile: keep {variant.keep_fraction}, valid reduction {reached:.4f}")
     return 0
 
 

@@ -115,6 +115,8 @@ _CROSS_LAYER_STATE = ("num_kv_shared_layers",)
 
 #: every calibration family: the score-policy knobs, then the learned allocator
 FAMILIES: tuple[str, ...] = (*KNOBS, "learned")
+#: the learned family's budgets: a fixed logit threshold, or a per-call quantile (exact reduction)
+LEARNED_BUDGETS: tuple[str, ...] = ("threshold", "quantile")
 #: the learned family's budget is fitted on windows spread over the calibration documents, then
 #: measured on the calibration windows: it counts as reaching the target within this margin
 LEARNED_TOLERANCE = 0.01
@@ -595,6 +597,7 @@ def calibrate(
     families: Sequence[str] | None = None,
     training: Any = None,
     train_documents: Sequence[str] | None = None,
+    learned_budget: str = "threshold",
 ) -> CalibrationResult:
     """Find the policy reaching ``target_reduction`` of routed-expert FLOPs with the least NLL increase.
 
@@ -614,10 +617,18 @@ def calibrate(
     None. The learned family trains on ``train_documents`` (default: the Gutenberg train split) with
     ``training`` (an :class:`~dynamic_moe_router.AllocatorTraining`; its target is replaced by
     ``target_reduction``); its training is not cached (a resumed run trains again).
+    ``learned_budget="quantile"`` gives the learned family the per-call quantile budget
+    (:func:`dynamic_moe_router.learn.fit_quantile_budget`): its reduction then holds on any text, at
+    the price of routing that depends on the other tokens of a call.
     """
     if not isinstance(target_reduction, (int, float)) or not 0.0 < target_reduction < 1.0:
         raise PolicyError(
             f"target_reduction must be in (0, 1), got {target_reduction!r}", field="target_reduction"
+        )
+    if learned_budget not in LEARNED_BUDGETS:
+        raise PolicyError(
+            f"learned_budget must be one of {list(LEARNED_BUDGETS)}, got {learned_budget!r}",
+            field="learned_budget",
         )
     names = [family] if family is not None else list(FAMILIES if families is None else families)
     for name in names:
@@ -649,8 +660,9 @@ def calibrate(
     reachable: dict[str, float] = {}
     if "learned" in names:
         learned = _calibrate_learned(
-            model, tokenizer, target_reduction, documents, train_documents, training, context, progress
-        )
+            model, tokenizer, target_reduction, documents, train_documents, training, context, progress,
+            learned_budget,
+        )  # fmt: skip
         red, nll = meter(learned, stage="learned", family="learned")
         reachable["learned"] = red
         if red >= target_reduction - LEARNED_TOLERANCE:  # its budget was fitted on other windows
@@ -733,12 +745,21 @@ def _polish(  # type: ignore[no-untyped-def]
 
 
 def _calibrate_learned(  # type: ignore[no-untyped-def]
-    model, tokenizer, target: float, documents, train_documents, training, context: int, progress
+    model,
+    tokenizer,
+    target: float,
+    documents,
+    train_documents,
+    training,
+    context: int,
+    progress,
+    budget_kind: str = "threshold",
 ) -> RoutingPolicy:
-    """Train a learned allocator (train split) and fit its budget on spread calibration windows."""
+    """Train a learned allocator (train split) and fit its budget on spread calibration windows
+    (``budget_kind``: the threshold offset, or the per-call quantile budget)."""
     from dataclasses import replace
 
-    from .learn import AllocatorTraining, spread_windows, train_allocator
+    from .learn import AllocatorTraining, fit_quantile_budget, spread_windows, train_allocator
 
     if train_documents is None:
         from .data import data_file, read_jsonl
@@ -749,7 +770,10 @@ def _calibrate_learned(  # type: ignore[no-untyped-def]
         tokenizer, train_documents, per_doc=8, context=context, skip=context, max_windows=800
     )
     budget = spread_windows(tokenizer, documents, per_doc=2, context=context, skip=context, max_windows=64)
-    return train_allocator(model, train, budget, config, progress=progress)
+    policy = train_allocator(model, train, budget, config, progress=progress)
+    if budget_kind == "quantile":
+        policy, _ = fit_quantile_budget(model, policy, budget, target)
+    return policy
 
 
 def _refine_per_layer(meter, knob, theta, bias, layers, target, native_nll, best, iterations, polishers):  # type: ignore[no-untyped-def]

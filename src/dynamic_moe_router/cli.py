@@ -363,6 +363,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "tokens": args.tokens,
         "per_layer": not args.global_only,
         "train_steps": args.train_steps,
+        "budget": args.budget,
     }
     state: dict[str, Any] = {**header, "measurements": {}}
     if not args.resume and partial.exists():
@@ -387,7 +388,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 "'measurements' of [reduction, nll] pairs); delete it and rerun without --resume"
             )
         # a file from before --no-learned existed has no such key: it ran without it
-        changed = [k for k, v in header.items() if saved.get(k, False if k == "no_learned" else None) != v]
+        # a file from before --budget existed ran with the threshold budget
+        before = {"no_learned": False, "budget": "threshold"}
+        changed = [k for k, v in header.items() if saved.get(k, before.get(k)) != v]
         if changed:
             raise ResumeError(
                 f"--resume: {partial} was made with other {', '.join(changed)}; rerun with the same "
@@ -416,6 +419,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 tokens=args.tokens,
                 per_layer=not args.global_only,
                 training=training,
+                learned_budget=args.budget,
                 cache=state["measurements"],
                 on_measure=save,
                 progress=progress,
@@ -597,6 +601,12 @@ def _check_calibrate(args: argparse.Namespace) -> str | None:
         return (
             f"argument --train-steps: only the learned family trains, and {chosen} leaves it out; drop "
             "--train-steps or calibrate the learned family"
+        )
+    if _explicit(args, "budget") and (args.no_learned or args.family not in (None, "learned")):
+        chosen = "--no-learned" if args.no_learned else f"--family {args.family}"
+        return (
+            f"argument --budget: only the learned family has a budget kind, and {chosen} leaves it out; "
+            "drop --budget or calibrate the learned family"
         )
     if args.report and _same_file(args.report, args.out):
         return "argument --report: the same file as --out; pass another path for the report"
@@ -935,6 +945,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=400,
         help="training steps of the learned family (default 400: about 7 minutes on 2 CPU cores for "
         "the reference models)",
+    )
+    p.add_argument(
+        "--budget",
+        choices=["threshold", "quantile"],
+        default="threshold",
+        help="the learned family's budget: a logit threshold fitted on valid (default), or 'quantile': "
+        "every call of >= 64 tokens keeps exactly 1 - target of its pairs, on any text (routing then "
+        "depends on the other tokens of a call; decoding steps use the threshold)",
     )
     p.add_argument(
         "--report",

@@ -2,7 +2,8 @@
 
 * :mod:`.windows`: training and budget windows spread over the documents of a corpus;
 * :mod:`.trainer`: :func:`train_allocator` (distillation with a routed-FLOP budget) and
-  :func:`fit_budget` (the logit offset that lands a trained allocator on a target reduction), and
+  :func:`fit_budget` (the logit offset that lands a trained allocator on a target reduction),
+  :func:`fit_quantile_budget` (the per-call quantile budget, with per-layer shares), and
   :func:`train_means` (trained compensation for a fixed allocation, such as static per-layer top-k).
 """
 
@@ -10,6 +11,7 @@ from .trainer import (
     AllocatorTraining,
     expert_means,
     fit_budget,
+    fit_quantile_budget,
     measure_reduction,
     train_allocator,
     train_means,
@@ -20,6 +22,7 @@ __all__ = [
     "AllocatorTraining",
     "expert_means",
     "fit_budget",
+    "fit_quantile_budget",
     "measure_reduction",
     "spread_windows",
     "train_allocator",

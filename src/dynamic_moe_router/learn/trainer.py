@@ -42,6 +42,7 @@ __all__ = [
     "AllocatorTraining",
     "expert_means",
     "fit_budget",
+    "fit_quantile_budget",
     "measure_reduction",
     "train_allocator",
     "train_means",
@@ -359,6 +360,85 @@ def fit_budget(
             f"{target_reduction:.1%} target; lower the target or widen the bracket {bracket}"
         )
     return policy.with_offset(best[0]), best[1]
+
+
+#: how :func:`fit_quantile_budget` spreads the kept pairs over the MoE layers
+LAYER_SHARES = ("best", "threshold", "uniform")
+
+
+def fit_quantile_budget(
+    model: Any,
+    policy: LearnedAllocator,
+    windows: torch.Tensor,
+    target_reduction: float,
+    *,
+    layer_shares: str = "best",
+    min_tokens: int = 64,
+    iterations: int = 10,
+    batch_size: int = 8,
+) -> tuple[LearnedAllocator, float]:
+    """The quantile budget at ``target_reduction``, fitted on ``windows`` (calibration text).
+
+    Every call of at least ``min_tokens`` tokens keeps exactly ``1 - target_reduction`` of its
+    native pairs on any text (see :meth:`~dynamic_moe_router.LearnedAllocator.with_quantile_budget`);
+    shorter calls (decoding) use the threshold offset that :func:`fit_budget` lands on the target.
+    ``layer_shares`` spreads the kept pairs over the MoE layers:
+
+    * ``"threshold"``: each layer keeps the share the threshold budget gives it on ``windows``;
+    * ``"uniform"``: every layer keeps the same share;
+    * ``"best"`` (default): whichever of the two has the lower NLL on ``windows`` (on the reference
+      models the threshold shares win on ref-mixtral, the uniform ones on ref-olmoe).
+
+    Returns the policy and its reduction on ``windows``.
+
+    Example:
+        >>> import torch, dynamic_moe_router as dmr
+        >>> from dynamic_moe_router.hf.tiny import tiny_model
+        >>> from dynamic_moe_router.learn import fit_quantile_budget
+        >>> model = tiny_model("olmoe")  # native k 4, 2 MoE layers
+        >>> heads = dmr.LearnedAllocator.keep_native(model)
+        >>> pol, red = fit_quantile_budget(model, heads, torch.randint(0, 64, (4, 17)), 0.5, min_tokens=8)
+        >>> pol.budget, round(red, 6)
+        ('quantile', 0.5)
+    """
+    if layer_shares not in LAYER_SHARES:
+        raise PolicyError(
+            f"layer_shares must be one of {list(LAYER_SHARES)}, got {layer_shares!r}", field="layer_shares"
+        )
+    fitted, _ = fit_budget(
+        model, policy.with_threshold_budget(), windows, target_reduction,
+        iterations=iterations, batch_size=batch_size,
+    )  # fmt: skip
+    windows = _check_windows("windows", windows)
+    candidates = []
+    if layer_shares in ("best", "uniform"):
+        candidates.append(fitted.with_quantile_budget(target_reduction, min_tokens))
+    if layer_shares in ("best", "threshold"):
+        with patched(model, fitted, validate=False), profile(model, count_dense=False) as report:
+            _nll(model, windows, batch_size)
+        share = {st.index: st.kept_pairs / max(1, st.native_pairs) for st in report.layers}  # (L,)
+        layer_keep = [max(share[i], 1e-6) for i in fitted.moe_layers]
+        candidates.append(fitted.with_quantile_budget(target_reduction, min_tokens, layer_keep=layer_keep))
+    scored = []
+    for cand in candidates:
+        with patched(model, cand, validate=False), profile(model, count_dense=False) as report:
+            nll = _nll(model, windows, batch_size)
+        scored.append((nll, float(report.to_dict()["routed_flop_reduction"]), cand))
+    nll, red, best = min(scored, key=lambda s: s[0])
+    return best, red
+
+
+@torch.no_grad()
+def _nll(model: Any, windows: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token NLL of ``model`` on ``windows`` (one forward per batch)."""
+    device = next(unwrap(model).parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        w = windows[start : start + batch_size].to(device)
+        logits = model(w[:, :-1]).logits.float()  # (B, S, V)
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), w[:, 1:], reduction="sum")
+        total, count = total + float(loss), count + w[:, 1:].numel()
+    return total / max(1, count)
 
 
 @contextmanager

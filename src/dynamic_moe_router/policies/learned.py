@@ -10,11 +10,13 @@ ranked slot::
 
 With ``budget="quantile"`` the threshold is not fixed: in every forward call of at least
 ``quantile_min_tokens`` tokens, each layer keeps the ``keep_fraction * T * native_k`` highest
-keep-logits of the call (each token's best slot first), so the routed-FLOP
+keep-logits of the call (each token's top-ranked slot first), so the routed-FLOP
 reduction of a prefill or an evaluation batch is ``1 - keep_fraction`` on any text, where a fixed
-threshold tuned on one corpus drifts on another. The price: a token's experts then depend on the
-other tokens of its call (deterministic for a given batch, as with ``BatchAware``). Shorter calls
-(decoding) use the threshold.
+threshold tuned on one corpus drifts on another. ``keep_fraction`` is one number for every layer or
+one per MoE layer; :func:`dynamic_moe_router.learn.fit_quantile_budget` takes the per-layer shares
+that the threshold budget gives on calibration text. The price: a token's experts then depend on
+the other tokens of its call (deterministic for a given batch, as with ``BatchAware``). Shorter
+calls (decoding) use the threshold.
 
 Unlike the count policies, the kept slots need not be a prefix of the ranking (a token may keep
 its second expert and drop its first); the patched router packs the kept slots to the front, so
@@ -52,7 +54,7 @@ from ._base import RoutingPolicy, check_int, policy_to_dict, register_policy
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FEATURES", "LearnedAllocator", "allocator_logits", "feature_size"]
+__all__ = ["FEATURES", "LearnedAllocator", "allocator_logits", "feature_size", "spread_keep"]
 
 #: the feature set of the heads (stored in the file, so that a later release can add others)
 FEATURES = "hidden+ranked_probs+entropy"
@@ -126,7 +128,7 @@ class LearnedAllocator(RoutingPolicy):
     features: str = FEATURES
     compensation: bool = False
     budget: str = "threshold"
-    keep_fraction: float | None = None
+    keep_fraction: float | tuple[float, ...] | None = None
     quantile_min_tokens: int = 64
     sha256: str = ""
     params: Mapping[str, Any] | None = field(default=None, compare=False, repr=False, metadata=_NOT_IN_JSON)
@@ -204,15 +206,26 @@ class LearnedAllocator(RoutingPolicy):
                 "is the offset); use with_quantile_budget(target_reduction)",
                 field="keep_fraction",
             )
-        if self.budget == "quantile" and (
-            isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q <= 1.0
-        ):
-            raise PolicyError(
-                f"learned: budget='quantile' needs keep_fraction in (0, 1] (1 - target reduction), got {q!r}",
-                field="keep_fraction",
+        if self.budget == "quantile":
+            values: list[Any] = list(q) if isinstance(q, (tuple, list)) else [q]
+            if isinstance(q, (tuple, list)) and len(values) != len(self.moe_layers):
+                raise PolicyError(
+                    f"learned: keep_fraction has {len(values)} per-layer values for "
+                    f"{len(self.moe_layers)} MoE layers; give one number or one per MoE layer",
+                    field="keep_fraction",
+                )
+            fractions: list[float] = []
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
+                    raise PolicyError(
+                        "learned: budget='quantile' needs keep_fraction in (0, 1] (1 - target reduction), "
+                        f"one number or one per MoE layer, got {q!r}",
+                        field="keep_fraction",
+                    )
+                fractions.append(float(v))
+            object.__setattr__(
+                self, "keep_fraction", tuple(fractions) if isinstance(q, (tuple, list)) else fractions[0]
             )
-        if q is not None:
-            object.__setattr__(self, "keep_fraction", float(q))
         check_int("quantile_min_tokens", self.quantile_min_tokens, minimum=1)
 
     def _check_params(self) -> None:
@@ -323,32 +336,55 @@ class LearnedAllocator(RoutingPolicy):
         """The same heads with another budget offset (larger keeps more slots)."""
         return dataclasses.replace(self, offset=offset)
 
-    def with_quantile_budget(self, target_reduction: float, min_tokens: int = 64) -> LearnedAllocator:
+    def with_quantile_budget(
+        self, target_reduction: float, min_tokens: int = 64, layer_keep: Any = None
+    ) -> LearnedAllocator:
         """The same heads with the quantile budget: every forward call of at least ``min_tokens``
-        tokens keeps ``1 - target_reduction`` of its native pairs in each layer, the highest
-        keep-logits of the call (see the module docstring); shorter calls keep the threshold.
+        tokens keeps ``1 - target_reduction`` of its native pairs, the highest keep-logits of the
+        call in each layer (see the module docstring); shorter calls keep the threshold.
+
+        ``layer_keep`` (one value per MoE layer, for example each layer's kept share of native pairs
+        under the threshold budget on calibration text) spreads the kept pairs over the layers in
+        those proportions, scaled so that their mean is ``1 - target_reduction`` (a layer that would
+        exceed all of its native pairs is capped and the rest rescaled); without it every layer keeps
+        the same share. :func:`dynamic_moe_router.learn.fit_quantile_budget` measures it.
 
         Example:
             >>> import torch, dynamic_moe_router as dmr
             >>> from dynamic_moe_router.hf.tiny import tiny_model
-            >>> model = tiny_model("olmoe")  # native k 4
+            >>> model = tiny_model("olmoe")  # native k 4, 2 MoE layers
             >>> pol = dmr.LearnedAllocator.keep_native(model).with_quantile_budget(0.5, min_tokens=8)
             >>> with dmr.patched(model, pol) as handle:
             ...     _ = model(torch.randint(0, 64, (2, 16)))
             ...     handle.executed_pairs()  # 2 layers x 32 tokens x 4 slots x 0.5
             128
+            >>> pol.with_quantile_budget(0.5, layer_keep=[0.2, 0.6]).keep_fraction
+            (0.25, 0.75)
         """
-        if isinstance(target_reduction, bool) or not isinstance(target_reduction, (int, float)):
+        if (
+            isinstance(target_reduction, bool)
+            or not isinstance(target_reduction, (int, float))
+            or not 0.0 <= target_reduction < 1.0
+        ):
             raise PolicyError(
                 f"learned: target_reduction must be a number in [0, 1), got {target_reduction!r}",
                 field="keep_fraction",
             )
+        keep: float | tuple[float, ...] = 1.0 - float(target_reduction)
+        if layer_keep is not None:
+            keep = spread_keep(keep, layer_keep, len(self.moe_layers), floor=1.0 / self.native_k)
         return dataclasses.replace(
             self,
             budget="quantile",
-            keep_fraction=1.0 - float(target_reduction),
+            keep_fraction=keep,
             quantile_min_tokens=min_tokens,
         )
+
+    def layer_keep_fraction(self, layer: int) -> float:
+        """The quantile budget's kept share of native pairs in MoE layer ``layer``."""
+        q = self.keep_fraction
+        assert q is not None
+        return q[self.moe_layers.index(layer)] if isinstance(q, tuple) else q
 
     def with_threshold_budget(self) -> LearnedAllocator:
         """The same heads with the fixed-threshold budget (the offset) in every call."""
@@ -445,11 +481,12 @@ class LearnedAllocator(RoutingPolicy):
         z = self.keep_logits(h, ranked_probs, probs, layer)  # (T, k_max)
         tokens = z.shape[0]
         if self.budget == "quantile" and tokens >= self.quantile_min_tokens:
-            assert self.keep_fraction is not None
-            n = min(z.numel(), max(tokens, round(self.keep_fraction * tokens * self.native_k)))
-            # each token's best slot first (at least one per token, within the count), then the
-            # call's highest other keep-logits
-            first = torch.zeros_like(z).scatter_(1, z.argmax(-1, keepdim=True), float("inf"))
+            fraction = self.layer_keep_fraction(layer)
+            n = min(z.numel(), max(tokens, round(fraction * tokens * self.native_k)))
+            # each token's top-ranked slot first (at least one per token, within the count, as the
+            # threshold budget's fallback), then the call's highest other keep-logits
+            first = torch.zeros_like(z)
+            first[:, 0] = float("inf")
             top = torch.topk((z + first).reshape(-1), n).indices  # (n,)
             keep = torch.zeros(z.numel(), dtype=torch.bool, device=z.device).index_fill_(0, top, True)
             keep = keep.view_as(z)
@@ -544,9 +581,9 @@ class LearnedAllocator(RoutingPolicy):
                 f"{where}: the weights file {str(weights_path)!r} is corrupt: {err}"
             ) from err
         kwargs = {k: v for k, v in data.items() if k != "weights"}
-        kwargs["moe_layers"] = (
-            tuple(kwargs["moe_layers"]) if isinstance(kwargs["moe_layers"], list) else kwargs["moe_layers"]
-        )
+        for key in ("moe_layers", "keep_fraction"):  # JSON lists back to the tuples the config holds
+            if isinstance(kwargs.get(key), list):
+                kwargs[key] = tuple(kwargs[key])
         try:
             return cls(**kwargs, params=tensors, record=record)
         except PolicyFileError as err:
@@ -555,9 +592,16 @@ class LearnedAllocator(RoutingPolicy):
             raise PolicyFileError(f"{where}: invalid learned policy: {err}") from err
 
     def describe(self) -> str:
+        q = self.keep_fraction
+        keep = (
+            f"{sum(q) / len(q):.4g} (per layer {', '.join(f'{v:.3g}' for v in q)})"
+            if isinstance(q, tuple)
+            else f"{q:.4g}"
+            if q is not None
+            else ""
+        )
         budget = (
-            f"budget=quantile(keep {self.keep_fraction:.4g} of native pairs per call of >= "
-            f"{self.quantile_min_tokens} tokens), "
+            f"budget=quantile(keep {keep} of native pairs per call of >= {self.quantile_min_tokens} tokens), "
             if self.budget == "quantile"
             else ""
         )
@@ -565,3 +609,39 @@ class LearnedAllocator(RoutingPolicy):
             f"learned(family={self.family}, layers={len(self.moe_layers)}, k_max={self.k_max}, "
             f"offset={self.offset:.4g}, {budget}compensation={self.compensation}, sha256={self.sha256[:12]})"
         )
+
+
+def spread_keep(mean: float, layer_keep: Any, layers: int, floor: float = 0.0) -> tuple[float, ...]:
+    """Per-layer kept shares in the proportions of ``layer_keep``, with mean ``mean``, each within
+    ``[floor, 1]`` (``floor``: one slot per token, ``1 / native_k``): ``clip(scale * layer_keep, floor, 1)``
+    with the scale that gives the mean.
+
+    Example:
+        >>> spread_keep(0.5, [0.2, 0.6], 2)
+        (0.25, 0.75)
+        >>> spread_keep(0.8, [0.5, 1.0], 2)  # the second layer is capped at 1, the first takes the rest
+        (0.6, 1.0)
+        >>> spread_keep(0.5, [0.4, 0.6], 2, floor=0.5)  # top-2: at least one of two slots per token
+        (0.5, 0.5)
+    """
+    values = [float(v) for v in layer_keep]
+    if len(values) != layers or not all(math.isfinite(v) and v > 0 for v in values):
+        raise PolicyError(
+            f"learned: layer_keep must hold {layers} positive numbers (one per MoE layer), "
+            f"got {layer_keep!r}",
+            field="keep_fraction",
+        )
+    mean = min(max(float(mean), floor), 1.0)
+
+    def shares(scale: float) -> list[float]:
+        return [min(max(v * scale, floor), 1.0) for v in values]
+
+    # the mean of the clipped shares rises with the scale: bisect it (on a log scale) to the target
+    lo, hi = 0.0, 1.0 / min(values)  # all at the floor / all at 1
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if sum(shares(mid)) / layers < mean:
+            lo = mid
+        else:
+            hi = mid
+    return tuple(round(v, 12) for v in shares(hi))

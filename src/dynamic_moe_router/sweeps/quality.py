@@ -12,7 +12,8 @@ static baselines, a sweep of each dynamic policy family and the calibrated polic
 * ``calibrated``: ``calibrate(target_reduction=0.35)`` on the valid split (the score-policy families,
   per layer; the learned family trains, which the sweep leaves to the committed allocators);
 * ``learned``: the learned allocators committed beside the checkpoint
-  (``MODEL/allocators/learned-t*.json``, trained on the train split, budget fitted on valid);
+  (``MODEL/allocators/learned-*.json``, trained on the train split, budget fitted on valid:
+  ``learned-tNN`` with the threshold budget, ``learned-qNN`` with the per-call quantile budget);
 * ``batch_aware``: not a point of the sweep but a second measurement, in batched decoding
   (:mod:`.batched_decode`): many test sequences decoded at once with a KV cache, teacher-forced,
   under the native routing, static ``k - 1`` and ``BatchAware(StaticTopK(), experts=f)``; per batch
@@ -86,7 +87,7 @@ FAMILIES = (
     "batch_aware",
 )  # fmt: skip
 #: where a checkpoint's committed learned allocators live (``learned`` points), relative to it
-ALLOCATORS_GLOB = "allocators/learned-t*.json"
+ALLOCATORS_GLOB = "allocators/learned-*.json"
 RESULT_NAME = "quality_flops.json"
 PARTIAL_NAME = "quality_flops.partial.json"
 PLOT_NAME = "pareto.png"
