@@ -32,6 +32,8 @@ from render_decode import (
     render_gpu_routing,
 )
 from render_gpu import render_gpu_e2e, render_gpu_experts
+from render_lowrank_comp import TITLE as LOWRANK_COMP_TITLE
+from render_lowrank_comp import render_lowrank_comp
 from render_parallel import render_ep, render_gpu_ep_local
 from render_router_tuning import TITLE as ROUTER_TUNING_TITLE
 from render_router_tuning import render_router_tuning
@@ -1165,6 +1167,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = 
     "ep_2gpu": ("Expert parallelism on two GPUs", render_ep),
     "ep_cpu": ("Expert parallelism on two CPU processes (tiny model)", render_ep),
     "router_tuning": (ROUTER_TUNING_TITLE, render_router_tuning),
+    "lowrank_comp_probe": (LOWRANK_COMP_TITLE, render_lowrank_comp),
 }
 
 

@@ -576,3 +576,20 @@ def test_fit_quantile_budget_lands_on_the_target(shares):  # type: ignore[no-unt
     with pytest.raises(dmr.PolicyError) as err:
         fit_quantile_budget(model, heads, windows, 0.4, layer_shares="per-token")
     assert err.value.field == "layer_shares"
+
+
+def test_quantile_budget_runs_in_generate_with_the_kv_cache():  # type: ignore[no-untyped-def]
+    model = tiny_model("olmoe")  # 2 MoE layers, native k 4
+    pol = random_heads(model, seed=11, scale=3.0).with_quantile_budget(0.5, min_tokens=8)
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(12))
+    with dmr.patched(model, pol) as handle:
+        first = model.generate(ids, max_new_tokens=5, do_sample=False)
+        generated = handle.executed_pairs()
+        again = model.generate(ids, max_new_tokens=5, do_sample=False)
+    with dmr.patched(model, pol) as handle:
+        model(ids)  # the prefill alone: one call of 12 tokens, exactly half of its 96 pairs per layer
+        prefill = handle.executed_pairs()
+    assert prefill == 2 * round(0.5 * 12 * 4)
+    # 4 decode steps of one token each (shorter than min_tokens: the threshold), 1 to 4 slots per layer
+    assert 2 * 4 <= generated - prefill <= 2 * 4 * 4
+    assert first.shape == (1, 17) and torch.equal(first, again)  # deterministic
