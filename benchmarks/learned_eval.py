@@ -337,8 +337,8 @@ def merge(files: list[str], out: str) -> None:
             ]
     for m in merged.values():
         m["learned"].sort(key=lambda p: (p.get("tag", ""), p["comp"], p["target"]))
-        for p in m["learned"]:  # the valid NLL change from native, where the run measured both
-            if p.get("valid_nll") is not None and m.get("native_valid_nll") is not None:
+        for p in m["learned"]:  # the valid NLL change from native: the run's own, else where both exist
+            if "valid_nll_change" not in p and p.get("valid_nll") is not None and m.get("native_valid_nll"):
                 p["valid_nll_change"] = p["valid_nll"] - m["native_valid_nll"]
         m["equal_flops"] = compare(m)
     payload = {

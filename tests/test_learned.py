@@ -457,9 +457,15 @@ def test_compensation_is_refused_for_zero_computation_experts():  # type: ignore
     layers = find_moe_layers(model)[0]
     means = torch.zeros(len(layers), layers[0].num_experts, layers[0].hidden_size)
     policy = dmr.LearnedAllocator.keep_native(model, means=means)
-    with pytest.raises(dmr.PolicyError, match="zero-computation"):
-        dmr.patch(model, policy)
-    assert dmr.get_patch(model) is None
+    quantile = dmr.LearnedAllocator.keep_native(model).with_quantile_budget(0.25)
+    for bad, field in ((policy, "policy"), (quantile, "budget")):
+        with pytest.raises(dmr.PolicyError, match="zero-computation") as err:
+            dmr.patch(model, bad)
+        assert err.value.field == field and dmr.get_patch(model) is None
+        with dmr.patched(model, dmr.LearnedAllocator.keep_native(model)) as handle:  # set_policy too
+            with pytest.raises(dmr.PolicyError, match="zero-computation"):
+                handle.set_policy(bad)
+            assert handle.policy == dmr.LearnedAllocator.keep_native(model)  # unchanged
 
 
 def test_quantile_budget_keeps_the_fraction_of_each_long_call_and_round_trips(tmp_path):  # type: ignore[no-untyped-def]
@@ -529,6 +535,11 @@ def test_quantile_budget_per_layer_shares_and_top_slot_first(tmp_path):  # type:
         heads.with_quantile_budget(0.5, layer_keep=[0.5])
     with pytest.raises(dmr.PolicyError, match="target_reduction"):
         heads.with_quantile_budget(1.0)
+    with pytest.raises(dmr.PolicyError, match="out of reach of a native top-4"):  # at most 75% fewer
+        heads.with_quantile_budget(0.8)
+    with pytest.raises(dmr.PolicyError, match="below 1/native_k") as err:
+        dataclasses.replace(heads, budget="quantile", keep_fraction=(0.2, 0.5))
+    assert err.value.field == "keep_fraction"
 
 
 def test_quantile_budget_keeps_each_tokens_top_ranked_slot():  # type: ignore[no-untyped-def]

@@ -518,13 +518,9 @@ def _check_backend(options: PatchOptions, layers: list[MoELayer], family: Family
 
 def _refuse_compensation_with_zero_experts(policy: RoutingPolicy, layers: list[MoELayer]) -> None:
     for layer in layers:
-        if layer.zero_experts and getattr(policy.for_layer(layer.index), "compensated", False):
-            raise PolicyError(
-                f"MoE layer {layer.index}: a learned allocator with compensation (per-expert mean outputs) "
-                "is not supported on a layer with zero-computation experts; use one trained without "
-                "compensation",
-                field="policy",
-            )
+        refuse = getattr(policy.for_layer(layer.index), "refuse_zero_experts", None)
+        if refuse is not None:  # a learned allocator (also inside PerLayer)
+            refuse(layer)
 
 
 def _check_fused(

@@ -215,11 +215,19 @@ class LearnedAllocator(RoutingPolicy):
                     field="keep_fraction",
                 )
             fractions: list[float] = []
+            floor = 1.0 / self.native_k  # every token keeps at least one slot per layer
             for v in values:
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
                     raise PolicyError(
                         "learned: budget='quantile' needs keep_fraction in (0, 1] (1 - target reduction), "
                         f"one number or one per MoE layer, got {q!r}",
+                        field="keep_fraction",
+                    )
+                if v < floor - 1e-9:
+                    raise PolicyError(
+                        f"learned: keep_fraction {v!r} is below 1/native_k = {floor:.4g}: every token keeps "
+                        f"at least one of its {self.native_k} slots, so at most {1 - floor:.1%} fewer "
+                        "pairs; lower the target reduction",
                         field="keep_fraction",
                     )
                 fractions.append(float(v))
@@ -371,6 +379,13 @@ class LearnedAllocator(RoutingPolicy):
                 field="keep_fraction",
             )
         keep: float | tuple[float, ...] = 1.0 - float(target_reduction)
+        if keep < 1.0 / self.native_k - 1e-9:
+            raise PolicyError(
+                f"learned: a {float(target_reduction):.1%} reduction is out of reach of a native "
+                f"top-{self.native_k} model (every token keeps at least one expert per layer: at most "
+                f"{1 - 1 / self.native_k:.1%}); lower the target",
+                field="keep_fraction",
+            )
         if layer_keep is not None:
             keep = spread_keep(keep, layer_keep, len(self.moe_layers), floor=1.0 / self.native_k)
         return dataclasses.replace(
@@ -453,6 +468,27 @@ class LearnedAllocator(RoutingPolicy):
                     field="hidden_size",
                 )
             self.k_range(layer.native_k, layer.num_experts)
+            self.refuse_zero_experts(layer)
+
+    def refuse_zero_experts(self, layer: Any) -> None:
+        """Raise :class:`~dynamic_moe_router.PolicyError` when MoE ``layer`` has zero-computation
+        experts and the policy uses compensation or the quantile budget (neither fits such layers)."""
+        if not getattr(layer, "zero_experts", 0):
+            return
+        if self.compensation:
+            raise PolicyError(
+                f"MoE layer {layer.index}: a learned allocator with compensation (per-expert mean outputs) "
+                "is not supported on a layer with zero-computation experts; use one trained without "
+                "compensation",
+                field="policy",
+            )
+        if self.budget == "quantile":  # it would count zero-expert slots as routed pairs
+            raise PolicyError(
+                f"MoE layer {layer.index}: the quantile budget keeps a share of the ranked slots, and on a "
+                "layer with zero-computation experts those are not the routed pairs it is meant to "
+                "budget; use the threshold budget (policy.with_threshold_budget())",
+                field="budget",
+            )
 
     def keep_logits(
         self,
