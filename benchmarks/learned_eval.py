@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import dynamic_moe_router as dmr
 from dynamic_moe_router.data import data_file, read_jsonl
@@ -50,6 +49,7 @@ from dynamic_moe_router.learn import (
     expert_means,
     fit_budget,
     fit_quantile_budget,
+    score_windows,
     spread_windows,
     train_means,
 )
@@ -62,16 +62,10 @@ TARGETS = (0.25, 0.30, 0.35, 0.40, 0.50)
 CORPORA = {"gutenberg_test": "gutenberg/test.jsonl", "wikitext2_test": "wikitext2/test.txt"}
 
 
-@torch.no_grad()
 def window_nll(model: Any, policy: Any, windows: torch.Tensor, batch: int) -> tuple[torch.Tensor, float]:
     """Per-window mean NLL ``(W,)`` and the routed-FLOP reduction (``dmr.profile``) under ``policy``."""
-    out = []
-    with dmr.patched(model, policy, validate=False), dmr.profile(model, count_dense=False) as report:
-        for b0 in range(0, len(windows), batch):
-            w = windows[b0 : b0 + batch]
-            logits = model(w[:, :-1]).logits.float()
-            out.append(F.cross_entropy(logits.transpose(1, 2), w[:, 1:], reduction="none").mean(1))
-    return torch.cat(out).cpu(), float(report.to_dict()["routed_flop_reduction"])
+    score = score_windows(model, policy, windows, batch)
+    return score.nll, score.reduction
 
 
 def ppl_of(nll: torch.Tensor) -> float:

@@ -535,8 +535,12 @@ def test_quantile_budget_per_layer_shares_and_top_slot_first(tmp_path):  # type:
         heads.with_quantile_budget(0.5, layer_keep=[0.5])
     with pytest.raises(dmr.PolicyError, match="target_reduction"):
         heads.with_quantile_budget(1.0)
-    with pytest.raises(dmr.PolicyError, match="out of reach of a native top-4"):  # at most 75% fewer
+    # one check, one error, for the quantile budget and for the threshold fit alike: at most 75% fewer
+    with pytest.raises(dmr.TargetUnreachableError, match="out of reach of a native top-4") as quantile:
         heads.with_quantile_budget(0.8)
+    with pytest.raises(dmr.TargetUnreachableError, match="out of reach of a native top-4") as fit:
+        fit_budget(tiny_model("olmoe"), heads, torch.randint(0, 64, (2, 9)), 0.8)
+    assert str(quantile.value) == str(fit.value)
     with pytest.raises(dmr.PolicyError, match="below 1/native_k") as err:
         dataclasses.replace(heads, budget="quantile", keep_fraction=(0.2, 0.5))
     assert err.value.field == "keep_fraction"
@@ -587,6 +591,25 @@ def test_fit_quantile_budget_lands_on_the_target(shares):  # type: ignore[no-unt
     with pytest.raises(dmr.PolicyError) as err:
         fit_quantile_budget(model, heads, windows, 0.4, layer_shares="per-token")
     assert err.value.field == "layer_shares"
+
+
+def test_fit_quantile_budget_keeps_an_offset_already_fitted():  # type: ignore[no-untyped-def]
+    model = tiny_model("olmoe")
+    heads = random_heads(model, seed=9, scale=3.0)
+    windows = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(10))
+    fitted, _ = fit_budget(model, heads, windows, 0.4)
+    again, red = fit_quantile_budget(model, fitted, windows, 0.4, layer_shares="threshold", min_tokens=8)
+    kept, red_kept = fit_quantile_budget(
+        model, fitted, windows, 0.4, layer_shares="threshold", min_tokens=8, refit_offset=False
+    )
+    # refitting the offset of a fitted policy lands on the same offset: the same policy, measured once
+    assert again.offset == kept.offset == fitted.offset and again == kept and red == red_kept
+    moved, _ = fit_quantile_budget(
+        model, fitted.with_offset(5.0), windows, 0.4, layer_shares="uniform", min_tokens=8, refit_offset=False
+    )
+    assert moved.offset == 5.0  # kept as given (decode steps use it)
+    with pytest.raises(dmr.TargetUnreachableError):
+        fit_quantile_budget(model, fitted, windows, 0.8, refit_offset=False)
 
 
 def test_quantile_budget_runs_in_generate_with_the_kv_cache():  # type: ignore[no-untyped-def]

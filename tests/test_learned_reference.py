@@ -19,7 +19,7 @@ import dynamic_moe_router as dmr
 from dynamic_moe_router.calibrate import _calibrate_learned
 from dynamic_moe_router.data import data_file, read_jsonl
 from dynamic_moe_router.eval import load_checkpoint
-from dynamic_moe_router.learn import measure_reduction, spread_windows
+from dynamic_moe_router.learn import measure_reduction, score_windows, spread_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["ref-olmoe", "ref-mixtral"]
@@ -57,17 +57,8 @@ def test_committed_allocators_load_fit_their_model_and_hold_the_budget_on_valid(
     assert record["config"]["steps"] == dmr.AllocatorTraining().steps and record["threads"] == 2
 
 
-@torch.no_grad()
 def _valid_nll(model, policy, windows: torch.Tensor) -> float:  # type: ignore[no-untyped-def]
-    total = 0.0
-    with dmr.patched(model, policy, validate=False):
-        for start in range(0, len(windows), 16):
-            w = windows[start : start + 16]
-            logits = model(w[:, :-1]).logits.float()
-            total += float(
-                torch.nn.functional.cross_entropy(logits.transpose(1, 2), w[:, 1:], reduction="sum")
-            )
-    return total / windows[:, 1:].numel()
+    return score_windows(model, policy, windows, batch_size=16).mean_nll
 
 
 @pytest.fixture

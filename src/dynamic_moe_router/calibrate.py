@@ -772,7 +772,8 @@ def _calibrate_learned(  # type: ignore[no-untyped-def]
     budget = spread_windows(tokenizer, documents, per_doc=2, context=context, skip=context, max_windows=64)
     policy = train_allocator(model, train, budget, config, progress=progress)
     if budget_kind == "quantile":
-        policy, _ = fit_quantile_budget(model, policy, budget, target)
+        # train_allocator fitted the threshold offset (used by decode steps) on these windows already
+        policy, _ = fit_quantile_budget(model, policy, budget, target, refit_offset=False)
     return policy
 
 

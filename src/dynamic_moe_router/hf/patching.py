@@ -516,13 +516,6 @@ def _check_backend(options: PatchOptions, layers: list[MoELayer], family: Family
             resolve_backend(options.backend, layer.experts, probe, ids, family.layout)
 
 
-def _refuse_compensation_with_zero_experts(policy: RoutingPolicy, layers: list[MoELayer]) -> None:
-    for layer in layers:
-        refuse = getattr(policy.for_layer(layer.index), "refuse_zero_experts", None)
-        if refuse is not None:  # a learned allocator (also inside PerLayer)
-            refuse(layer)
-
-
 def _check_fused(
     options: PatchOptions, layers: list[MoELayer], family: FamilySpec, policy: RoutingPolicy
 ) -> None:
@@ -730,8 +723,8 @@ def patch(
         warnings.warn(
             f"dynamic-moe-router: leaving unknown MoE-like blocks unpatched: {unknown}", stacklevel=2
         )
+    # also LearnedAllocator.check_model (zero-computation experts included), as set_policy does
     core.validate_policy(policy, layers, family=family.model_type, router_input=True)
-    _refuse_compensation_with_zero_experts(policy, layers)
     _check_backend(options, layers, family)
     _check_graphs(options, layers)
     _check_fused(options, layers, family, policy)

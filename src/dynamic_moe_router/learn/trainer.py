@@ -34,16 +34,15 @@ from .._version import __version__
 from ..errors import PolicyError, TargetUnreachableError
 from ..hf.layers import experts_inputs, find_moe_layers, model_family, unwrap
 from ..hf.patching import patched
-from ..hf.profiling import profile
 from ..policies import RoutingPolicy
-from ..policies.learned import LearnedAllocator, allocator_logits
+from ..policies.learned import LearnedAllocator, allocator_logits, check_reachable
+from .measure import WindowScore, score_windows
 
 __all__ = [
     "AllocatorTraining",
     "expert_means",
     "fit_budget",
     "fit_quantile_budget",
-    "measure_reduction",
     "train_allocator",
     "train_means",
 ]
@@ -225,16 +224,6 @@ def _check_windows(name: str, windows: Any) -> torch.Tensor:
     return windows
 
 
-def _check_reachable(native_k: int, target: float) -> None:
-    """Every token keeps at least one slot per layer: at most ``1 - 1 / native_k`` fewer pairs."""
-    most = 1.0 - 1.0 / native_k
-    if target > most + 1e-9:
-        raise TargetUnreachableError(
-            f"learned: a {target:.1%} reduction is out of reach of a native top-{native_k} model (every "
-            f"token keeps at least one expert per layer: at most {most:.1%}); lower the target"
-        )
-
-
 @torch.no_grad()
 def expert_means(model: Any, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """``(L, E, H)`` fp32: each MoE layer's per-expert mean (unweighted) output over the tokens the
@@ -290,17 +279,6 @@ def expert_means(model: Any, windows: torch.Tensor, batch_size: int = 8) -> torc
     return (sums / counts.clamp_min(1).unsqueeze(-1)).cpu()
 
 
-@torch.no_grad()
-def measure_reduction(model: Any, policy: RoutingPolicy, windows: torch.Tensor, batch_size: int = 8) -> float:
-    """Routed-FLOP reduction of ``policy`` on ``windows``, as :func:`dynamic_moe_router.profile`
-    accounts it (``routed_flop_reduction``: executed pairs from the patch's counters)."""
-    device = next(unwrap(model).parameters()).device
-    with patched(model, policy, validate=False), profile(model, count_dense=False) as report:
-        for start in range(0, len(windows), batch_size):
-            model(windows[start : start + batch_size, :-1].to(device))
-    return float(report.to_dict()["routed_flop_reduction"])
-
-
 def fit_budget(
     model: Any,
     policy: LearnedAllocator,
@@ -328,36 +306,57 @@ def fit_budget(
         >>> red, pol.offset <= -4.0
         (0.75, True)
     """
+    fitted, score = _fit_budget(
+        model, policy, windows, target_reduction,
+        iterations=iterations, batch_size=batch_size, bracket=bracket, on_step=on_step,
+    )  # fmt: skip
+    return fitted, score.reduction
+
+
+def _fit_budget(
+    model: Any,
+    policy: LearnedAllocator,
+    windows: torch.Tensor,
+    target_reduction: float,
+    *,
+    iterations: int,
+    batch_size: int,
+    bracket: tuple[float, float] = (-8.0, 8.0),
+    on_step: Callable[[], None] | None = None,
+) -> tuple[LearnedAllocator, WindowScore]:
+    """:func:`fit_budget`, returning the chosen offset's measurement (its NLL and per-layer shares)."""
     windows = _check_windows("windows", windows)
     if isinstance(target_reduction, bool) or not 0.0 < float(target_reduction) < 1.0:
         raise PolicyError(
             f"target_reduction must be in (0, 1), got {target_reduction!r}", field="target_reduction"
         )
-    _check_reachable(policy.native_k, target_reduction)
+    check_reachable(policy.native_k, target_reduction)
     lo, hi = bracket  # a larger offset keeps more slots
-    best: tuple[float, float] | None = None
+    best: tuple[float, WindowScore] | None = None
     for _ in range(iterations):
         mid = (lo + hi) / 2
-        red = measure_reduction(model, policy.with_offset(mid), windows, batch_size)
+        score = score_windows(model, policy.with_offset(mid), windows, batch_size)
+        red = score.reduction
         if on_step is not None:
             on_step()
         # the least reduction that reaches the target; the largest one while none does
-        reaches, best_reaches = red >= target_reduction, best is not None and best[1] >= target_reduction
+        best_red = best[1].reduction if best is not None else 0.0
+        reaches, best_reaches = red >= target_reduction, best is not None and best_red >= target_reduction
         if (
             best is None
-            or (reaches and (not best_reaches or red < best[1]))
-            or (not best_reaches and red > best[1])
+            or (reaches and (not best_reaches or red < best_red))
+            or (not best_reaches and red > best_red)
         ):
-            best = (mid, red)
+            best = (mid, score)
         if red > target_reduction:
             lo = mid
         else:
             hi = mid
     assert best is not None
-    if best[1] < target_reduction - 0.01:
+    if best[1].reduction < target_reduction - 0.01:
         raise TargetUnreachableError(
-            f"learned: the largest reduction probed is {best[1]:.1%} (offset {best[0]:+.3g}), short of the "
-            f"{target_reduction:.1%} target; lower the target or widen the bracket {bracket}"
+            f"learned: the largest reduction probed is {best[1].reduction:.1%} (offset {best[0]:+.3g}), "
+            f"short of the {target_reduction:.1%} target; lower the target or widen the bracket {bracket}"
         )
     return policy.with_offset(best[0]), best[1]
 
@@ -374,6 +373,7 @@ def fit_quantile_budget(
     *,
     layer_shares: str = "best",
     min_tokens: int = 64,
+    refit_offset: bool = True,
     iterations: int = 10,
     batch_size: int = 8,
 ) -> tuple[LearnedAllocator, float]:
@@ -381,13 +381,16 @@ def fit_quantile_budget(
 
     Every call of at least ``min_tokens`` tokens keeps exactly ``1 - target_reduction`` of its
     native pairs on any text (see :meth:`~dynamic_moe_router.LearnedAllocator.with_quantile_budget`);
-    shorter calls (decoding) use the threshold offset that :func:`fit_budget` lands on the target.
-    ``layer_shares`` spreads the kept pairs over the MoE layers:
+    shorter calls (decoding) use the threshold offset that :func:`fit_budget` lands on the target
+    (``refit_offset=False``: the policy's offset is already fitted for this target on these
+    windows, as :func:`train_allocator` returns it, and is kept). ``layer_shares`` spreads the kept
+    pairs over the MoE layers:
 
     * ``"threshold"``: each layer keeps the share the threshold budget gives it on ``windows``;
     * ``"uniform"``: every layer keeps the same share;
     * ``"best"`` (default): whichever of the two has the lower NLL on ``windows`` (on the reference
-      models the threshold shares win on ref-mixtral, the uniform ones on ref-olmoe).
+      models, the threshold shares at every committed target; ref-mixtral's 50% is one slot per token
+      in every layer, the floor).
 
     Returns the policy and its reduction on ``windows``.
 
@@ -405,40 +408,26 @@ def fit_quantile_budget(
         raise PolicyError(
             f"layer_shares must be one of {list(LAYER_SHARES)}, got {layer_shares!r}", field="layer_shares"
         )
-    fitted, _ = fit_budget(
-        model, policy.with_threshold_budget(), windows, target_reduction,
-        iterations=iterations, batch_size=batch_size,
-    )  # fmt: skip
     windows = _check_windows("windows", windows)
+    threshold = policy.with_threshold_budget()
+    if refit_offset:
+        fitted, measured = _fit_budget(
+            model, threshold, windows, target_reduction, iterations=iterations, batch_size=batch_size
+        )
+    else:
+        check_reachable(policy.native_k, target_reduction)
+        fitted = threshold
+        measured = score_windows(model, fitted, windows, batch_size) if layer_shares != "uniform" else None
     candidates = []
     if layer_shares in ("best", "uniform"):
         candidates.append(fitted.with_quantile_budget(target_reduction, min_tokens))
-    if layer_shares in ("best", "threshold"):
-        with patched(model, fitted, validate=False), profile(model, count_dense=False) as report:
-            _nll(model, windows, batch_size)
-        share = {st.index: st.kept_pairs / max(1, st.native_pairs) for st in report.layers}  # (L,)
+    if measured is not None and layer_shares in ("best", "threshold"):
+        share = measured.layer_keep()  # each layer's kept share under the threshold budget
         layer_keep = [max(share[i], 1e-6) for i in fitted.moe_layers]
         candidates.append(fitted.with_quantile_budget(target_reduction, min_tokens, layer_keep=layer_keep))
-    scored = []
-    for cand in candidates:
-        with patched(model, cand, validate=False), profile(model, count_dense=False) as report:
-            nll = _nll(model, windows, batch_size)
-        scored.append((nll, float(report.to_dict()["routed_flop_reduction"]), cand))
-    nll, red, best = min(scored, key=lambda s: s[0])
-    return best, red
-
-
-@torch.no_grad()
-def _nll(model: Any, windows: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token NLL of ``model`` on ``windows`` (one forward per batch)."""
-    device = next(unwrap(model).parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        w = windows[start : start + batch_size].to(device)
-        logits = model(w[:, :-1]).logits.float()  # (B, S, V)
-        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), w[:, 1:], reduction="sum")
-        total, count = total + float(loss), count + w[:, 1:].numel()
-    return total / max(1, count)
+    scored = [(score_windows(model, cand, windows, batch_size), cand) for cand in candidates]
+    score, best = min(scored, key=lambda s: s[0].mean_nll)
+    return best, score.reduction
 
 
 @contextmanager
@@ -575,7 +564,7 @@ def train_allocator(
     train_windows = _check_windows("train_windows", train_windows)
     budget_windows = _check_windows("budget_windows", budget_windows)
     root = unwrap(model)
-    _check_reachable(find_moe_layers(root, model_family(root))[0][0].native_k, config.target_reduction)
+    check_reachable(find_moe_layers(root, model_family(root))[0][0].native_k, config.target_reduction)
     means = expert_means(model, train_windows[: config.means_windows]) if config.compensation else None
     template = LearnedAllocator.keep_native(root, config.k_max, means=means)
     heads = _TrainableHeads(template, config.seed, config.learn_means)

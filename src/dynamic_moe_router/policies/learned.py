@@ -48,13 +48,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._atomic import write_bytes_atomic, write_text_atomic
-from ..errors import PolicyError, PolicyFileError, PolicyMismatchError
+from ..errors import PolicyError, PolicyFileError, PolicyMismatchError, TargetUnreachableError
 from ._base import RoutingPolicy, check_int, policy_to_dict, register_policy
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FEATURES", "LearnedAllocator", "allocator_logits", "feature_size", "spread_keep"]
+__all__ = [
+    "FEATURES",
+    "LearnedAllocator",
+    "allocator_logits",
+    "check_reachable",
+    "feature_size",
+    "spread_keep",
+]
 
 #: the feature set of the heads (stored in the file, so that a later release can add others)
 FEATURES = "hidden+ranked_probs+entropy"
@@ -378,14 +385,8 @@ class LearnedAllocator(RoutingPolicy):
                 f"learned: target_reduction must be a number in [0, 1), got {target_reduction!r}",
                 field="keep_fraction",
             )
+        check_reachable(self.native_k, float(target_reduction))
         keep: float | tuple[float, ...] = 1.0 - float(target_reduction)
-        if keep < 1.0 / self.native_k - 1e-9:
-            raise PolicyError(
-                f"learned: a {float(target_reduction):.1%} reduction is out of reach of a native "
-                f"top-{self.native_k} model (every token keeps at least one expert per layer: at most "
-                f"{1 - 1 / self.native_k:.1%}); lower the target",
-                field="keep_fraction",
-            )
         if layer_keep is not None:
             keep = spread_keep(keep, layer_keep, len(self.moe_layers), floor=1.0 / self.native_k)
         return dataclasses.replace(
@@ -644,6 +645,28 @@ class LearnedAllocator(RoutingPolicy):
         return (
             f"learned(family={self.family}, layers={len(self.moe_layers)}, k_max={self.k_max}, "
             f"offset={self.offset:.4g}, {budget}compensation={self.compensation}, sha256={self.sha256[:12]})"
+        )
+
+
+def check_reachable(native_k: int, target_reduction: float) -> None:
+    """Raise :class:`~dynamic_moe_router.TargetUnreachableError` when a learned allocator cannot cut
+    ``target_reduction`` of a native top-``native_k`` model's routed pairs: every token keeps at
+    least one slot per layer, so at most ``1 - 1 / native_k`` fewer.
+
+    Example:
+        >>> from dynamic_moe_router.policies.learned import check_reachable
+        >>> check_reachable(4, 0.75)  # 1 of 4 slots per token: reachable
+        >>> try:
+        ...     check_reachable(2, 0.6)
+        ... except Exception as err:
+        ...     print(type(err).__name__)
+        TargetUnreachableError
+    """
+    most = 1.0 - 1.0 / native_k
+    if target_reduction > most + 1e-9:
+        raise TargetUnreachableError(
+            f"learned: a {target_reduction:.1%} reduction is out of reach of a native top-{native_k} model "
+            f"(every token keeps at least one expert per layer: at most {most:.1%}); lower the target"
         )
 
 
