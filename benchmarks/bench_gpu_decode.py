@@ -26,7 +26,9 @@ recorded as that cell's error and the others still run). Per cell: the prefill t
 and the median decode step time, read by a logits processor that synchronises the GPU after each
 step, and the greedy tokens' agreement with the unpatched model (random weights in bf16: kernels
 that sum in another order may flip near-ties, so agreement is reported, not asserted). With
-``--profile`` the eager batch-1 step's host time per op and GPU time per kernel are recorded too.
+``--profile`` the eager batch-1 step's host time per op and GPU time per kernel are recorded too;
+with ``--gpu-time`` every cell also records the GPU's kernel time per decode step (``gpu_step_ms``)
+beside the step's wall time, which tells the model's own work from ``generate()``'s host work.
 """
 
 from __future__ import annotations
@@ -172,6 +174,37 @@ def host_profile(model, prompt) -> dict[str, list[dict[str, Any]]]:  # type: ign
     return result
 
 
+def kernel_ms(model, prompt, new_tokens: int, **kw: Any) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Wall ms and summed CUDA kernel ms of one greedy ``generate()`` of ``new_tokens`` tokens,
+    under the profiler (kernels replayed from CUDA graphs are traced one by one)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        model.generate(
+            prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kw
+        )  # fmt: skip
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return 1e3 * wall, 1e-3 * sum(e.device_time_total for e in kernels if e.device_time_total > 0)
+
+
+def gpu_step_time(model, prompt, new_tokens: int, **kw: Any) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Per decode step: the GPU's kernel time and the wall time, each the difference between a
+    ``generate()`` of ``8 + new_tokens`` tokens and one of 8, divided by ``new_tokens`` (the prefill
+    and the first steps cancel). The step's wall time minus its kernel time is what the GPU waits
+    for: ``generate()``'s own host work between steps, and launches in eager mode."""
+    short = kernel_ms(model, prompt, 8, **kw)
+    long = kernel_ms(model, prompt, 8 + new_tokens, **kw)
+    return {
+        "gpu_step_ms": (long[1] - short[1]) / new_tokens,
+        "profiled_step_ms": (long[0] - short[0]) / new_tokens,
+    }
+
+
 def setup(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """A worker's layer count, model and random prompts (``{length: (max batch, length)}``)."""
     import torch
@@ -208,6 +241,8 @@ def worker(args: argparse.Namespace) -> int:
                         timed_generate(model, prompt, 4, 1, **kw)  # warm-up: compile, graph capture
                         res = timed_generate(model, prompt, args.new_tokens, args.repeats, **kw)
                         res.pop("steps")
+                        if args.gpu_time:
+                            res.update(gpu_step_time(model, prompt, args.new_tokens, **kw))
                     stats = torch._dynamo.utils.counters
                     res["compiled_graphs"] = int(stats["stats"].get("unique_graphs", 0))
                     res["graph_breaks"] = int(sum(stats["graph_break"].values()))
@@ -295,7 +330,9 @@ def run_cell(args: argparse.Namespace, shape: str, variant: str) -> list[dict[st
         "--modes", ",".join(args.modes), "--new-tokens", str(args.new_tokens),
         "--repeats", str(args.repeats), "--target", str(args.target), "--batch-aware", args.batch_aware,
         "--rounds", str(args.rounds),
-    ] + (["--profile"] if args.profile else []) + (["--interleave"] if args.interleave else [])  # fmt: skip
+    ] + (["--profile"] if args.profile else []) + (["--interleave"] if args.interleave else []) + (
+        ["--gpu-time"] if args.gpu_time else []
+    )  # fmt: skip
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cell_timeout, check=False)
@@ -351,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-aware", default="{}", help="JSON keyword arguments of dmr.BatchAware")
     ap.add_argument("--cell-timeout", type=int, default=400)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument(
+        "--gpu-time",
+        action="store_true",
+        help="also record each cell's GPU kernel time per decode step (gpu_step_ms), from the profiler",
+    )
     ap.add_argument(
         "--interleave",
         action="store_true",

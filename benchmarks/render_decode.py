@@ -17,6 +17,9 @@ from render_gpu import _mark, _ms, _rel
 BATCH_AWARE_LAYER = 0.85  # layer time / static at 64-256 tokens
 BATCH_AWARE_TOKENS = (64, 128, 256)
 COMPILED_SLACK = 1.15  # compiled dynamic step <= 1.15 x pair ratio x static step, batch 1
+#: compiled decode: the patched model with every slot kept no slower than the unpatched one (as the
+#: layer benchmark's "every slot kept" target, 1.03)
+PATCHED_SLACK = 1.03
 #: variant suffixes of bench_gpu_decode.py and how a target line names their patch options
 EAGER_OPTIONS = {
     "": "",
@@ -136,27 +139,40 @@ def render_gpu_decode(data: dict[str, Any], path: Path) -> list[str]:
             "(patch, generate, unpatch), so that the host's speed, which drifts on a shared machine, "
             "biases no variant; the first round only warms up (graph capture, Triton compilation).",
         ]
+    gpu_time = any("gpu_step_ms" in c for c in cells)
+    if gpu_time:
+        out[-1:-1] = [
+            "",
+            "*GPU ms*: the GPU's summed kernel time per decode step, from the profiler (the difference "
+            "between a `generate()` of 8 + N tokens and one of 8, over N); *step ms* minus *GPU ms* is "
+            "the time the GPU waits each step: `generate()`'s own host work between steps (it "
+            "synchronises once per step to check for finished sequences), and launches in eager mode.",
+        ]
     for shape in dict.fromkeys(c["shape"] for c in data["cells"]):
         layers = next((c["layers"] for c in data["cells"] if c["shape"] == shape and "layers" in c), "?")
+        gpu_head, gpu_rule = (" GPU ms |", "---:|") if gpu_time else ("", "")
+        blank = " |" if gpu_time else ""
         out += [
             f"### {shape} shape, {layers} layers",
             "",
-            "| mode | prompt | batch | variant | prefill ms | step ms | tok/s | agreement | graphs | error |",
-            "|---|---:|---:|---|---:|---:|---:|---:|---:|---|",
+            f"| mode | prompt | batch | variant | prefill ms | step ms |{gpu_head} tok/s | agreement "
+            "| graphs | error |",
+            f"|---|---:|---:|---|---:|---:|{gpu_rule}---:|---:|---:|---|",
         ]
         for c in (c for c in cells if c["shape"] == shape):
             if "mode" not in c:
-                out.append(f"| - | - | - | {c['variant']} | | | | | | {c['error'][:160]} |")
+                out.append(f"| - | - | - | {c['variant']} | | |{blank} | | | {c['error'][:160]} |")
                 continue
             agree = f"{c['token_agreement']:.2f}" if "token_agreement" in c else "-"
             err = c.get("error", "")[:160]
             if err:
                 head = f"| {c['mode']} | {c['prompt']} | {c['batch']} | {c['variant']} |"
-                out.append(f"{head} | | | | | {err} |")
+                out.append(f"{head} | |{blank} | | | {err} |")
                 continue
+            gpu = (f" {_ms(c['gpu_step_ms'])} |" if "gpu_step_ms" in c else " - |") if gpu_time else ""
             out.append(
                 f"| {c['mode']} | {c['prompt']} | {c['batch']} | {c['variant']} | {_ms(c['prefill_ms'])} | "
-                f"{_ms(c['step_ms'])} | {c['decode_tok_s']:.0f} | {agree} | "
+                f"{_ms(c['step_ms'])} |{gpu} {c['decode_tok_s']:.0f} | {agree} | "
                 f"{c.get('compiled_graphs', '-')} |  |"
             )
         out.append("")
@@ -199,6 +215,22 @@ def _decode_targets(cells: list[dict[str, Any]]) -> list[str]:
                     f"- Compiled decode step ratio{EAGER_OPTIONS[suffix]}, {where}: "
                     f"dynamic{suffix}/static{suffix} {r:.3f} for a pair ratio of {ratio:.3f} "
                     f"(limit {lim:.3f}): {_mark(r <= lim)}."
+                )
+                if "gpu_step_ms" in dyn_o and "gpu_step_ms" in st_o:
+                    g = dyn_o["gpu_step_ms"] / st_o["gpu_step_ms"]
+                    out.append(
+                        f"- Compiled decode GPU time ratio{EAGER_OPTIONS[suffix]} (the step's kernels only; "
+                        f"the step ratio above is the target), {where}: dynamic{suffix}/static{suffix} "
+                        f"{g:.3f} ({_ms(dyn_o['gpu_step_ms'])} / {_ms(st_o['gpu_step_ms'])} ms of steps of "
+                        f"{_ms(dyn_o['step_ms'])} / {_ms(st_o['step_ms'])} ms) for a pair ratio of "
+                        f"{ratio:.3f} (limit {lim:.3f}): {_mark(g <= lim)}."
+                    )
+            if mode == "compiled" and batch == 1 and st_o and un and suffix == "":
+                r = st_o["step_ms"] / un["step_ms"]
+                out.append(
+                    f"- Compiled decode step of patched static against unpatched, {where}: "
+                    f"{_ms(st_o['step_ms'])} / {_ms(un['step_ms'])} ms = {r:.3f} (at most {PATCHED_SLACK}): "
+                    f"{_mark(r <= PATCHED_SLACK)}."
                 )
         key = (shape, mode, prompt, batch)
         for variant in dict.fromkeys(c["variant"] for c in cells if _cell_key(c) == key and "error" in c):

@@ -207,3 +207,30 @@ def test_learned_verdict_follows_the_data(tmp_path):  # type: ignore[no-untyped-
     summary = text.split("## Summary: targets met and missed")[1].split("\n## ")[0]
     row = next(line for line in summary.splitlines() if gen.LEARNED_WHAT["flops"] in line)
     assert row.split(" | ")[2:4] == ["1", str(len(payload["models"]) - 1)]
+
+
+def test_decode_section_reads_gpu_time_and_judges_the_step_ratio(tmp_path):  # type: ignore[no-untyped-def]
+    """With ``--gpu-time`` the decode table gets a GPU column and the compiled cells a GPU-time line,
+    while the step ratio stays the target: a step missed on wall time stays missed."""
+    gen = load_generator()  # puts benchmarks/ on sys.path (render_decode's sibling imports)
+    import render_decode
+
+    def cell(variant: str, step: float, gpu: float) -> dict:  # type: ignore[type-arg]
+        return {
+            "shape": "olmoe", "layers": 16, "variant": variant, "mode": "compiled", "prompt": 128,
+            "batch": 1, "prefill_ms": 50.0, "step_ms": step, "gpu_step_ms": gpu, "decode_tok_s": 1e3 / step,
+            **({"routed_pair_reduction_on_prompt": 0.3} if variant == "dynamic" else {}),
+        }  # fmt: skip
+
+    data = {
+        "command": "python benchmarks/bench_gpu_decode.py --gpu-time",
+        "machine": {"gpu": "NVIDIA H200", "torch": "2.11", "transformers": "5.17"},
+        "cells": [cell("unpatched", 4.0, 2.0), cell("static", 3.0, 1.5), cell("dynamic", 2.7, 1.0)],
+    }
+    text = "\n".join(render_decode.render_gpu_decode(data, tmp_path / "gpu_decode.json"))
+    assert "| step ms | GPU ms | tok/s |" in text and "| 3.000 | 1.500 |" in text
+    assert "dynamic/static 0.900 for a pair ratio of 0.700 (limit 0.805): **missed**" in text
+    assert "(the step's kernels only; the step ratio above is the target)" in text
+    assert "dynamic/static 0.667 (1.000 / 1.500 ms of steps of 2.700 / 3.000 ms)" in text
+    assert "3.000 / 4.000 ms = 0.750 (at most 1.03): met" in text
+    assert gen is not None
