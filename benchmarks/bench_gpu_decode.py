@@ -174,9 +174,17 @@ def host_profile(model, prompt) -> dict[str, list[dict[str, Any]]]:  # type: ign
     return result
 
 
-def kernel_ms(model, prompt, new_tokens: int, **kw: Any) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    """Wall ms and summed CUDA kernel ms of one greedy ``generate()`` of ``new_tokens`` tokens,
-    under the profiler (kernels replayed from CUDA graphs are traced one by one)."""
+#: this project's Triton kernels (experts and fused routing), by name: their share of a step's GPU time
+DMR_KERNELS = (
+    "moe_gemm", "combine", "plan_small", "expert_histogram", "expert_offsets", "scatter_pairs",
+    "gather_rows", "swiglu_rows", "softmax_route",
+)  # fmt: skip
+
+
+def kernel_ms(model, prompt, new_tokens: int, **kw: Any) -> tuple[float, float, float]:  # type: ignore[no-untyped-def]
+    """Wall ms, summed CUDA kernel ms and the part of it in this project's Triton kernels
+    (:data:`DMR_KERNELS`) of one greedy ``generate()`` of ``new_tokens`` tokens, under the profiler
+    (kernels replayed from CUDA graphs are traced one by one)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -188,12 +196,19 @@ def kernel_ms(model, prompt, new_tokens: int, **kw: Any) -> tuple[float, float]:
         )  # fmt: skip
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return 1e3 * wall, 1e-3 * sum(e.device_time_total for e in kernels if e.device_time_total > 0)
+    cuda = torch.autograd.DeviceType.CUDA
+    kernels = [e for e in prof.events() if e.device_type == cuda and e.device_time_total > 0]
+    ours = [e for e in kernels if any(name in e.name for name in DMR_KERNELS)]
+    return (
+        1e3 * wall,
+        1e-3 * sum(e.device_time_total for e in kernels),
+        1e-3 * sum(e.device_time_total for e in ours),
+    )
 
 
 def gpu_step_time(model, prompt, new_tokens: int, **kw: Any) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    """Per decode step: the GPU's kernel time and the wall time, each the difference between a
+    """Per decode step: the GPU's kernel time (all, and this project's kernels: the experts and
+    the fused routing) and the wall time, each the difference between a
     ``generate()`` of ``8 + new_tokens`` tokens and one of 8, divided by ``new_tokens`` (the prefill
     and the first steps cancel). The step's wall time minus its kernel time is what the GPU waits
     for: ``generate()``'s own host work between steps, and launches in eager mode."""
@@ -201,6 +216,7 @@ def gpu_step_time(model, prompt, new_tokens: int, **kw: Any) -> dict[str, float]
     long = kernel_ms(model, prompt, 8 + new_tokens, **kw)
     return {
         "gpu_step_ms": (long[1] - short[1]) / new_tokens,
+        "dmr_kernels_step_ms": (long[2] - short[2]) / new_tokens,
         "profiled_step_ms": (long[0] - short[0]) / new_tokens,
     }
 

@@ -329,7 +329,9 @@ def test_a_measurement_on_part_of_the_windows_takes_whole_batches_or_one_partial
     assert cal._Meter(model, windows[:1], 2).probe is None  # one window: no part to take
 
 
-@pytest.mark.parametrize("option", [["--train-steps", "50"], ["--budget", "quantile"]])
+@pytest.mark.parametrize(
+    "option", [["--train-steps", "50"], ["--train-windows", "8"], ["--budget", "quantile"]]
+)
 @pytest.mark.parametrize("extra", [["--no-learned"], ["--family", "top_p"]])
 def test_cli_learned_options_without_the_learned_family_are_refused_before_loading(
     tmp_path, capsys, monkeypatch, extra, option
@@ -382,3 +384,30 @@ def test_replay_cuts_recorded_outputs_to_the_batch_whatever_the_argument_name():
     )
     with pytest.raises(dmr.errors.UnsupportedModelError, match="without its hidden states"):
         _replay(iter([recorded]), mask=torch.ones(4, 3, 3))
+
+
+def test_cli_train_options_reach_the_training_config_and_the_resume_header(tmp_path, capsys, monkeypatch):  # type: ignore[no-untyped-def]
+    import dynamic_moe_router.calibrate as cal
+
+    seen = []
+
+    def capture(*args, training=None, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(training)
+        raise KeyboardInterrupt  # stop before any work
+
+    monkeypatch.setattr(cal, "calibrate", capture)
+    out = tmp_path / "policy.json"
+    args = ["calibrate", "--model", str(ROOT / "models" / "ref-mixtral"), "--target-reduction", "0.3",
+            "--family", "learned", "--train-steps", "800", "--out", str(out)]  # fmt: skip
+    assert main([*args, "--train-windows", "8"]) == 130
+    assert (seen[-1].steps, seen[-1].batch_windows) == (800, 8)
+    # partial results written before --train-windows existed were trained with 4 windows per step
+    partial = tmp_path / "policy.json.partial.json"
+    header = {"kind": "calibration.partial", "model": str((ROOT / "models" / "ref-mixtral").resolve()),
+              "target_reduction": 0.3, "family": "learned", "no_learned": False, "tokens": 8192,
+              "per_layer": True, "train_steps": 800, "budget": "threshold", "measurements": {}}  # fmt: skip
+    partial.write_text(json.dumps(header))
+    assert main([*args, "--resume"]) == 130 and seen[-1].batch_windows == 4
+    capsys.readouterr()
+    assert main([*args, "--train-windows", "8", "--resume"]) == 2
+    assert "other train_windows" in capsys.readouterr().err

@@ -190,6 +190,7 @@ CASES: dict[tuple[str, str], list[tuple[list[str], str]]] = {
     ],
     ("calibrate", "tokens"): ints("--tokens", "0", "100", "-1", "x"),
     ("calibrate", "train_steps"): ints("--train-steps", "0", "-2", "x", "1.5"),
+    ("calibrate", "train_windows"): ints("--train-windows", "0", "-1", "x", "2.5"),
     ("calibrate", "budget"): [
         (["--budget", "per-token"], "invalid choice"),
         (["--budget", "quantile", "--no-learned"], "only the learned family has a budget kind"),

@@ -363,6 +363,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "tokens": args.tokens,
         "per_layer": not args.global_only,
         "train_steps": args.train_steps,
+        "train_windows": args.train_windows,
         "budget": args.budget,
     }
     state: dict[str, Any] = {**header, "measurements": {}}
@@ -388,8 +389,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 "'measurements' of [reduction, nll] pairs); delete it and rerun without --resume"
             )
         # a file from before --no-learned existed has no such key: it ran without it
-        # a file from before --budget existed ran with the threshold budget
-        before = {"no_learned": False, "budget": "threshold"}
+        # a file from before --budget existed ran with the threshold budget; one from before
+        # --train-windows with 4 windows per step
+        before = {"no_learned": False, "budget": "threshold", "train_windows": 4}
         changed = [k for k, v in header.items() if saved.get(k, before.get(k)) != v]
         if changed:
             raise ResumeError(
@@ -404,7 +406,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     from .learn import AllocatorTraining
 
-    training = AllocatorTraining(steps=args.train_steps)
+    training = AllocatorTraining(steps=args.train_steps, batch_windows=args.train_windows)
     model, tokenizer = load_checkpoint(args.model)
     try:
         with _progress(args) as progress:
@@ -596,12 +598,14 @@ def _check_calibrate(args: argparse.Namespace) -> str | None:
             f"argument --no-learned: --family {args.family} already names the one family to calibrate; "
             "pass one of them"
         )
-    if _explicit(args, "train_steps") and (args.no_learned or args.family not in (None, "learned")):
-        chosen = "--no-learned" if args.no_learned else f"--family {args.family}"
-        return (
-            f"argument --train-steps: only the learned family trains, and {chosen} leaves it out; drop "
-            "--train-steps or calibrate the learned family"
-        )
+    for dest in ("train_steps", "train_windows"):
+        flag = "--" + dest.replace("_", "-")
+        if _explicit(args, dest) and (args.no_learned or args.family not in (None, "learned")):
+            chosen = "--no-learned" if args.no_learned else f"--family {args.family}"
+            return (
+                f"argument {flag}: only the learned family trains, and {chosen} leaves it out; drop "
+                f"{flag} or calibrate the learned family"
+            )
     if _explicit(args, "budget") and (args.no_learned or args.family not in (None, "learned")):
         chosen = "--no-learned" if args.no_learned else f"--family {args.family}"
         return (
@@ -943,8 +947,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-steps",
         type=check.int_at_least(1, "a positive number of steps, e.g. 400"),
         default=400,
-        help="training steps of the learned family (default 400: about 7 minutes on 2 CPU cores for "
+        help="training steps of the learned family (default 400: 6-9 minutes on 2 CPU cores for "
         "the reference models)",
+    )
+    p.add_argument(
+        "--train-windows",
+        type=check.int_at_least(1, "a positive number of 512-token windows, e.g. 8"),
+        default=4,
+        help="512-token training windows per step of the learned family (default 4). Training time "
+        "grows with steps x windows; on ref-olmoe --train-steps 800 --train-windows 8 (4x the default "
+        "work) brought the 35%% allocator from +1.13%% to +0.98%% perplexity on Gutenberg test",
     )
     p.add_argument(
         "--budget",
