@@ -104,9 +104,17 @@ def render_gpu_batch_aware(data: dict[str, Any], path: Path) -> list[str]:
                 continue
             best = min(aware, key=lambda c: c["layer_ratio"])
             ok = best["layer_ratio"] <= BATCH_AWARE_LAYER
+            why = ""
+            if all(c["pair_ratio"] >= 1.0 for c in aware):  # nothing dropped at any setting
+                why = (
+                    f"; no slot was dropped at any `experts` setting (pair ratio 1.000, "
+                    f"{best['distinct_experts']} experts touched): the experts holding some token's "
+                    "protected first slot (`min_keep`) stay in the batch's active set, and here they and "
+                    "the few of largest mass cover every expert the batch touches"
+                )
             out.append(
                 f"- Batch-aware layer time, {shape}, {tokens} tokens: best {best['layer_ratio']:.3f} of "
-                f"static with `{best['spec']}` (limit {BATCH_AWARE_LAYER}): {_mark(ok)}."
+                f"static with `{best['spec']}` (limit {BATCH_AWARE_LAYER}): {_mark(ok)}{why}."
             )
     out.append("")
     return out
