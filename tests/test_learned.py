@@ -610,6 +610,10 @@ def test_fit_quantile_budget_keeps_an_offset_already_fitted():  # type: ignore[n
     assert moved.offset == 5.0  # kept as given (decode steps use it)
     with pytest.raises(dmr.TargetUnreachableError):
         fit_quantile_budget(model, fitted, windows, 0.8, refit_offset=False)
+    for bad in (0.0, 1.0, "0.4", True):
+        with pytest.raises(dmr.PolicyError) as err:
+            fit_quantile_budget(model, fitted, windows, bad, refit_offset=False)
+        assert err.value.field == "target_reduction"
 
 
 def test_quantile_budget_runs_in_generate_with_the_kv_cache():  # type: ignore[no-untyped-def]

@@ -21,7 +21,7 @@ from ..report import ProfileReport
 __all__ = ["WindowScore", "measure_reduction", "score_windows"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # a tensor field: compared by identity
 class WindowScore:
     """What :func:`score_windows` measured.
 

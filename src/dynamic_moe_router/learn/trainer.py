@@ -313,6 +313,18 @@ def fit_budget(
     return fitted, score.reduction
 
 
+def _check_target(policy: LearnedAllocator, target_reduction: Any) -> None:
+    if (
+        isinstance(target_reduction, bool)
+        or not isinstance(target_reduction, (int, float))
+        or not 0.0 < float(target_reduction) < 1.0
+    ):
+        raise PolicyError(
+            f"target_reduction must be in (0, 1), got {target_reduction!r}", field="target_reduction"
+        )
+    check_reachable(policy.native_k, float(target_reduction))
+
+
 def _fit_budget(
     model: Any,
     policy: LearnedAllocator,
@@ -326,11 +338,7 @@ def _fit_budget(
 ) -> tuple[LearnedAllocator, WindowScore]:
     """:func:`fit_budget`, returning the chosen offset's measurement (its NLL and per-layer shares)."""
     windows = _check_windows("windows", windows)
-    if isinstance(target_reduction, bool) or not 0.0 < float(target_reduction) < 1.0:
-        raise PolicyError(
-            f"target_reduction must be in (0, 1), got {target_reduction!r}", field="target_reduction"
-        )
-    check_reachable(policy.native_k, target_reduction)
+    _check_target(policy, target_reduction)
     lo, hi = bracket  # a larger offset keeps more slots
     best: tuple[float, WindowScore] | None = None
     for _ in range(iterations):
@@ -415,7 +423,7 @@ def fit_quantile_budget(
             model, threshold, windows, target_reduction, iterations=iterations, batch_size=batch_size
         )
     else:
-        check_reachable(policy.native_k, target_reduction)
+        _check_target(policy, target_reduction)
         fitted = threshold
         measured = score_windows(model, fitted, windows, batch_size) if layer_shares != "uniform" else None
     candidates = []
