@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -265,6 +267,39 @@ def test_compiled_static_cache_generate_on_cuda(family):  # type: ignore[no-unty
         # model may flip a near-tie late in the sequence; the prefill's greedy token never differs
         assert compiled.shape == eager.shape == (2, 20)
         assert torch.equal(compiled[:, 12], eager[:, 12])
+
+
+@pytest.mark.parametrize("policy", [None, dmr.StaticTopK(), dmr.TopP(p=0.5)])
+def test_static_cache_generate_replays_its_cuda_graphs_on_later_calls(policy, monkeypatch):  # type: ignore[no-untyped-def]
+    """transformers builds a new static cache per generate() call; the compiled decode step replays
+    its CUDA graphs only if that cache lands where it was recorded. A patched model's eager prefill
+    used to leave new small tensors behind (its pair counters) every call, so every call recorded
+    the decode graph again (about 73 ms per call on the OLMoE shape, and a growing graph tree)."""
+    from torch._inductor import cudagraph_trees
+
+    from dynamic_moe_router.hf.tiny import tiny_model
+
+    x = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(2)).cuda()
+    model = tiny_model("olmoe", dtype=torch.bfloat16, attn_implementation="eager").cuda()
+    torch._dynamo.reset()
+    recorded: list[int] = []
+    init = cudagraph_trees.CUDAGraphNode.__init__
+
+    def counting(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        recorded.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(cudagraph_trees.CUDAGraphNode, "__init__", counting)
+    with dmr.patched(model, policy, validate=False) if policy is not None else torch.no_grad():
+        for _ in range(3):  # compile, record (counters allocate on their first call), settle
+            gc.collect()  # tensors in reference cycles go now, not at a random point of a later call
+            first = _static_generate(model, x, compiled=True)
+        assert recorded, "the compiled step ran without CUDA graphs: nothing to check"
+        recorded.clear()
+        for _ in range(3):
+            gc.collect()
+            assert torch.equal(_static_generate(model, x, compiled=True), first)
+    assert recorded == []
 
 
 @pytest.mark.parametrize("policy", [dmr.StaticTopK(), dmr.TopP(p=0.5), dmr.BatchAware(experts=0.5)])

@@ -118,6 +118,29 @@ def test_any_routing_any_backend(tokens, num_experts, k_max, seed, drop):  # typ
         assert counter.executed_pairs == int((ids < num_experts).sum())
 
 
+def test_device_counts_accumulate_in_place_across_grad_modes():  # type: ignore[no-untyped-def]
+    """After its first call a counter allocates nothing: a static-cache generate() keeps its CUDA
+    graphs only if the allocator's state repeats between calls (test_cuda checks that end to end)."""
+    counter = ExpertsCounter()
+    with torch.inference_mode():  # the first count made in inference mode ...
+        counter.add(torch.tensor(3))
+        counter.add_zero_experts(torch.tensor(2))
+    total, zero = counter._device, counter._zero_device
+    assert total is not None and zero is not None
+    ptrs = (total.data_ptr(), zero.data_ptr())
+    with torch.no_grad():  # ... still adds outside it
+        counter.add(torch.tensor(4, dtype=torch.int32))
+        counter.add_zero_experts(torch.tensor(1))
+    counter.add(5)
+    assert counter._device is total and counter._zero_device is zero
+    assert (total.data_ptr(), zero.data_ptr()) == ptrs
+    assert counter.executed_pairs == 12 and counter.zero_expert_pairs == 3
+    counter.reset()
+    assert counter.executed_pairs == 0 and counter.zero_expert_pairs == 0
+    counter.add(torch.tensor(2))
+    assert counter._device is total and counter.executed_pairs == 2
+
+
 def test_odd_sizes_fall_back_to_loop_and_explicit_grouped_raises():  # type: ignore[no-untyped-def]
     module = mixtral_experts(257, 511, 7)
     hidden = torch.randn(9, 511)

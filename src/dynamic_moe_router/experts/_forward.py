@@ -84,6 +84,25 @@ STANDARD = ExpertsLayout()
 GPT_OSS = ExpertsLayout(transposed=True, interleaved=True, has_bias=True, activation="gpt_oss")
 
 
+def _accumulate(total: torch.Tensor | None, n: torch.Tensor) -> torch.Tensor:
+    """``total += n`` in place, in a long tensor allocated on the first call only.
+
+    Counting allocates nothing after the first call, so the caching allocator's state repeats from
+    one ``generate()`` to the next. Transformers' static cache relies on that: it builds a new cache
+    each call, and ``torch.compile(mode="reduce-overhead")`` replays its CUDA graphs only when the
+    cache lands at the addresses they were recorded with (else it records them again, every call).
+    The accumulator is a normal tensor even when created under ``torch.inference_mode``, so that a
+    later call outside that mode can still add to it.
+    """
+    n = n.detach()
+    if total is None or total.device != n.device:  # first call, or the model moved to another device
+        with torch.inference_mode(False):
+            fresh = torch.zeros(n.shape, dtype=torch.long, device=n.device)
+            total = fresh if total is None else fresh.add_(total.to(n.device))
+    total.add_(n)
+    return total
+
+
 @dataclass
 class ExpertsCounter:
     """Counts the (token, expert) rows actually fed to the expert GEMMs.
@@ -105,7 +124,7 @@ class ExpertsCounter:
             # graphs overwrite it on replay) and a Python-side mutation: not counted there
             return
         if isinstance(n, torch.Tensor):
-            self._device = n.detach().to(torch.long) if self._device is None else self._device + n.detach()
+            self._device = _accumulate(self._device, n)
         else:
             self._host += int(n)
 
@@ -113,8 +132,7 @@ class ExpertsCounter:
         """Count ``n`` (a device tensor: no host sync) pairs routed to zero-computation experts."""
         if torch.compiler.is_compiling():
             return
-        n = n.detach().to(torch.long)
-        self._zero_device = n if self._zero_device is None else self._zero_device + n
+        self._zero_device = _accumulate(self._zero_device, n)
 
     @property
     def executed_pairs(self) -> int:
@@ -126,7 +144,10 @@ class ExpertsCounter:
         return int(self._zero_device) if self._zero_device is not None else 0
 
     def reset(self) -> None:
-        self.calls, self._host, self._device, self._zero_device = 0, 0, None, None
+        self.calls, self._host = 0, 0
+        for total in (self._device, self._zero_device):  # zeroed in place: no new allocation
+            if total is not None:
+                total.zero_()
 
 
 # -- weight access ---------------------------------------------------------------------------------
