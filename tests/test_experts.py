@@ -132,6 +132,7 @@ def test_device_counts_accumulate_in_place_across_grad_modes():  # type: ignore[
         counter.add(torch.tensor(4, dtype=torch.int32))
         counter.add_zero_experts(torch.tensor(1))
     counter.add(5)
+    counter.add(torch.tensor([0]))  # a one-element count of another shape
     assert counter._device is total and counter._zero_device is zero
     assert (total.data_ptr(), zero.data_ptr()) == ptrs
     assert counter.executed_pairs == 12 and counter.zero_expert_pairs == 3

@@ -95,6 +95,7 @@ def _accumulate(total: torch.Tensor | None, n: torch.Tensor) -> torch.Tensor:
     later call outside that mode can still add to it.
     """
     n = n.detach()
+    n = n.reshape(()) if n.numel() == 1 else n  # a count as (1,) adds to a () total, as before
     if total is None or total.device != n.device:  # first call, or the model moved to another device
         with torch.inference_mode(False):
             fresh = torch.zeros(n.shape, dtype=torch.long, device=n.device)
