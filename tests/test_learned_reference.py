@@ -25,6 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["ref-olmoe", "ref-mixtral"]
 #: the stated tolerance of a retrain: valid perplexity within 0.3% of the committed allocator's
 RETRAIN_PPL_TOLERANCE = 0.003
+#: (steps, windows per step) of each committed allocator's training: ref-olmoe's heads had 4x the
+#: default work (the setting chosen on valid NLL; about 45 minutes on 2 CPU threads), ref-mixtral's the
+#: default (its 35% target is out of reach of selection either way: see BENCHMARKS.md's oracle)
+COMMITTED_TRAINING = {"ref-olmoe": (800, 8), "ref-mixtral": (400, 4)}
 
 
 def _valid() -> list[str]:
@@ -54,7 +58,8 @@ def test_committed_allocators_load_fit_their_model_and_hold_the_budget_on_valid(
         assert policy.budget == ("threshold" if f.stem.startswith("learned-t") else "quantile")
         assert abs(reached - target) <= tolerance, f"{f.name}: {reached:.4f} for a {target:.0%} target"
     record = dmr.load_policy(files[-3]).record or {}
-    assert record["config"]["steps"] == dmr.AllocatorTraining().steps and record["threads"] == 2
+    config = record["config"]
+    assert (config["steps"], config["batch_windows"]) == COMMITTED_TRAINING[name] and record["threads"] == 2
 
 
 def _valid_nll(model, policy, windows: torch.Tensor) -> float:  # type: ignore[no-untyped-def]
@@ -71,7 +76,8 @@ def two_threads():  # type: ignore[no-untyped-def]
 
 
 def test_a_retrain_reproduces_the_committed_ref_olmoe_allocator(two_threads):  # type: ignore[no-untyped-def]
-    """The full default training (about 5 minutes on 2 threads) lands within the stated tolerance."""
+    """A short retrain, the default training (a quarter of the committed heads' work, about 5 minutes
+    on 2 threads), lands within the stated tolerance of the committed allocator on valid."""
     path = ROOT / "models" / "ref-olmoe"
     model, tokenizer = load_checkpoint(str(path))
     committed = dmr.load_policy(path / "allocators" / "learned-t35.json")
