@@ -985,7 +985,9 @@ def render_learned(entry: tuple[Path, dict[str, Any]]) -> list[str]:
         bits = [
             f"targets {', '.join(f'{t:.0%}' for t in a.get('targets', []))}",
             "compensation " + " and ".join(_comp(bool(c)) for c in a.get("comp_modes", [])),
-            f"{a.get('steps')} training steps",
+            f"{a.get('steps')} training steps"
+            if not a.get("allocators")
+            else "the committed allocator (no training; its offset refitted per target)",
         ]
         if a.get("train_once") is not None:
             bits.append(f"one allocator per compensation mode trained at {a['train_once']:.0%}")
