@@ -102,7 +102,9 @@ def test_learned_section_renders_from_the_committed_file():  # type: ignore[no-u
     # right after the issue-10 oracle / probe section
     assert headings[headings.index(f"## {gen.ISSUE10_TITLE}") + 1] == f"## {gen.LEARNED_TITLE}"
     section = _learned_section(gen, text)
-    assert gen.LEARNED_RUN in section and "GPU runs" in section
+    # "GPU runs" only when every merged run was one (ref-olmoe's committed allocator was re-measured on CPU)
+    gpu = all(str((r.get("args") or {}).get("device", "")).startswith("cuda") for r in payload["merged_from"])
+    assert gen.LEARNED_RUN in section and ("GPU runs" in section) == gpu
     for device in {r["device"] for r in payload["merged_from"]}:
         assert device in section
     summary = text.split("## Summary: targets met and missed")[1].split("\n## ")[0]
