@@ -26,7 +26,7 @@ MODELS = ["ref-olmoe", "ref-mixtral"]
 #: the stated tolerance of a retrain: valid perplexity within 0.3% of the committed allocator's
 RETRAIN_PPL_TOLERANCE = 0.003
 #: (steps, windows per step) of each committed allocator's training: ref-olmoe's heads had 4x the
-#: default work (the setting chosen on valid NLL; about 45 minutes on 2 CPU threads), ref-mixtral's the
+#: default work (the setting chosen on valid NLL; 2463 s of training on 2 CPU threads), ref-mixtral's the
 #: default (its 35% target is out of reach of selection either way: see BENCHMARKS.md's oracle)
 COMMITTED_TRAINING = {"ref-olmoe": (800, 8), "ref-mixtral": (400, 4)}
 

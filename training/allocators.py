@@ -30,6 +30,7 @@ setting chosen on valid NLL; 2463 s of training on 2 CPU threads), ref-mixtral w
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -50,19 +51,20 @@ OTHERS = (0.25, 0.30, 0.40, 0.50)
 
 
 def main(argv: list[str]) -> int:
-    refit = "--refit" in argv
-    quantile_only = "--quantile-only" in argv
-    device = argv[argv.index("--device") + 1] if "--device" in argv else "cpu"
-    steps = int(argv[argv.index("--train-steps") + 1]) if "--train-steps" in argv else None
-    windows = int(argv[argv.index("--train-windows") + 1]) if "--train-windows" in argv else None
-    flags = {"--refit", "--quantile-only", "--device", device, "--train-steps", "--train-windows"}
-    flags |= {str(v) for v in (steps, windows) if v is not None}
-    paths = [a for a in argv if a not in flags]
     default = AllocatorTraining()
-    training = replace(default, steps=steps or default.steps, batch_windows=windows or default.batch_windows)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="reference model folders")
+    parser.add_argument("--refit", action="store_true", help="only refit the budgets of the committed heads")
+    parser.add_argument("--quantile-only", action="store_true", help="only the quantile budgets")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--train-steps", type=int, default=default.steps)
+    parser.add_argument("--train-windows", type=int, default=default.batch_windows)
+    args = parser.parse_args(argv)
+    refit, quantile_only, device, paths = args.refit, args.quantile_only, args.device, args.paths
+    training = replace(default, steps=args.train_steps, batch_windows=args.train_windows)
     torch.set_num_threads(2)
     valid = [r["text"] for r in read_jsonl(data_file("gutenberg/valid.jsonl"))]
-    for path in map(Path, paths):
+    for path in paths:
         model, tokenizer = load_checkpoint(str(path))
         model.to(device)
         out = path / "allocators"
