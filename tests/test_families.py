@@ -87,12 +87,12 @@ def test_dynamic_policy_runs_generate_and_skips_pairs(family):  # type: ignore[n
 @torch.no_grad()
 def test_flop_counter_confirms_executed_pairs(family):  # type: ignore[no-untyped-def]
     """An independent count: the matmul FLOPs torch sees inside the experts == executed pairs x 6HI."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from dynamic_moe_router.hf.profiling import flop_counter  # torch's FlopCounterMode, no_grad-safe
 
     model = tiny_model(family)
     layers = find_moe_layers(model)[0]
     with dmr.patched(model, dmr.RelativeThreshold(beta=0.5), backend="loop") as handle:
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             model(tokens())
         per_module = counter.get_flop_counts()
         for layer, experts in zip(handle.layers, handle.experts, strict=False):

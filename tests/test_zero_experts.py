@@ -46,7 +46,8 @@ def test_layers_know_their_zero_experts(model):  # type: ignore[no-untyped-def]
 
 @torch.no_grad()
 def test_experts_forward_adds_identity_for_zero_experts_and_counts_them_apart(model):  # type: ignore[no-untyped-def]
-    experts = find_moe_layers(model)[0][0].experts  # 6 real experts, 3 zero experts, sentinel 9
+    layer = find_moe_layers(model)[0][0]
+    experts = layer.experts  # 6 real experts, 3 zero experts, sentinel 9
     h = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
     ids = torch.tensor([[0, 7, 9], [6, 8, 9], [9, 9, 9]])
     w = torch.tensor([[0.5, 0.25, 0.0], [0.75, 1.5, 0.0], [0.0, 0.0, 0.0]])
@@ -58,7 +59,14 @@ def test_experts_forward_adds_identity_for_zero_experts_and_counts_them_apart(mo
     torch.testing.assert_close(out[1], (0.75 + 1.5) * h[1])
     assert torch.equal(out[2], torch.zeros(32))  # all sentinels: nothing
     # transformers' own experts forward on the same pairs (the sentinel slots carry weight 0)
-    torch.testing.assert_close(out[:2], experts(h[:2], ids[:2, :2], w[:2, :2]), atol=1e-6, rtol=1e-6)
+    pairs, pw = ids[:2, :2], w[:2, :2]
+    if layer.zero_in_block:  # transformers >= 5.25: the block adds the identity, its experts skip id 6
+        zero = (pairs >= 6) & (pairs < 9)
+        real = torch.where(zero, torch.full_like(pairs, 6), pairs)
+        native = experts(h[:2], real, torch.where(zero, 0.0, pw)) + (pw * zero).sum(-1, keepdim=True) * h[:2]
+    else:  # the experts module adds it
+        native = experts(h[:2], pairs, pw)
+    torch.testing.assert_close(out[:2], native, atol=1e-6, rtol=1e-6)
 
 
 @torch.no_grad()
@@ -137,3 +145,23 @@ def test_families_without_zero_experts_report_none():  # type: ignore[no-untyped
     assert d["zero_expert_pairs"] == d["native_zero_expert_pairs"] == 0
     assert d["executed_pairs"] == d["kept_pairs"]
     assert "zero-computation" not in report.summary()
+
+
+@torch.no_grad()
+def test_a_block_that_remaps_zero_experts_hands_the_router_ids_to_the_experts(model):  # type: ignore[no-untyped-def]
+    """transformers >= 5.25: longcat_flash's block adds the zero experts' identity itself and sends
+    each zero-expert slot to its experts as a real expert at weight 0; the patched experts take the
+    router's own ids instead, so those slots run no GEMM, and refuse a call without a routing."""
+    layer = find_moe_layers(model)[0][0]
+    if not layer.zero_in_block:
+        pytest.skip("this transformers release keeps zero experts in the experts module")
+    h = torch.randn(4, 32, generator=torch.Generator().manual_seed(4))
+    with dmr.patched(model, dmr.StaticTopK(), backend="loop") as handle:
+        ref = layer.block(h[None])  # router, then experts
+        experts = handle.experts[0]
+        assert experts.router.routed_ids is None  # handed over, not kept
+        executed, zero = experts.counter.executed_pairs, experts.counter.zero_expert_pairs
+        assert executed + zero == 4 * layer.native_k and zero > 0
+        with pytest.raises(dmr.errors.RoutingInputError, match="router's last call left no routing"):
+            layer.experts(h, torch.zeros(4, layer.native_k, dtype=torch.long), torch.ones(4, layer.native_k))
+    torch.testing.assert_close(ref, layer.block(h[None]), atol=1e-5, rtol=1e-5)

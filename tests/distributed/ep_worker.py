@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import dynamic_moe_router as dmr
-from dynamic_moe_router.hf.layers import experts_inputs, find_moe_layers, model_family
+from dynamic_moe_router.hf.layers import find_moe_layers, model_family, watch_routing
 from dynamic_moe_router.hf.parallel import expert_parallel_config
 
 
@@ -73,7 +73,7 @@ def check(path: str, p: float) -> dict:
     e_layers, _ = find_moe_layers(ep, model_family(ep))
     local = e_layers[0].experts.gate_up_proj.to_local()
     n = local.shape[0]
-    res["local_experts"], res["num_experts"] = int(n), int(s_layers[0].num_experts)
+    res["local_experts"], res["num_experts"] = int(n), int(s_layers[0].real_experts)
     installed = [layer.experts.__dict__.get("forward") for layer in e_layers]  # transformers' dispatch
     mine = s_layers[0].experts.gate_up_proj[rank * n : (rank + 1) * n]
     res["own_weights_equal"] = bool(torch.equal(local, mine))
@@ -102,11 +102,8 @@ def check(path: str, p: float) -> dict:
             with dmr.patched(ep, policy, dispatch=dispatch):
                 tokens = ep.generate(ids, attention_mask=mask, **gen)
             routes: list[torch.Tensor] = []  # each layer's (T, k) global ids, single process
-            hooks = [
-                layer.experts.register_forward_pre_hook(
-                    lambda m, a, kw, routes=routes: routes.append(experts_inputs(a, kw)[1].clone()),
-                    with_kwargs=True,
-                )
+            hooks = [  # the router's ids (zero experts included, never sent: pairs_leaving keeps < E)
+                watch_routing(layer, lambda h, ids, routes=routes: routes.append(ids.clone()))
                 for layer in s_layers
             ]
             with dmr.patched(single, policy) as sh, dmr.profile(single) as single_report:

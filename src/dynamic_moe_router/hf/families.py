@@ -72,8 +72,9 @@ class FamilySpec:
     min_transformers: str = MIN_TRANSFORMERS
     #: the keras-hub model family patched by :mod:`dynamic_moe_router.keras.hub` ("" = none)
     keras_hub: str = ""
-    #: dotted path, on the experts module, of its number ``Z`` of zero-computation (identity)
-    #: experts (longcat_flash: ``"zero_expert_num"``; "" = none). The router scores ``E + Z``
+    #: dotted path, on the experts module (or, where the experts module lacks it, on the MoE
+    #: block: longcat_flash from transformers 5.25), of the number ``Z`` of zero-computation
+    #: (identity) experts (longcat_flash: ``"zero_expert_num"``; "" = none). The router scores ``E + Z``
     #: experts, ids ``[E, E + Z)`` add ``hidden * weight`` without a GEMM, the sentinel is ``E + Z``;
     #: their pairs are counted apart from the executed ones (``zero_expert_pairs``)
     zero_experts: str = ""

@@ -63,7 +63,7 @@ def routing_trace(model: torch.nn.Module, ids: Sequence[int], policy: Any = None
     """Run ``ids`` (one sequence) through ``model`` patched with ``policy`` (``None``: the native
     routing, unpatched) and record every MoE layer's routing."""
     from ..profiling import profile
-    from .layers import experts_inputs, find_moe_layers, model_family
+    from .layers import find_moe_layers, model_family, watch_routing
     from .patching import get_patch, patched
 
     family = model_family(model)
@@ -79,14 +79,12 @@ def routing_trace(model: torch.nn.Module, ids: Sequence[int], policy: Any = None
     seen: dict[int, torch.Tensor] = {}
 
     def hook(index: int):  # type: ignore[no-untyped-def]
-        def record(module, args, kwargs):  # type: ignore[no-untyped-def]
-            seen[index] = experts_inputs(args, kwargs)[1].detach().cpu()  # (T, k)
+        def record(hidden: torch.Tensor, ids: torch.Tensor) -> None:
+            seen[index] = ids.detach().cpu()  # (T, k)
 
         return record
 
-    handles = [
-        layer.experts.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)
-    ]
+    handles = [watch_routing(layer, hook(i)) for i, layer in enumerate(layers)]
     x = torch.tensor([list(ids)], dtype=torch.long, device=next(model.parameters()).device)
     try:
         if policy is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +12,7 @@ import torch
 from ..errors import NoMoELayersError, UnsupportedModelError
 from .families import FamilySpec, get_family, supported_families
 
-__all__ = ["MoELayer", "experts_inputs", "find_moe_layers", "model_family", "unwrap"]
+__all__ = ["MoELayer", "experts_inputs", "find_moe_layers", "model_family", "unwrap", "watch_routing"]
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
@@ -34,6 +34,10 @@ class MoELayer:
     #: zero-computation (identity) experts among ``num_experts``: ids ``[num_experts - zero_experts,
     #: num_experts)`` (longcat_flash); they run no GEMM and are counted apart
     zero_experts: int = 0
+    #: whether the MoE block, not its experts module, adds the zero experts' identity output
+    #: (longcat_flash from transformers 5.25: the block hands its experts remapped ids, each
+    #: zero-expert slot turned into a real expert at weight 0)
+    zero_in_block: bool = False
 
     @property
     def real_experts(self) -> int:
@@ -52,6 +56,64 @@ class MoELayer:
     def flops_per_pair(self) -> int:
         """Matmul FLOPs of one (token, expert) pair, ``2*H*2I + 2*I*H = 6*H*I``."""
         return 6 * self.hidden_size * self.intermediate_size
+
+
+def watch_routing(
+    layer: MoELayer, fn: Callable[[torch.Tensor, torch.Tensor], None]
+) -> torch.utils.hooks.RemovableHandle:
+    """Call ``fn(hidden (T, H), ids (T, k))`` on every routing of ``layer``, patched or not; returns
+    the hook's handle (``.remove()`` it when done).
+
+    The ids are read at the experts module's inputs, except where the block rewrites them first
+    (zero experts owned by the block, :attr:`MoELayer.zero_in_block`: its experts see each
+    zero-expert slot as a real expert at weight 0): there they are read at the router's output.
+
+    Example:
+        >>> import torch
+        >>> from dynamic_moe_router.hf.layers import find_moe_layers, watch_routing
+        >>> from dynamic_moe_router.hf.tiny import tiny_model
+        >>> model = tiny_model("mixtral")
+        >>> seen = []
+        >>> handle = watch_routing(find_moe_layers(model)[0][0], lambda h, ids: seen.append(ids.shape))
+        >>> _ = model(torch.tensor([[5, 6, 7]]))
+        >>> handle.remove()
+        >>> seen
+        [torch.Size([3, 2])]
+    """
+    if not layer.zero_in_block:
+
+        def at_experts(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            fn(*experts_inputs(args, kwargs))
+
+        return layer.experts.register_forward_pre_hook(at_experts, with_kwargs=True)
+
+    def at_router(module: Any, args: tuple[Any, ...], output: Any) -> None:
+        hidden = args[0]
+        ids = next(o for o in output if isinstance(o, torch.Tensor) and not o.is_floating_point())
+        fn(hidden.reshape(-1, hidden.shape[-1]), ids)  # (T, H), (T, k)
+
+    return layer.router.register_forward_hook(at_router)
+
+
+def _zero_experts(
+    family: FamilySpec, path: str, block: torch.nn.Module, experts: torch.nn.Module
+) -> tuple[int, bool]:
+    """The number ``Z`` of zero-computation experts of a block, and whether the block (not its
+    experts module) owns them: transformers 5.24 keeps ``zero_expert_num`` on longcat_flash's experts
+    module, which adds their identity output itself; 5.25 moved it to the MoE block."""
+    if not family.zero_experts:
+        return 0, False
+    for owner, in_block in ((experts, False), (block, True)):
+        try:
+            value = family.router_attribute(owner, family.zero_experts)
+        except AttributeError:
+            continue
+        return int(value or 0), in_block
+    raise UnsupportedModelError(
+        f"{family.model_type} block {path!r}: neither its experts module nor the block has "
+        f"{family.zero_experts!r} (its number of zero-computation experts); this transformers release "
+        "changed the family's layout, which dynamic-moe-router-kit does not know yet"
+    )
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -166,7 +228,7 @@ def find_moe_layers(
         shared = tuple(
             getattr(module, a) for a in family.shared_experts if getattr(module, a, None) is not None
         )
-        zero = int(family.router_attribute(experts, family.zero_experts) or 0) if family.zero_experts else 0
+        zero, zero_in_block = _zero_experts(family, name, module, experts)
         if zero and int(experts.down_proj.shape[0]) + zero != int(num_experts):
             raise UnsupportedModelError(
                 f"{family.model_type} block {name!r}: its router scores {int(num_experts)} experts, its "
@@ -185,6 +247,7 @@ def find_moe_layers(
                 intermediate_size=int(inter),
                 shared=shared,
                 zero_experts=zero,
+                zero_in_block=zero_in_block,
             )
         )
     if not layers:

@@ -198,10 +198,11 @@ def expert_shard(layer: MoELayer) -> ExpertShard | None:
                 "was patched."
             )
         return None
-    if layer.zero_experts:
+    if layer.zero_experts and not layer.zero_in_block:
         raise ExpertParallelError(
-            f"{where}: split experts with zero-computation experts (longcat_flash) are not supported; "
-            "nothing was patched."
+            f"{where}: split experts whose module adds the zero-computation experts' output itself "
+            "(longcat_flash before transformers 5.25) are not supported; upgrade transformers to 5.25 or "
+            "newer, where the block adds it. Nothing was patched."
         )
     from torch.distributed.tensor import Shard
 
@@ -231,10 +232,10 @@ def expert_shard(layer: MoELayer) -> ExpertShard | None:
     mesh = w.device_mesh
     size = int(mesh.size())
     total = int(w.shape[0])  # a DTensor reports the global shape
-    if total != layer.num_experts or total % size:
+    if total != layer.real_experts or total % size:
         raise ExpertParallelError(
-            f"{where}: {total} experts over {size} ranks (router: {layer.num_experts} experts); each "
-            "rank must hold the same number of whole experts"
+            f"{where}: {total} experts over {size} ranks (router: {layer.real_experts} experts with "
+            "weights); each rank must hold the same number of whole experts"
         )
     rank, device = int(mesh.get_local_rank()), w.to_local().device
     return ExpertShard(group=mesh.get_group(), rank=rank, size=size, num_local=total // size, device=device)

@@ -120,6 +120,9 @@ class DynamicRouter:
         self._compiled: Any = None
         self.graphs = GraphCache(f"MoE layer {layer.index} router", pool or GraphPool())
         self.compensation: torch.Tensor | None = None  # (T, H), handed to the experts forward
+        #: the last call's ids ``(T, k_max)``, handed to the experts forward of a block that remaps
+        #: them before its experts see them (zero experts owned by the block: ``layer.zero_in_block``)
+        self.routed_ids: torch.Tensor | None = None
         #: pairs the family's own top-k would have sent to zero-computation experts (layers with
         #: zero experts only): the native routing's zero-expert pairs, for honest FLOP accounting
         self.native_counter = ExpertsCounter()
@@ -147,6 +150,7 @@ class DynamicRouter:
         self._compiled = None  # recompiled for the new policy on the next call
         self.graphs.clear()  # captured with the old policy
         self.compensation = None
+        self.routed_ids = None
 
     @property
     def renormalize(self) -> bool:
@@ -177,6 +181,8 @@ class DynamicRouter:
             routed = replayed if replayed is not None else self._route(h, *router_inputs)
             logits, ids, weights, comp, native_zero = routed
         self.compensation = comp  # added to the experts' output by this layer's DynamicExperts
+        if layer.zero_in_block:  # the block turns zero-expert slots into real experts at weight 0
+            self.routed_ids = ids
         if native_zero is not None:
             self.native_counter.add_zero_experts(native_zero)
         if self.options.validate and h.shape[0] and not compiling:  # a host sync: eager only
@@ -392,11 +398,36 @@ class DynamicExperts:
                 counter=self.counter,
             )  # fmt: skip
 
+    def _routed_ids(self, given: torch.Tensor) -> torch.Tensor:
+        """The router's own ids for a block that remaps them before its experts (zero experts owned
+        by the block, ``layer.zero_in_block``): the block sends each zero-expert slot to a real expert
+        at weight 0, whose GEMM would run and be counted; with the router's ids that slot is a
+        zero-expert pair again (not executed, counted apart), and the block adds its identity."""
+        ids, self.router.routed_ids = self.router.routed_ids, None
+        if ids is None or ids.shape != given.shape:
+            found = "no routing" if ids is None else f"ids of shape {tuple(ids.shape)}"
+            raise RoutingInputError(
+                f"MoE layer {self.layer.index}: the experts were called with ids of shape "
+                f"{tuple(given.shape)}, and the router's last call left {found}; the block must call "
+                "its router, then its experts, on the same tokens"
+            )
+        return ids
+
+    def _real_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids (T, k)`` with the zero-expert slots (counted here, on every rank: each holds the
+        whole batch) made dropped ones, for split experts of a block that adds their identity."""
+        real, total = self.layer.real_experts, self.layer.num_experts
+        self.counter.add_zero_experts(((ids >= real) & (ids < total)).sum())
+        return torch.where(ids < real, ids, torch.full_like(ids, real))
+
     def __call__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if self.layer.zero_in_block:
+            top_k_index = self._routed_ids(top_k_index)
         if self.shard is not None:
+            ids = self._real_ids(top_k_index) if self.layer.zero_experts else top_k_index
             # torch.compiler.disable hides shard_forward's signature from type checkers
             out = shard_forward(
-                self.shard, self.dispatch, self._local, hidden_states, top_k_index, top_k_weights,  # pyright: ignore[reportCallIssue]
+                self.shard, self.dispatch, self._local, hidden_states, ids, top_k_weights,  # pyright: ignore[reportCallIssue]
                 self.exchange,
             )  # fmt: skip
         else:

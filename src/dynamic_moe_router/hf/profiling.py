@@ -17,11 +17,11 @@ from contextlib import ExitStack, contextmanager
 import torch
 
 from ..report import LayerStats, ProfileReport
-from .layers import MoELayer, experts_inputs, find_moe_layers, model_family, unwrap
+from .layers import MoELayer, find_moe_layers, model_family, unwrap, watch_routing
 from .parallel import gather_pairs
 from .patching import get_patch
 
-__all__ = ["LayerStats", "ProfileReport", "profile"]
+__all__ = ["LayerStats", "ProfileReport", "flop_counter", "profile"]
 
 
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -34,14 +34,40 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
     return 2 * b * s * length * d + 2 * b * s * length * dv
 
 
-def _flop_counter():
+def flop_counter() -> torch.utils.flop_counter.FlopCounterMode:
+    """torch's ``FlopCounterMode`` (per-module counts, no display), with the CPU SDPA kernel's FLOPs,
+    that also runs forward passes under ``torch.no_grad()`` of models that hand a module a
+    parameter's view (transformers 5.25's hybrid families pass ``conv1d.weight.squeeze(1)`` to a
+    kernel layer): torch's module tracker would attach a backward hook to that view and fail
+    ("Expected gradient function to be set"); with gradients off, no backward hooks are attached.
+
+    Example:
+        >>> import torch
+        >>> from dynamic_moe_router.hf.profiling import flop_counter
+        >>> with torch.no_grad(), flop_counter() as counter:
+        ...     _ = torch.nn.Linear(4, 3)(torch.ones(2, 4))
+        >>> counter.get_total_flops()
+        48
+    """
     from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.module_tracker import ModuleTracker
+
+    class ForwardTracker(ModuleTracker):
+        """Module nesting for FLOP attribution; backward hooks only while gradients are on."""
+
+        def _fw_pre_hook(self, mod: torch.nn.Module, input: object) -> None:
+            super()._fw_pre_hook(mod, input if torch.is_grad_enabled() else ())
+
+        def _fw_post_hook(self, mod: torch.nn.Module, input: object, output: object) -> None:
+            super()._fw_post_hook(mod, input, output if torch.is_grad_enabled() else ())
 
     aten = torch.ops.aten
     mapping = {}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_flops
-    return FlopCounterMode(display=False, custom_mapping=mapping)
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    counter.mod_tracker = ForwardTracker()
+    return counter
 
 
 @contextmanager
@@ -91,8 +117,7 @@ def profile(model: torch.nn.Module, *, count_dense: bool = True) -> Iterator[Pro
     )
 
     def make_hook(st: LayerStats, num_experts: int, real_experts: int):
-        def hook(module, args, kwargs):
-            hidden, ids = experts_inputs(args, kwargs)  # (T, H), (T, k)
+        def hook(hidden: torch.Tensor, ids: torch.Tensor) -> None:  # (T, H), (T, k)
             counts = (ids < num_experts).sum(dim=-1)  # (T,)
             if real_experts < num_experts:  # zero-computation experts: their pairs counted apart
                 st.zero_expert_pairs += int(((ids >= real_experts) & (ids < num_experts)).sum())
@@ -109,9 +134,8 @@ def profile(model: torch.nn.Module, *, count_dense: bool = True) -> Iterator[Pro
     with ExitStack() as stack:
         for layer, st in zip(layers, stats, strict=False):
             hook = make_hook(st, layer.num_experts, layer.real_experts)
-            h = layer.experts.register_forward_pre_hook(hook, with_kwargs=True)
-            stack.callback(h.remove)
-        counter = stack.enter_context(_flop_counter()) if count_dense else None
+            stack.callback(watch_routing(layer, hook).remove)
+        counter = stack.enter_context(flop_counter()) if count_dense else None
         yield report
     for st, c, s, s_zero in zip(stats, counters, start, start_zero, strict=False):
         if c is not None:  # the patched experts' own counts (zero-expert pairs are never executed)

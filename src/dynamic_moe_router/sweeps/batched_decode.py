@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ..data import data_file
 from ..errors import DataNotFoundError, PolicyError, UnsupportedModelError
 from ..eval.perplexity import read_text_file, token_ids
-from ..hf.layers import experts_inputs, find_moe_layers
+from ..hf.layers import find_moe_layers, watch_routing
 from ..hf.patching import patched
 from ..policies import BatchAware, RoutingPolicy, StaticTopK
 
@@ -74,7 +74,8 @@ def corpus_ids(tokenizer: Any, relative: str, tokens: int) -> torch.Tensor:
 
 
 class DecodeMeter:
-    """Pre-hooks on each experts module: kept pairs and distinct experts per call, while ``on``.
+    """Hooks on each MoE layer's routing (:func:`~dynamic_moe_router.hf.layers.watch_routing`):
+    kept pairs and distinct experts per call, while ``on``.
 
     Call :meth:`remove` when done (the hooks stay on the model until then).
     """
@@ -86,15 +87,13 @@ class DecodeMeter:
         self.distinct = 0
         self.tokens = 0
         self._handles = [
-            layer.experts.register_forward_pre_hook(self._hook(layer.num_experts), with_kwargs=True)
-            for layer in find_moe_layers(model)[0]
+            watch_routing(layer, self._hook(layer.num_experts)) for layer in find_moe_layers(model)[0]
         ]
 
     def _hook(self, num_experts: int) -> Callable[..., None]:
-        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        def hook(hidden: torch.Tensor, ids: torch.Tensor) -> None:  # (T, H), (T, k)
             if not self.on:
                 return
-            hidden, ids = experts_inputs(args, kwargs)  # (T, H), (T, k)
             kept = ids[ids < num_experts]
             self.pairs += int(kept.numel())
             self.distinct += int(torch.unique(kept).numel())
