@@ -103,9 +103,10 @@ def _zero_experts(
     module, which adds their identity output itself; 5.25 moved it to the MoE block."""
     if not family.zero_experts:
         return 0, False
-    for owner, in_block in ((experts, False), (block, True)):
+    owners: tuple[tuple[Any, bool], ...] = ((experts, False), (block, True))
+    for owner, in_block in owners:
         try:
-            value = family.router_attribute(owner, family.zero_experts)
+            value: Any = family.router_attribute(owner, family.zero_experts)
         except AttributeError:
             continue
         return int(value or 0), in_block

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from ..report import LayerStats, ProfileReport
 from .layers import MoELayer, find_moe_layers, model_family, unwrap, watch_routing
 from .parallel import gather_pairs
 from .patching import get_patch
+
+if TYPE_CHECKING:
+    from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["LayerStats", "ProfileReport", "flop_counter", "profile"]
 
@@ -34,7 +38,7 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
     return 2 * b * s * length * d + 2 * b * s * length * dv
 
 
-def flop_counter() -> torch.utils.flop_counter.FlopCounterMode:
+def flop_counter() -> FlopCounterMode:
     """torch's ``FlopCounterMode`` (per-module counts, no display), with the CPU SDPA kernel's FLOPs,
     that also runs forward passes under ``torch.no_grad()`` of models that hand a module a
     parameter's view (transformers 5.25's hybrid families pass ``conv1d.weight.squeeze(1)`` to a
