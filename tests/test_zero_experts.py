@@ -165,3 +165,25 @@ def test_a_block_that_remaps_zero_experts_hands_the_router_ids_to_the_experts(mo
         with pytest.raises(dmr.errors.RoutingInputError, match="router's last call left no routing"):
             layer.experts(h, torch.zeros(4, layer.native_k, dtype=torch.long), torch.ones(4, layer.native_k))
     torch.testing.assert_close(ref, layer.block(h[None]), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_watch_routing_reads_the_router_ids_where_the_block_remaps_them(model):  # type: ignore[no-untyped-def]
+    """The ids a hook sees are the router's (zero experts included), however the router is called."""
+    from dynamic_moe_router.hf.layers import watch_routing
+
+    layer = find_moe_layers(model)[0][0]
+    if not layer.zero_in_block:
+        pytest.skip("this transformers release keeps zero experts in the experts module")
+    seen: list[tuple[int, torch.Tensor]] = []
+    handle = watch_routing(layer, lambda h, ids: seen.append((h.shape[0], ids)))
+    try:
+        h = torch.randn(5, 32, generator=torch.Generator().manual_seed(5))
+        ids = layer.router(h)[2]  # longcat_flash's router: (logits, weights, ids)
+        layer.router(hidden_states=h)
+        model(tokens()[:, :4])
+    finally:
+        handle.remove()
+    assert [n for n, _ in seen[:2]] == [5, 5] and all(torch.equal(i, ids) for _, i in seen[:2])
+    assert len(seen) == 3 and seen[2][0] == 8  # the block's call: 2 x 4 tokens
+    assert int(seen[2][1].max()) < layer.num_experts  # router ids, zero experts (6..8) included

@@ -87,12 +87,12 @@ def watch_routing(
 
         return layer.experts.register_forward_pre_hook(at_experts, with_kwargs=True)
 
-    def at_router(module: Any, args: tuple[Any, ...], output: Any) -> None:
-        hidden = args[0]
+    def at_router(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
         ids = next(o for o in output if isinstance(o, torch.Tensor) and not o.is_floating_point())
         fn(hidden.reshape(-1, hidden.shape[-1]), ids)  # (T, H), (T, k)
 
-    return layer.router.register_forward_hook(at_router)
+    return layer.router.register_forward_hook(at_router, with_kwargs=True)
 
 
 def _zero_experts(
@@ -109,7 +109,8 @@ def _zero_experts(
             value: Any = family.router_attribute(owner, family.zero_experts)
         except AttributeError:
             continue
-        return int(value or 0), in_block
+        zero = int(value or 0)
+        return zero, in_block and zero > 0
     raise UnsupportedModelError(
         f"{family.model_type} block {path!r}: neither its experts module nor the block has "
         f"{family.zero_experts!r} (its number of zero-computation experts); this transformers release "
