@@ -60,10 +60,12 @@ def test_experts_forward_adds_identity_for_zero_experts_and_counts_them_apart(mo
     assert torch.equal(out[2], torch.zeros(32))  # all sentinels: nothing
     # transformers' own experts forward on the same pairs (the sentinel slots carry weight 0)
     pairs, pw = ids[:2, :2], w[:2, :2]
-    if layer.zero_in_block:  # transformers >= 5.25: the block adds the identity, its experts skip id 6
+    if layer.zero_in_block:  # transformers >= 5.25, as its block does it: each zero slot goes to a real
+        # expert at weight 0 ((id - E) * E // Z; never id E, which its grouped kernels do not bound-check),
+        # and the block adds the identity
         zero = (pairs >= 6) & (pairs < 9)
-        real = torch.where(zero, torch.full_like(pairs, 6), pairs)
-        native = experts(h[:2], real, torch.where(zero, 0.0, pw)) + (pw * zero).sum(-1, keepdim=True) * h[:2]
+        dummy = torch.where(zero, (pairs - 6) * 6 // 3, pairs)
+        native = experts(h[:2], dummy, torch.where(zero, 0.0, pw)) + (pw * zero).sum(-1, keepdim=True) * h[:2]
     else:  # the experts module adds it
         native = experts(h[:2], pairs, pw)
     torch.testing.assert_close(out[:2], native, atol=1e-6, rtol=1e-6)
