@@ -458,21 +458,37 @@ class _RealExperts:
         return getattr(self._module, name)
 
 
+def split_zero_experts(
+    ids: torch.Tensor, num_real: int, zero_experts: int, counter: ExpertsCounter | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split routed ``ids (T, k)`` at the ``num_real`` real experts: return the ids with every other
+    slot made the dropped sentinel ``num_real``, and the mask of the slots on the ``zero_experts``
+    zero-computation experts (ids ``[num_real, num_real + zero_experts)``), which ``counter`` counts
+    apart (a device tensor: no host sync).
+
+    >>> ids = torch.tensor([[0, 3], [4, 1]])  # 3 real experts, 2 zero experts (ids 3 and 4)
+    >>> real, zero = split_zero_experts(ids, 3, 2, None)
+    >>> real.tolist(), zero.tolist()
+    ([[0, 3], [3, 1]], [[False, True], [True, False]])
+    """
+    zero = (ids >= num_real) & (ids < num_real + zero_experts)  # (T, k)
+    if counter is not None:
+        counter.add_zero_experts(zero.sum())
+    return torch.where(ids < num_real, ids, torch.full_like(ids, num_real)), zero
+
+
 def _with_zero_experts(module, hidden, ids, weights, zero_experts, layout, backend, counter):
     """:func:`experts_forward` with ``zero_experts`` identity experts after the real ones: the real
     experts run on their pairs (every other slot becomes their sentinel ``E``); each zero-expert
     pair adds ``hidden * weight``, as transformers' longcat_flash experts do, in the promoted
     dtype of ``hidden * weight`` (summed with the real experts' output, then cast once)."""
     num_real = int(module.down_proj.shape[0])
-    zero = (ids >= num_real) & (ids < num_real + zero_experts)  # (T, k_max)
-    real_ids = torch.where(ids < num_real, ids, torch.full_like(ids, num_real))
+    real_ids, zero = split_zero_experts(ids, num_real, zero_experts, counter)
     if module.gate_up_proj.shape[0] != num_real:
         module = _RealExperts(module, num_real)
     out = experts_forward(
         module, hidden, real_ids, weights, layout=layout, backend=backend, counter=counter
     )  # (T, H)
-    if counter is not None:
-        counter.add_zero_experts(zero.sum())
     identity = torch.where(zero, weights, torch.zeros_like(weights)).sum(-1, keepdim=True)  # (T, 1)
     return (out + hidden * identity).to(hidden.dtype)
 

@@ -34,6 +34,7 @@ from ..errors import (
     UnsupportedModelError,
 )
 from ..experts import ExpertsCounter, experts_forward, graph_safe_backend, resolve_backend
+from ..experts._forward import split_zero_experts
 from ..experts._gpu import _interpret
 from ..policies import RoutingPolicy, StaticTopK
 from ..routing import finish, select
@@ -416,9 +417,7 @@ class DynamicExperts:
     def _real_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """``ids (T, k)`` with the zero-expert slots (counted here, on every rank: each holds the
         whole batch) made dropped ones, for split experts of a block that adds their identity."""
-        real, total = self.layer.real_experts, self.layer.num_experts
-        self.counter.add_zero_experts(((ids >= real) & (ids < total)).sum())
-        return torch.where(ids < real, ids, torch.full_like(ids, real))
+        return split_zero_experts(ids, self.layer.real_experts, self.layer.zero_experts, self.counter)[0]
 
     def __call__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if self.layer.zero_in_block:
