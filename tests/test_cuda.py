@@ -22,12 +22,13 @@ SRC = Path(__file__).parent.parent / "src"
 
 @pytest.fixture
 def deterministic():  # type: ignore[no-untyped-def]
-    """For tests that compare runs bit for bit. The experts backends that layers the Triton kernels
-    cannot take fall back to (``grouped``, the full-buffer ``cuda`` path) and transformers' own
-    experts, sum each token's expert outputs with ``index_add_``, whose CUDA atomics add in a varying
-    order: the logits of a tiny bf16 lfm2_moe model differed in the last bit in 1 to 6 of 60
-    repetitions of four calls (H200, with and without CUDA graphs), and in none of 80 in PyTorch's
-    deterministic mode, which orders that sum."""
+    """For tests that compare runs bit for bit. Where the Triton kernels refuse a layer (the tiny
+    lfm2_moe and gpt_oss experts, whose activation is not a SiLU module), the ``cuda`` backend runs its
+    full-buffer path, which sums each token's expert outputs with one ``index_add_`` over repeated token
+    indices; its CUDA atomics add in a varying order (``grouped`` does the same). The logits of a tiny
+    bf16 lfm2_moe model differed in the last bit in 1 to 6 of 60 repetitions of four calls (H200, with
+    and without CUDA graphs), and in none of 80 in PyTorch's deterministic mode, which orders that sum.
+    ``warn_only=True``: cuBLAS calls would otherwise raise unless ``CUBLAS_WORKSPACE_CONFIG`` is set."""
     enabled, warn_only = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -258,6 +259,7 @@ def _static_generate(model, x, compiled: bool, new: int = 6):  # type: ignore[no
         return model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kw)
 
 
+@pytest.mark.usefixtures("deterministic")
 @pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss"])
 def test_compiled_static_cache_generate_on_cuda(family):  # type: ignore[no-untyped-def]
     from torch._dynamo.utils import counters
@@ -300,7 +302,8 @@ def test_static_cache_generate_replays_its_cuda_graphs_on_later_calls(policy):  
     used to leave new small tensors behind (its pair counters) every call, so every call recorded
     the decode graph again (about 73 ms per call on the OLMoE shape, and a growing graph tree).
     The calls run in a fresh interpreter (see the worker's docstring for why)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    paths = [str(SRC), *(part for part in os.environ.get("PYTHONPATH", "").split(os.pathsep) if part)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     done = subprocess.run(
         [sys.executable, str(REPLAY_WORKER), policy], env=env, capture_output=True, text=True, timeout=300
     )
