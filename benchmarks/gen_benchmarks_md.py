@@ -407,6 +407,24 @@ def _name(row: dict[str, Any]) -> str:
     return label if label.startswith(family) else f"{family} {label}"
 
 
+def _series(row: dict[str, Any]) -> str:
+    """The curve a dynamic point belongs to: its family, and for the learned allocator its budget
+    (the threshold and quantile points are two curves of the same heads)."""
+    if row["family"] != "learned":
+        return row["family"]
+    budget = ((row.get("policy") or {}).get("_data") or {}).get("budget", "threshold")
+    return f"learned/{budget}"
+
+
+def _dynamic_series(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(series key, display name) of every dynamic curve in ``rows``, the learned ones included."""
+    keys = [family for family in DYNAMIC if any(r["family"] == family for r in rows)]
+    keys += sorted({_series(r) for r in rows if r["family"] == "learned"})
+    return [
+        (k, f"learned, {k.split('/', 1)[1]} budget" if k.startswith("learned/") else _family(k)) for k in keys
+    ]
+
+
 def render_quality_flops(data: dict[str, Any], path: Path) -> list[str]:
     s = data["settings"]
     lines = [
@@ -466,22 +484,16 @@ def render_quality_flops(data: dict[str, Any], path: Path) -> list[str]:
         for st in [r for r in rows if r["family"] == "static"]:
             x = st["routed_flop_reduction"]
             options = []
-            for family in DYNAMIC:
+            for key, name in _dynamic_series(rows):
                 pts = sorted(
-                    (
-                        (r["routed_flop_reduction"], r["ppl_rel_change"])
-                        for r in rows
-                        if r["family"] == family
-                    ),
+                    (r["routed_flop_reduction"], r["ppl_rel_change"]) for r in rows if _series(r) == key
                 )
                 for (x0, y0), (x1, y1) in itertools.pairwise(pts):
                     if x0 <= x <= x1 and x1 > x0:
-                        options.append(
-                            (y0 + (y1 - y0) * (x - x0) / (x1 - x0), f"{_family(family)} (interpolated)")
-                        )
+                        options.append((y0 + (y1 - y0) * (x - x0) / (x1 - x0), f"{name} (interpolated)"))
                         break
                 else:
-                    options += [(y, _family(family)) for xr, y in pts if abs(xr - x) <= 0.01]
+                    options += [(y, name) for xr, y in pts if abs(xr - x) <= 0.01]
             if not options:
                 lines.append(
                     f"- At the routed FLOPs of static {st['label']} ({x:.1%} fewer), no dynamic family was measured "

@@ -236,3 +236,30 @@ def test_decode_section_reads_gpu_time_and_judges_the_step_ratio(tmp_path):  # t
     assert "against 0.805 for the step ratio above (information: the step's kernels only" in text
     assert "3.000 / 4.000 ms = 0.750 (at most 1.03): met" in text
     assert gen is not None
+
+
+def test_quality_equal_flop_bullets_count_the_learned_allocator_per_budget(tmp_path):  # type: ignore[no-untyped-def]
+    """The equal-FLOP comparison under each reference model's table takes every dynamic curve,
+    the learned allocator's threshold and quantile budgets as two curves, and its verdict follows
+    the numbers."""
+    gen = load_generator()
+    payload = json.loads((ROOT / "benchmarks" / "results" / "quality_flops.json").read_text(encoding="utf-8"))
+    model = next(m for m in payload["models"] if any(r["label"] == "uniform k=3" for r in m["rows"]))
+    rows = model["rows"]
+    static = next(r for r in rows if r["label"] == "uniform k=3")
+    learned = [r for r in rows if r["family"] == "learned" and r["policy"]["_data"]["budget"] == "quantile"]
+    at = next(r for r in learned if abs(r["routed_flop_reduction"] - static["routed_flop_reduction"]) <= 0.01)
+    for change, verdict in ((static["ppl_rel_change"] - 0.005, "better than"), (0.5, "no better than")):
+        at["ppl_rel_change"] = change
+        for r in rows:  # the other curves far worse: the learned quantile point decides, or none does
+            if r["family"] not in ("native", "static") and r is not at:
+                r["ppl_rel_change"] = 0.4
+        (tmp_path / "quality_flops.json").write_text(json.dumps(payload), encoding="utf-8")
+        text = gen.render(tmp_path)
+        head = "- At equal routed FLOPs with static uniform k=3"
+        bullet = next(line for line in text.splitlines() if line.startswith(head))
+        assert f"{verdict} the static baseline" in bullet, bullet
+        if verdict == "better than":
+            assert f"learned, quantile budget at perplexity {change:+.2%}" in bullet, bullet
+        else:  # the best curve is now another one, at its +40%
+            assert "learned, quantile budget" not in bullet and "at perplexity +40.00%" in bullet, bullet
