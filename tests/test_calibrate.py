@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import dynamic_moe_router as dmr
 from dynamic_moe_router.calibrate import KNOBS, calibrate
@@ -411,3 +412,124 @@ def test_cli_train_options_reach_the_training_config_and_the_resume_header(tmp_p
     capsys.readouterr()
     assert main([*args, "--train-windows", "8", "--resume"]) == 2
     assert "other train_windows" in capsys.readouterr().err
+
+
+def test_static_family_takes_slots_from_the_least_sensitive_layers_first(tokenizer):  # type: ignore[no-untyped-def]
+    """The static top-k candidate (the baseline a dynamic family has to beat) reaches the target
+    with whole slots, taking each from the layer whose probe costs least; with per_layer=False it
+    is one uniform k."""
+    from dynamic_moe_router.calibrate import calibration_windows
+
+    model = tiny_model("mixtral", vocab_size=len(tokenizer), num_hidden_layers=3)  # top-2 of 8, 3 layers
+    result = calibrate(model, tokenizer, 0.3, documents=DOCS, family="static", tokens=1024, context=128)
+    assert result.family == "static" and result.per_layer and isinstance(result.policy, dmr.PerLayer)
+    ks = {layer: p.k for layer, p in result.policy.overrides.items()}
+    assert set(ks) == {0, 1, 2} and all(k in (1, 2) for k in ks.values())
+    assert sum(2 - k for k in ks.values()) == 2  # ceil(0.3 * 6) slots per token
+    assert result.reduction == pytest.approx(2 / 6)
+    probes = {m["layer"]: m["nll"] for m in result.history if m["stage"] == "static_probe" and "layer" in m}
+    assert set(probes) == {0, 1, 2}
+    # the one layer kept at k = 2 is the most sensitive one alone
+    assert max(probes, key=probes.__getitem__) == next(i for i, k in ks.items() if k == 2)
+    # the reported NLL is the chosen policy's own next-token NLL on the calibration windows
+    windows = calibration_windows(tokenizer, DOCS, 1024, 128)  # (N, context + 1)
+    with torch.no_grad(), dmr.patched(model, result.policy):
+        logits = model(windows[:, :-1]).logits.float()  # (N, context, V)
+    chosen = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+    assert float(chosen) == pytest.approx(result.nll, rel=1e-4)
+
+    uniform = calibrate(
+        model, tokenizer, 0.3, documents=DOCS, family="static", tokens=1024, context=128, per_layer=False
+    )
+    assert uniform.policy == dmr.StaticTopK(k=1) and not uniform.per_layer
+    assert uniform.reduction == pytest.approx(0.5)
+
+
+class _SlotMeter:
+    """A stand-in for calibrate's meter: the reduction of a static allocation is its share of the
+    native slots (the measured one lags by ``lag`` slots, as when later layers' inputs drift), and a
+    probe's NLL grows with the slots its one layer gives up, ``cost[layer]`` per slot."""
+
+    probe = 1
+
+    def __init__(self, native: dict[int, int], cost: dict[int, float], lag: int = 0) -> None:
+        self.native, self.cost, self.lag, self.calls = native, cost, lag, []
+        self.stats = self
+
+    def ks(self, policy) -> dict[int, int]:  # type: ignore[no-untyped-def]
+        if policy is None:
+            return dict(self.native)
+        if isinstance(policy, dmr.StaticTopK):
+            return {i: policy.k or v for i, v in self.native.items()}
+        default = policy.default.k if policy.default is not None else None
+        return {
+            i: (policy.overrides[i].k if i in policy.overrides else default) or v
+            for i, v in self.native.items()
+        }
+
+    def reduction(self, policy, lag: int = 0) -> float:  # type: ignore[no-untyped-def]
+        dropped = sum(self.native[i] - k for i, k in self.ks(policy).items())
+        return max(0, dropped - lag) / sum(self.native.values())
+
+    def __call__(self, policy, windows=None, stage="", **info):  # type: ignore[no-untyped-def]
+        self.calls.append(stage)
+        ks = self.ks(policy)
+        nll = 1.0 + sum(self.cost[i] * (self.native[i] - k) for i, k in ks.items())
+        return self.reduction(policy, self.lag if stage == "static" else 0), nll
+
+
+def _layers(native: dict[int, int]) -> list:  # type: ignore[type-arg]
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(index=i, native_k=k) for i, k in native.items()]
+
+
+def test_static_uniform_cut_counts_layers_clamped_at_k_one():  # type: ignore[no-untyped-def]
+    """With native k 8 and 2, a cut of 4 (k 4 and 1) drops 5 of 10 slots: the smallest cut for
+    50%; at 80% only k = 1 everywhere reaches it (a cut of 7)."""
+    from dynamic_moe_router.calibrate import _calibrate_static
+
+    native = {0: 8, 1: 2}
+    for target, want in ((0.5, {0: 4, 1: 1}), (0.8, {0: 1, 1: 1}), (0.95, {0: 1, 1: 1})):
+        meter = _SlotMeter(native, {0: 1.0, 1: 1.0})
+        result = _calibrate_static(meter, _layers(native), target, 1.0, False)
+        assert meter.ks(result.policy) == want, target
+        assert result.reduction == pytest.approx(1 - sum(want.values()) / 10)
+        if len(set(want.values())) == 1:  # one k everywhere: a plain global policy
+            assert result.policy == dmr.StaticTopK(k=1)
+
+
+def test_static_per_layer_takes_the_cheapest_slots_and_measures_again_when_short():  # type: ignore[no-untyped-def]
+    from dynamic_moe_router.calibrate import _calibrate_static
+
+    native = {0: 4, 1: 4, 2: 2}
+    meter = _SlotMeter(native, {0: 3.0, 1: 1.0, 2: 2.0})
+    result = _calibrate_static(meter, _layers(native), 0.4, 1.0, True)  # 4 of 10 slots
+    assert {i: p.k for i, p in result.policy.overrides.items()} == {0: 4, 1: 1, 2: 1}
+    assert meter.calls.count("static") == 1 and result.reduction == pytest.approx(0.4)
+    # the measured reduction lags the estimate by one slot: one more slot, measured again
+    meter = _SlotMeter(native, {0: 3.0, 1: 1.0, 2: 2.0}, lag=1)
+    result = _calibrate_static(meter, _layers(native), 0.4, 1.0, True)
+    assert {i: p.k for i, p in result.policy.overrides.items()} == {0: 3, 1: 1, 2: 1}
+    assert meter.calls.count("static") == 2 and result.reduction == pytest.approx(0.4)
+
+
+def test_static_family_counts_flops_on_zero_expert_models(tokenizer):  # type: ignore[no-untyped-def]
+    """longcat_flash's zero-computation experts run nothing: a slot dropped there saves no FLOPs,
+    so the static family takes slots until the executed FLOPs fall by the target."""
+    model = tiny_model("longcat_flash", vocab_size=len(tokenizer))
+    result = calibrate(model, tokenizer, 0.15, documents=DOCS, family="static", tokens=512, context=128)
+    assert result.family == "static" and result.reduction >= 0.15
+    with dmr.patched(model, result.policy), dmr.profile(model, count_dense=False) as report:
+        from dynamic_moe_router.calibrate import calibration_windows
+
+        windows = calibration_windows(tokenizer, DOCS, 512, 128)
+        with torch.no_grad():
+            model(windows[:, :-1])
+    assert report.to_dict()["routed_flop_reduction"] == pytest.approx(result.reduction, abs=1e-6)
+
+
+def test_static_family_reports_its_reach_when_the_target_is_too_far(tokenizer):  # type: ignore[no-untyped-def]
+    model = tiny_model("mixtral", vocab_size=len(tokenizer))  # top-2: at most 50% fewer routed FLOPs
+    with pytest.raises(dmr.TargetUnreachableError, match=r"static: 50\.0%"):
+        calibrate(model, tokenizer, 0.6, documents=DOCS, family="static", tokens=256, context=128)

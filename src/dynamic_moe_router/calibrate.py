@@ -23,7 +23,13 @@ model only to correct it: one or two runs per search instead of eight bisection 
 sensitivity probe (layers before its own routed natively) replays the recorded outputs of those
 layers instead of running them again (exact: they see the native inputs).
 
-3. **Learned allocation** (``family="learned"``). Per-layer keep-heads are distilled on the frozen
+3. **Static top-k** (``family="static"``), the baseline every dynamic family has to beat: per
+   layer, starting from the native ``k`` everywhere, one slot at a time is taken from the layer
+   where a probe (that layer alone at ``k - 1``, on a quarter of the windows) costs the least, until
+   the routed FLOPs fall by the target; with ``per_layer=False`` the smallest uniform cut that
+   reaches it. A dynamic family therefore wins only where it beats static top-k on the calibration
+   text (static top-k cuts whole slots, so it may pass the target by up to one slot's share).
+4. **Learned allocation** (``family="learned"``). Per-layer keep-heads are distilled on the frozen
    model on the Gutenberg **train** split (:func:`~dynamic_moe_router.train_allocator`), their
    budget offset is fitted on windows spread over the documents of the calibration text, and the
    result is measured like every other candidate.
@@ -113,8 +119,8 @@ PREFIX_BYTES = 2 * 2**30
 #: config fields of models whose decoder layers hand each other state besides their outputs: no replay
 _CROSS_LAYER_STATE = ("num_kv_shared_layers",)
 
-#: every calibration family: the score-policy knobs, then the learned allocator
-FAMILIES: tuple[str, ...] = (*KNOBS, "learned")
+#: every calibration family: the score-policy knobs, static top-k, then the learned allocator
+FAMILIES: tuple[str, ...] = (*KNOBS, "static", "learned")
 #: the learned family's budgets: a fixed logit threshold, or a per-call quantile (exact reduction)
 LEARNED_BUDGETS: tuple[str, ...] = ("threshold", "quantile")
 #: the learned family's budget is fitted on windows spread over the calibration documents, then
@@ -645,15 +651,19 @@ def calibrate(
 
         data_file("gutenberg/train.jsonl.xz")  # missing data fails here, before any long work
     windows = calibration_windows(tokenizer, documents, tokens, context)
-    layers = [layer.index for layer in find_moe_layers(model)[0]]
+    moe_layers = find_moe_layers(model)[0]
+    layers = [layer.index for layer in moe_layers]
     knobs = [name for name in names if name in KNOBS]
     refine = per_layer and len(layers) > 1
     steps = 1 + len(knobs) * (1 + iterations)
     if refine:  # the refined families' sensitivity probes and two offset searches
         steps += min(len(knobs), REFINE_FAMILIES) * (len(layers) + 2 * (1 + iterations))
-    steps += len(names) - len(knobs) + 3  # the learned family's measurement, the final search
+    if "static" in names:  # its base probe, probes (at most one per layer and k), a second measurement
+        steps += 1 + (1 + sum(layer.native_k - 1 for layer in moe_layers) if refine else 0)
+    steps += len(names) - len(knobs) + 3  # the static and learned measurements, the final search
     bar = _task(progress, f"calibrating to {target_reduction:.0%} fewer routed FLOPs", steps)
-    meter = _Meter(model, windows, batch_size, cache, on_measure, bar, keep_prefix=refine and bool(knobs))
+    keep_prefix = refine and (bool(knobs) or "static" in names)
+    meter = _Meter(model, windows, batch_size, cache, on_measure, bar, keep_prefix=keep_prefix)
     _, native_nll = meter(None, stage="native")
 
     candidates: list[CalibrationResult] = []
@@ -714,6 +724,11 @@ def calibrate(
             candidates.append(refined)
     else:
         candidates += [result for result, _, _ in found]
+    if "static" in names:
+        static = _calibrate_static(meter, moe_layers, target_reduction, native_nll, refine)
+        reachable["static"] = static.reduction
+        if static.reduction >= target_reduction - 1e-9:  # measured, as every candidate
+            candidates.append(static)
     meter.drop_prefix()  # only the sensitivity probes replay it
     if not candidates:
         best_seen = ", ".join(
@@ -775,6 +790,70 @@ def _calibrate_learned(  # type: ignore[no-untyped-def]
         # train_allocator fitted the threshold offset (used by decode steps) on these windows already
         policy, _ = fit_quantile_budget(model, policy, budget, target, refit_offset=False)
     return policy
+
+
+def _calibrate_static(  # type: ignore[no-untyped-def]
+    meter, moe_layers, target: float, native_nll: float, per_layer: bool
+) -> CalibrationResult:
+    """Static top-k reaching ``target`` fewer routed FLOPs: per layer (``per_layer``), one slot at a
+    time from the layer whose probe (that layer alone at its next ``k``, every other layer native, on
+    :attr:`_Meter.probe` windows) raises the NLL least, the probes' costs taken as additive; else the
+    smallest uniform cut (clamped at ``k = 1`` per layer). Slots are taken until the reduction on the
+    recorded router scores (:meth:`RoutingStats.reduction`: FLOPs, so zero-computation experts and
+    per-layer expert sizes count as they run) reaches the target, then the allocation is measured on
+    every window; a measurement short of the target (later layers' inputs drift) takes one more slot
+    and measures again. Where even ``k = 1`` everywhere falls short, that allocation is returned (its
+    reduction says so)."""
+    native = {layer.index: layer.native_k for layer in moe_layers}  # {layer: k}
+
+    def policy_of(k: dict[int, int]) -> RoutingPolicy:
+        if not per_layer and len(set(k.values())) == 1:  # one k everywhere: a plain global policy
+            return StaticTopK(k=next(iter(k.values())))
+        # every MoE layer has its override: no default, as for the per-layer score policies
+        return PerLayer(None, {i: StaticTopK(k=v) for i, v in k.items()})
+
+    def short(k: dict[int, int]) -> bool:
+        return meter.stats.reduction(policy_of(k)) < target - 1e-9
+
+    if not per_layer:
+        cuts = range(1, max(native.values()))  # the same cut in every layer, clamped at k = 1
+
+        def uniform(cut: int) -> dict[int, int]:
+            return {i: max(1, v - cut) for i, v in native.items()}
+
+        cut = next((c for c in cuts if not short(uniform(c))), cuts[-1] if cuts else 0)
+        while True:
+            red, nll = meter(policy_of(uniform(cut)), stage="static", family="static")
+            if red >= target - 1e-9 or cut + 1 not in cuts:
+                return CalibrationResult(policy_of(uniform(cut)), "static", red, nll, native_nll, False)
+            cut += 1
+
+    _, base = meter(None, windows=meter.probe, stage="static_probe", family="static")
+    probed: dict[tuple[int, int], float] = {}  # (layer, k) -> probe NLL of that layer alone at k
+    k = dict(native)
+
+    def take_cheapest() -> None:
+        cost = {}
+        for i in (i for i in k if k[i] > 1):
+            if (i, k[i] - 1) not in probed:
+                alone = PerLayer(StaticTopK(), {i: StaticTopK(k=k[i] - 1)})
+                _, probed[i, k[i] - 1] = meter(
+                    alone, windows=meter.probe, stage="static_probe", family="static", layer=i, k=k[i] - 1
+                )
+            now = probed[i, k[i]] if (i, k[i]) in probed else float(base)  # native: the base probe
+            cost[i] = probed[i, k[i] - 1] - now  # what this layer's next slot costs
+        k[min(cost, key=cost.__getitem__)] -= 1
+
+    def room() -> bool:
+        return any(v > 1 for v in k.values())
+
+    while room() and short(k):
+        take_cheapest()
+    while True:
+        red, nll = meter(policy_of(k), stage="static", family="static")
+        if red >= target - 1e-9 or not room():
+            return CalibrationResult(policy_of(k), "static", red, nll, native_nll, True)
+        take_cheapest()
 
 
 def _refine_per_layer(meter, knob, theta, bias, layers, target, native_nll, best, iterations, polishers):  # type: ignore[no-untyped-def]

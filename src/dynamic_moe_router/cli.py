@@ -34,7 +34,7 @@ from .errors import DataNotFoundError, DmrError, MissingDependencyError, PolicyE
 
 #: calibration families offered by ``--family`` (kept equal to ``calibrate.FAMILIES`` by a test; a
 #: literal so that building the parser does not import torch)
-CLI_CALIBRATION_FAMILIES = ("top_p", "relative_threshold", "entropy", "learned")
+CLI_CALIBRATION_FAMILIES = ("top_p", "relative_threshold", "entropy", "static", "learned")
 #: the families of ``dmr bench --families`` (kept equal to ``sweeps.quality.FAMILIES`` by a test;
 #: ``batch_aware`` is the batched-decoding measurement, not a point)
 CLI_SWEEP_FAMILIES = (
@@ -923,7 +923,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--family",
         choices=list(CLI_CALIBRATION_FAMILIES),
-        help="policy family (default: try all; 'learned' trains per-layer heads on the train split)",
+        help="policy family (default: try all; 'static' is per-layer static top-k, the baseline; 'learned' "
+        "trains per-layer heads on the train split)",
     )
     p.add_argument(
         "--out",
@@ -941,7 +942,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-learned",
         action="store_true",
-        help="without --family: try the router-score families only (no allocator training)",
+        help="without --family: try the router-score families and static top-k only (no allocator training)",
     )
     p.add_argument(
         "--train-steps",
