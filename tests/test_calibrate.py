@@ -533,3 +533,107 @@ def test_static_family_reports_its_reach_when_the_target_is_too_far(tokenizer): 
     model = tiny_model("mixtral", vocab_size=len(tokenizer))  # top-2: at most 50% fewer routed FLOPs
     with pytest.raises(dmr.TargetUnreachableError, match=r"static: 50\.0%"):
         calibrate(model, tokenizer, 0.6, documents=DOCS, family="static", tokens=256, context=128)
+
+
+LONG_DOCS = [f"Chapter {i}. " + " ".join([DOCS[0]] * 8) for i in range(9)]  # ~630 tokens each
+
+
+def test_held_out_windows_skip_the_documents_the_tuning_windows_read(tokenizer):  # type: ignore[no-untyped-def]
+    from dynamic_moe_router.calibrate import SELECT_MIN_WINDOWS, held_out_windows
+
+    doc_ids = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in LONG_DOCS]
+    tokens = len(doc_ids[0]) + 10  # the tuning text: document 0, its eos, the start of document 1
+    held = held_out_windows(tokenizer, LONG_DOCS, tokens, 128)
+    assert held is not None and held.shape == (len(LONG_DOCS) - 2, 129)
+    for row, ids in zip(held.tolist(), doc_ids[2:], strict=True):  # documents 2.. in order
+        assert row == ids[3 * 128 + 1 : 3 * 128 + 1 + 129]  # past the learned budget's windows
+    # document 1 starts at token len(doc 0) + 1 (after an eos): unseen while the tuning text ends before it
+    assert len(held_out_windows(tokenizer, LONG_DOCS, len(doc_ids[0]), 128)) == len(LONG_DOCS) - 1
+    assert len(held_out_windows(tokenizer, LONG_DOCS, len(doc_ids[0]) + 1, 128)) == len(LONG_DOCS) - 2
+    # too few unseen documents: no held-out choice
+    assert held_out_windows(tokenizer, LONG_DOCS[: SELECT_MIN_WINDOWS + 1], tokens, 128) is None
+    assert held_out_windows(tokenizer, DOCS, 256, 128) is None  # documents shorter than a window's offset
+
+
+def test_families_are_chosen_on_held_out_windows(tokenizer):  # type: ignore[no-untyped-def]
+    """The score families are tuned on the calibration windows; the winner is the candidate with
+    the lowest NLL on held-out windows, recomputed here independently."""
+    from dynamic_moe_router.calibrate import held_out_windows
+
+    model = tiny_model("olmoe", vocab_size=len(tokenizer))
+    families = ("top_p", "relative_threshold", "static")
+    result = calibrate(
+        model,
+        tokenizer,
+        0.3,
+        documents=LONG_DOCS,
+        families=families,
+        tokens=512,
+        context=128,
+        per_layer=False,
+    )
+    sel = result.selection
+    assert sel is not None and sel["windows"] == len(LONG_DOCS) - 1 and set(sel["nll"]) == set(families)
+    assert result.family == min(sel["eligible"], key=sel["nll"].__getitem__)
+    held = held_out_windows(tokenizer, LONG_DOCS, 512, 128)
+    with torch.no_grad(), dmr.patched(model, result.policy):
+        logits = model(held[:, :-1]).logits.float()  # (N, context, V)
+    chosen = torch.nn.functional.cross_entropy(logits.flatten(0, 1), held[:, 1:].flatten())
+    assert float(chosen) == pytest.approx(sel["nll"][result.family], rel=1e-4)
+    stages = [m["stage"] for m in result.history if m["stage"].startswith("held_out")]
+    assert stages == ["held_out_native"] + ["held_out"] * len(families)
+    # one family, or too little text: chosen on the tuning windows, as before
+    one = calibrate(model, tokenizer, 0.3, documents=LONG_DOCS, family="top_p", tokens=512, context=128)
+    short = calibrate(model, tokenizer, 0.3, documents=DOCS, families=families, tokens=512, context=128)
+    assert one.selection is None and short.selection == {"windows": 0}
+
+
+@pytest.mark.parametrize(
+    ("held", "winner"),
+    [
+        ({"static": (0.3, 5.0), "top_p": (0.3, 1.0), "relative_threshold": (0.3, 3.0)}, "top_p"),
+        # top_p saves too little on the held-out text: it may not win by that
+        (
+            {"static": (0.3, 5.0), "top_p": (0.28, 1.0), "relative_threshold": (0.3, 3.0)},
+            "relative_threshold",
+        ),
+        # none saves enough there: the one that saves most
+        (
+            {"static": (0.25, 5.0), "top_p": (0.2, 1.0), "relative_threshold": (0.27, 3.0)},
+            "relative_threshold",
+        ),
+    ],
+)
+def test_the_held_out_measurements_choose_the_family(tokenizer, monkeypatch, held, winner):  # type: ignore[no-untyped-def]
+    """Whatever the calibration windows say, the held-out windows decide (stand-in measurements)."""
+    from dynamic_moe_router import calibrate as cal
+
+    real = cal._Meter.__call__
+
+    def measure(self, policy, *, windows=None, **note):  # type: ignore[no-untyped-def]
+        if self.key == "held_out" and policy is not None:
+            self.history.append({"stage": note["stage"], "family": note["family"]})
+            return held[note["family"]]
+        return real(self, policy, windows=windows, **note)
+
+    monkeypatch.setattr(cal._Meter, "__call__", measure)
+    model = tiny_model("olmoe", vocab_size=len(tokenizer))
+    result = calibrate(
+        model, tokenizer, 0.3, documents=LONG_DOCS, families=tuple(held), tokens=512, context=128,
+        per_layer=False,
+    )  # fmt: skip
+    assert result.family == winner and result.selection is not None
+    assert result.selection["nll"] == {family: nll for family, (_, nll) in held.items()}
+
+
+def test_cli_names_how_the_family_was_chosen():  # type: ignore[no-untyped-def]
+    from dynamic_moe_router.cli import _selection_lines
+
+    assert _selection_lines(None) == ""
+    nll, reduction = {"top_p": 3.03, "learned": 3.01}, {"top_p": 0.351, "learned": 0.34}
+    line = _selection_lines({"windows": 16, "native_nll": 3.0, "nll": nll, "reduction": reduction})
+    want = "learned +1.01% at 34.0% fewer, top_p +3.05% at 35.1% fewer"  # best first
+    assert line == f"  chosen on 16 held-out valid windows: {want}\n"
+    selection = {"windows": 16, "native_nll": 3.0, "nll": nll, "reduction": reduction, "eligible": ["top_p"]}
+    assert "learned +1.01% at 34.0% fewer (saves too little there), top_p" in _selection_lines(selection)
+    assert "calibration windows" in _selection_lines({"windows": 0})

@@ -27,8 +27,8 @@ layers instead of running them again (exact: they see the native inputs).
    layer, starting from the native ``k`` everywhere, one slot at a time is taken from the layer
    where a probe (that layer alone at ``k - 1``, on a quarter of the windows) costs the least, until
    the routed FLOPs fall by the target; with ``per_layer=False`` the smallest uniform cut that
-   reaches it. A dynamic family therefore wins only where it beats static top-k on the calibration
-   text (static top-k cuts whole slots, so it may pass the target by up to one slot's share).
+   reaches it. A dynamic family therefore wins only where it beats static top-k on the held-out
+   windows (static top-k cuts whole slots, so it may pass the target by up to one slot's share).
 4. **Learned allocation** (``family="learned"``). Per-layer keep-heads are distilled on the frozen
    model on the Gutenberg **train** split (:func:`~dynamic_moe_router.train_allocator`), their
    budget offset is fitted on windows spread over the documents of the calibration text, and the
@@ -36,7 +36,11 @@ layers instead of running them again (exact: they see the native inputs).
 
 Without a family, every family of ``families`` (default :data:`FAMILIES`, the learned one included;
 pass ``families=tuple(KNOBS)`` for the score families only) is calibrated and the one with the
-least NLL increase wins. A target that no family reaches raises
+least NLL increase wins: on held-out windows (:func:`held_out_windows`: one from each calibration
+document that the tuning windows do not reach, past the learned budget's windows; among the
+candidates that save at least the target there, within :data:`SELECT_TOLERANCE`) where the text has at least
+:data:`SELECT_MIN_WINDOWS` of them, else on the tuning windows. The score families' parameters are
+searched on the tuning windows, so choosing there would favour them. A target that no family reaches raises
 :class:`~dynamic_moe_router.errors.TargetUnreachableError`.
 """
 
@@ -114,6 +118,15 @@ REFINE_FAMILIES = 2
 PROBE_FRACTION = 0.25
 _INVERT_ITERATIONS = 18  # bisection steps on the routing statistics (no model runs)
 _TOKENIZE_BATCH = 16  # documents tokenised at a time for the calibration windows
+#: the held-out windows that choose among the families: at most this many, one per document ...
+SELECT_WINDOWS = 16
+#: ... and used only when the calibration text gives at least this many (else the tuning windows)
+SELECT_MIN_WINDOWS = 4
+#: a held-out window starts this many contexts (plus one token) into its document: after the
+#: learned family's budget windows (``spread_windows(per_doc=2, skip=context)``)
+SELECT_SKIP_CONTEXTS = 3
+#: a candidate may win on the held-out windows only if it saves at least the target less this there
+SELECT_TOLERANCE = 0.01
 #: the native pass keeps every decoder layer's outputs for replays when they fit in this many bytes
 PREFIX_BYTES = 2 * 2**30
 #: config fields of models whose decoder layers hand each other state besides their outputs: no replay
@@ -139,6 +152,9 @@ class CalibrationResult:
     native_nll: float
     per_layer: bool
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: how the family was chosen: ``{"windows": N, "native_nll": ..., "nll": {family: ...}}`` on
+    #: held-out windows, or ``None`` (one candidate, or too little text: chosen on the tuning windows)
+    selection: dict[str, Any] | None = None
 
     @property
     def nll_increase(self) -> float:
@@ -154,6 +170,7 @@ class CalibrationResult:
             "nll_increase": self.nll_increase,
             "relative_ppl_change": math.exp(self.nll_increase) - 1.0,
             "per_layer": self.per_layer,
+            "selection": self.selection,
             "measurements": self.history,
         }
 
@@ -176,6 +193,50 @@ def calibration_windows(tokenizer, documents: Sequence[str], tokens: int, contex
     if n == 0:
         raise PolicyError(f"calibration needs at least {context + 1} tokens; got {len(ids)}", field="tokens")
     return torch.tensor([ids[i * context : i * context + context + 1] for i in range(n)], dtype=torch.long)
+
+
+def held_out_windows(  # type: ignore[no-untyped-def]
+    tokenizer, documents: Sequence[str], tokens: int, context: int = 512, max_windows: int = SELECT_WINDOWS
+) -> torch.Tensor | None:
+    """``(N, context + 1)`` windows that choose among the calibrated families, or ``None`` (fewer
+    than :data:`SELECT_MIN_WINDOWS`).
+
+    One window per document that the tuning windows (:func:`calibration_windows`, the first
+    ``tokens`` tokens of the documents joined) do not reach, starting ``SELECT_SKIP_CONTEXTS *
+    context + 1`` tokens in, past the learned family's budget windows: text that no family was
+    fitted on.
+
+    Example:
+        >>> class Tok:  # one token per character
+        ...     eos_token_id = 0
+        ...     def __call__(self, texts, **kw):
+        ...         one = isinstance(texts, str)
+        ...         ids = [[ord(c) % 50 for c in t] for t in ([texts] if one else texts)]
+        ...         return {"input_ids": ids[0] if one else ids}
+        >>> held_out_windows(Tok(), ["a" * 100] * 9, tokens=150, context=8).shape  # docs 0-1 tune
+        torch.Size([7, 9])
+    """
+    from .learn.windows import spread_windows
+
+    documents = list(documents)
+    start, first_unseen = 0, len(documents)
+    for index, text in enumerate(documents):  # the documents' offsets in the joined tuning text
+        if start > tokens:  # the tuning windows read ids[: tokens + 1]
+            first_unseen = index
+            break
+        start += len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]) + 1  # + eos
+    unseen = documents[first_unseen:]
+    if len(unseen) < SELECT_MIN_WINDOWS:
+        return None
+    skip = SELECT_SKIP_CONTEXTS * context + 1
+    chars = max(40_000, 8 * (skip + context + 1))  # enough characters for the window's tokens
+    try:
+        windows = spread_windows(
+            tokenizer, unseen, per_doc=1, context=context, skip=skip, max_windows=max_windows, chars=chars
+        )
+    except PolicyError:  # no document long enough
+        return None
+    return windows if len(windows) >= SELECT_MIN_WINDOWS else None
 
 
 def measurement_key(policy: RoutingPolicy | None) -> str:
@@ -403,8 +464,10 @@ class _Meter:
         on_measure: Callable[[dict[str, list[float]]], None] | None = None,
         task: Task | None = None,
         keep_prefix: bool = True,
+        key: str = "",
     ) -> None:
         self.model, self.windows, self.batch_size = model, windows, batch_size
+        self.key = key  # names these windows in the cache keys (other windows: other measurements)
         self.keep_prefix = keep_prefix  # record the native decoder outputs for replays
         self.cache = {} if cache is None else cache
         self.on_measure, self.task = on_measure, task
@@ -431,6 +494,7 @@ class _Meter:
                 field="windows",
             )
         key = measurement_key(policy) + (f"@{windows}" if windows is not None else "")
+        key = f"{self.key}:{key}" if self.key else key
         if key in self.cache:
             reduction, mean = self.cache[key]
         else:
@@ -620,7 +684,9 @@ def calibrate(
     searches stop early).
 
     ``families`` (default: all of :data:`FAMILIES`) limits the families tried when ``family`` is
-    None. The learned family trains on ``train_documents`` (default: the Gutenberg train split) with
+    None; their candidates are compared on :func:`held_out_windows` of ``documents`` where there are
+    enough (:attr:`CalibrationResult.selection` records it), else on the calibration windows. The
+    learned family trains on ``train_documents`` (default: the Gutenberg train split) with
     ``training`` (an :class:`~dynamic_moe_router.AllocatorTraining`; its target is replaced by
     ``target_reduction``); its training is not cached (a resumed run trains again).
     ``learned_budget="quantile"`` gives the learned family the per-call quantile budget
@@ -650,7 +716,9 @@ def calibrate(
         from .data import data_file
 
         data_file("gutenberg/train.jsonl.xz")  # missing data fails here, before any long work
+    documents = list(documents)  # read twice: the calibration and the held-out windows
     windows = calibration_windows(tokenizer, documents, tokens, context)
+    held_out = held_out_windows(tokenizer, documents, tokens, context) if len(names) > 1 else None
     moe_layers = find_moe_layers(model)[0]
     layers = [layer.index for layer in moe_layers]
     knobs = [name for name in names if name in KNOBS]
@@ -661,6 +729,8 @@ def calibrate(
     if "static" in names:  # its base probe, probes (at most one per layer and k), a second measurement
         steps += 1 + (1 + sum(layer.native_k - 1 for layer in moe_layers) if refine else 0)
     steps += len(names) - len(knobs) + 3  # the static and learned measurements, the final search
+    if held_out is not None:  # native, every family's candidate and a polished one on the held-out windows
+        steps += 2 + len(names)
     bar = _task(progress, f"calibrating to {target_reduction:.0%} fewer routed FLOPs", steps)
     keep_prefix = refine and (bool(knobs) or "static" in names)
     meter = _Meter(model, windows, batch_size, cache, on_measure, bar, keep_prefix=keep_prefix)
@@ -740,14 +810,54 @@ def calibrate(
             f"(most aggressive setting of each: {best_seen}); lower the target"
         )
     result = min(candidates, key=lambda c: c.nll)
+    selection: dict[str, Any] | None = None
+    judge = None
+    if len(candidates) > 1 and held_out is None:
+        selection = {"windows": 0}  # too little unseen text: chosen on the calibration windows
+    elif len(candidates) > 1 and held_out is not None:  # choose on text that no family was fitted on
+        judge = _Meter(model, held_out, batch_size, cache, on_measure, bar, keep_prefix=False, key="held_out")
+        _, held_native = judge(None, stage="held_out_native")
+        scores = {id(c): judge(c.policy, stage="held_out", family=c.family) for c in candidates}
+        result = _choose(candidates, scores, target_reduction)
+        selection = {
+            "windows": len(held_out),
+            "native_nll": held_native,
+            "nll": {c.family: scores[id(c)][1] for c in candidates},
+            "reduction": {c.family: scores[id(c)][0] for c in candidates},
+            "eligible": [
+                c.family for c in candidates if scores[id(c)][0] >= target_reduction - SELECT_TOLERANCE
+            ],
+        }
     entry = polishers.get(id(result))
     if entry is not None and entry[0] is result and result.reduction - target_reduction > FINAL_TOLERANCE:
         closer = entry[1]()  # the winner's search once more, aiming closer to the target
         if closer is not None and closer.nll < result.nll:
-            result = closer
+            if judge is None:
+                result = closer
+            else:  # kept only if it holds on the held-out windows too
+                red, nll = judge(closer.policy, stage="held_out", family=closer.family, polished=True)
+                held = selection or {}
+                if nll <= held["nll"][result.family] and red >= target_reduction - SELECT_TOLERANCE:
+                    result = closer
+                    held["polished"] = {"nll": nll, "reduction": red}
+    if judge is not None:
+        meter.history += judge.history
     bar.finish()
     result.history = meter.history
+    result.selection = selection
     return result
+
+
+def _choose(
+    candidates: Sequence[CalibrationResult], scores: dict[int, tuple[float, float]], target: float
+) -> CalibrationResult:
+    """The candidate with the lowest held-out NLL among those whose held-out reduction reaches
+    ``target`` within :data:`SELECT_TOLERANCE` (a family that saves less there must not win by
+    it); where none does, the one that saves the most. ``scores``: id -> (reduction, NLL)."""
+    eligible = [c for c in candidates if scores[id(c)][0] >= target - SELECT_TOLERANCE]
+    if not eligible:
+        return max(candidates, key=lambda c: scores[id(c)][0])
+    return min(eligible, key=lambda c: scores[id(c)][1])
 
 
 def _polish(  # type: ignore[no-untyped-def]

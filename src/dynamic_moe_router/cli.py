@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -442,10 +443,28 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         f"  routed-FLOP reduction {result.reduction:.1%} (target {args.target_reduction:.1%}), valid NLL "
         f"{result.nll:.4f} vs native {result.native_nll:.4f} "
         f"({report['relative_ppl_change']:+.2%} perplexity)\n"
-        f"  policy written to {args.out}"
+        + _selection_lines(result.selection)
+        + f"  policy written to {args.out}"
     )
     _emit(args, report, text)
     return 0
+
+
+def _selection_lines(selection: dict[str, Any] | None) -> str:
+    """How ``dmr calibrate`` chose the family: each candidate's perplexity change on the held-out
+    windows, best first."""
+    if selection is None:
+        return ""
+    if not selection["windows"]:
+        return "  chosen on the calibration windows (too few documents beyond them for held-out windows)\n"
+    native, eligible = selection["native_nll"], selection.get("eligible")
+    ranked = sorted(selection["nll"].items(), key=lambda item: item[1])
+    changes = ", ".join(
+        f"{family} {math.exp(nll - native) - 1:+.2%} at {selection['reduction'][family]:.1%} fewer"
+        + ("" if eligible is None or family in eligible else " (saves too little there)")
+        for family, nll in ranked
+    )
+    return f"  chosen on {selection['windows']} held-out valid windows: {changes}\n"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
