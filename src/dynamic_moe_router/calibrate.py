@@ -818,15 +818,18 @@ def calibrate(
         judge = _Meter(model, held_out, batch_size, cache, on_measure, bar, keep_prefix=False, key="held_out")
         _, held_native = judge(None, stage="held_out_native")
         scores = {id(c): judge(c.policy, stage="held_out", family=c.family) for c in candidates}
-        result = _choose(candidates, scores, target_reduction)
+        eligible = [c for c in candidates if _saves(scores[id(c)][0], target_reduction)]
+        result = (
+            min(eligible, key=lambda c: scores[id(c)][1])
+            if eligible  # a family that saves less on the held-out text must not win by it
+            else max(candidates, key=lambda c: scores[id(c)][0])  # none does: the one that saves most
+        )
         selection = {
             "windows": len(held_out),
             "native_nll": held_native,
             "nll": {c.family: scores[id(c)][1] for c in candidates},
             "reduction": {c.family: scores[id(c)][0] for c in candidates},
-            "eligible": [
-                c.family for c in candidates if scores[id(c)][0] >= target_reduction - SELECT_TOLERANCE
-            ],
+            "eligible": [c.family for c in eligible],
         }
     entry = polishers.get(id(result))
     if entry is not None and entry[0] is result and result.reduction - target_reduction > FINAL_TOLERANCE:
@@ -837,7 +840,7 @@ def calibrate(
             else:  # kept only if it holds on the held-out windows too
                 red, nll = judge(closer.policy, stage="held_out", family=closer.family, polished=True)
                 held = selection or {}
-                if nll <= held["nll"][result.family] and red >= target_reduction - SELECT_TOLERANCE:
+                if nll <= held["nll"][result.family] and _saves(red, target_reduction):
                     result = closer
                     held["polished"] = {"nll": nll, "reduction": red}
     if judge is not None:
@@ -848,16 +851,9 @@ def calibrate(
     return result
 
 
-def _choose(
-    candidates: Sequence[CalibrationResult], scores: dict[int, tuple[float, float]], target: float
-) -> CalibrationResult:
-    """The candidate with the lowest held-out NLL among those whose held-out reduction reaches
-    ``target`` within :data:`SELECT_TOLERANCE` (a family that saves less there must not win by
-    it); where none does, the one that saves the most. ``scores``: id -> (reduction, NLL)."""
-    eligible = [c for c in candidates if scores[id(c)][0] >= target - SELECT_TOLERANCE]
-    if not eligible:
-        return max(candidates, key=lambda c: scores[id(c)][0])
-    return min(eligible, key=lambda c: scores[id(c)][1])
+def _saves(reduction: float, target: float) -> bool:
+    """Whether a held-out reduction reaches ``target`` within :data:`SELECT_TOLERANCE`."""
+    return reduction >= target - SELECT_TOLERANCE
 
 
 def _polish(  # type: ignore[no-untyped-def]
