@@ -14,9 +14,11 @@ way it runs, with many sequences decoded at once. For each reference model and b
   number of distinct experts one decode step touches per layer (what a bandwidth-bound GPU layer
   pays for).
 
-Policies: the native top-k, ``StaticTopK(k - 1)`` (the static point at fewer pairs), and
-``BatchAware(StaticTopK(), experts=f)`` for each ``--fractions`` value. Outputs depend on the
-batch, so the same policy is measured at each batch size.
+Policies: the native top-k, ``StaticTopK(k - 1)`` (the static point at fewer pairs), and for each
+``--fractions`` value ``BatchAware(StaticTopK(), experts=f)`` and its ``reroute=True`` form. Outputs
+depend on the batch, so the same policy is measured at each batch size. The policy routes the
+prompts too (one call per batch's prefill), as ``dmr.patch`` would in use: a rerouting policy's
+cost includes the capped prefill's effect on the KV cache.
 
 The measurement itself is the library's (:mod:`dynamic_moe_router.sweeps.batched_decode`, which
 ``dmr bench`` also runs, on fewer batch sizes); this script runs it on more of them.

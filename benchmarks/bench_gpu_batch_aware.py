@@ -7,7 +7,8 @@ Run on a CUDA GPU::
 Shapes and router logits as in ``bench_gpu_experts.py`` (bf16 Mixtral-8x7B and OLMoE-1B-7B layers;
 Gaussian logits with per-token confidence and per-expert bias at the reference models' mean
 normalised entropy). Per token count, routings from ``dmr.route``: ``static`` (the native top-k),
-``top_p`` (about 30% fewer pairs) and ``BatchAware(StaticTopK(), experts=f)`` for each fraction.
+``top_p`` (about 30% fewer pairs), and for each fraction ``BatchAware(StaticTopK(), experts=f)``
+(trims low slots) and its ``reroute=True`` form (a hard cap on the distinct experts, same pairs).
 Each experts layer (``experts_forward(backend="auto")``) and each routing (softmax + ``dmr.route``)
 is timed by CUDA-graph replay (``triton.testing.do_bench_cudagraph``, median), in one run on one card.
 Recorded per cell: kept pairs, distinct experts touched, layer time and its ratio to static, and
@@ -77,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         p = cpu_bench.search_top_p(torch.softmax(logits_all, -1), k, TARGET_RATIO)
         policies: dict[str, Any] = {"static": dmr.StaticTopK(), "top_p": dmr.TopP(p=p)}
         policies.update({f"batch_aware_{f}": dmr.BatchAware(dmr.StaticTopK(), experts=f) for f in fractions})
+        policies.update(
+            {
+                f"batch_aware_reroute_{f}": dmr.BatchAware(dmr.StaticTopK(), experts=f, reroute=True)
+                for f in fractions
+            }
+        )
         for tokens in tokens_list:
             logits = logits_all[:tokens].to("cuda")  # (T, E)
             hidden = torch.randn(tokens, shape["H"], device="cuda", dtype=torch.bfloat16)

@@ -9,6 +9,7 @@ issue that a file can check is reported met or missed, cell by cell.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -93,31 +94,110 @@ def render_gpu_batch_aware(data: dict[str, Any], path: Path) -> list[str]:
             )
         out.append("")
     out += ["### Targets", ""]
+    quality = _batch_aware_quality(path.parent / "batch_aware.json")
     for shape in dict.fromkeys(c["shape"] for c in cells):
         for tokens in BATCH_AWARE_TOKENS:
-            aware = [
-                c
-                for c in cells
-                if c["shape"] == shape and c["tokens"] == tokens and "batch_aware" in c["policy"]
-            ]
-            if not aware:
-                continue
-            best = min(aware, key=lambda c: c["layer_ratio"])
-            ok = best["layer_ratio"] <= BATCH_AWARE_LAYER
-            why = ""
-            if all(c["pair_ratio"] >= 1.0 for c in aware):  # nothing dropped at any setting
-                why = (
-                    f"; no slot was dropped at any `experts` setting (pair ratio 1.000, "
-                    f"{best['distinct_experts']} experts touched): the experts holding some token's "
-                    "protected first slot (`min_keep`) stay in the batch's active set, and here they and "
-                    "the few of largest mass cover every expert the batch touches"
-                )
-            out.append(
-                f"- Batch-aware layer time, {shape}, {tokens} tokens: best {best['layer_ratio']:.3f} of "
-                f"static with `{best['spec']}` (limit {BATCH_AWARE_LAYER}): {_mark(ok)}{why}."
-            )
+            here = [c for c in cells if c["shape"] == shape and c["tokens"] == tokens]
+            reroute = [c for c in here if c["policy"].startswith("batch_aware_reroute_")]
+            trim = [c for c in here if c["policy"].startswith("batch_aware_") and c not in reroute]
+            if trim:
+                out.append(_trim_line(shape, tokens, trim))
+            if reroute:
+                out.append(_reroute_line(shape, tokens, reroute, quality))
     out.append("")
     return out
+
+
+#: the reference model whose batched-decoding quality stands for a GPU shape (same family and k/E kind)
+_SHAPE_MODEL = {"mixtral-8x7b": "ref-mixtral", "olmoe-1b-7b": "ref-olmoe"}
+
+
+def _batch_aware_quality(path: Path) -> dict[str, Any]:
+    """``batch_aware.json``'s rows by reference model, or nothing where the file is absent."""
+    import json
+
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {m["model"]: m for m in data["models"]}
+
+
+def _trim_line(shape: str, tokens: int, aware: list[dict[str, Any]]) -> str:
+    best = min(aware, key=lambda c: c["layer_ratio"])
+    ok = best["layer_ratio"] <= BATCH_AWARE_LAYER
+    why = ""
+    if all(c["pair_ratio"] >= 1.0 for c in aware):  # nothing dropped at any setting
+        why = (
+            f"; no slot was dropped at any `experts` setting (pair ratio 1.000, "
+            f"{best['distinct_experts']} experts touched): the experts holding some token's "
+            "protected first slot (`min_keep`) stay in the batch's active set, and here they and "
+            "the few of largest mass cover every expert the batch touches"
+        )
+    return (
+        f"- Batch-aware layer time, {shape}, {tokens} tokens: best {best['layer_ratio']:.3f} of "
+        f"static with `{best['spec']}` (limit {BATCH_AWARE_LAYER}): {_mark(ok)}{why}."
+    )
+
+
+def _reroute_line(shape: str, tokens: int, aware: list[dict[str, Any]], quality: dict[str, Any]) -> str:
+    """Each ``reroute=True`` setting's layer ratio with its quality cost in batched decoding on the
+    reference model of the same family, at the nearest measured batch."""
+    model = quality.get(_SHAPE_MODEL.get(shape, ""))
+    parts, costs = [], {}
+    for c in sorted(aware, key=lambda c: c["layer_ratio"]):
+        cost = "quality not measured"
+        if model is not None:
+            rows = [r for r in model["rows"] if r["policy"] == c["policy"]]
+            if rows:
+                r = min(rows, key=lambda r: (abs(r["batch"] - tokens), r["batch"]))
+                costs[c["policy"]] = r["ppl_ratio"]
+                cost = (
+                    f"decode perplexity x{r['ppl_ratio']:.3f} ± {r['ppl_ratio_se']:.3f} on {model['model']} "
+                    f"(top-{model['native_k']} of {model['num_experts']}) at batch {r['batch']}"
+                )
+                only = [
+                    d
+                    for d in model["rows"]
+                    if d["policy"] == c["policy"] + "_decode" and d["batch"] == r["batch"]
+                ]
+                if only:  # the cap on the decode steps only, prompts routed natively
+                    costs[c["policy"]] = min(r["ppl_ratio"], only[0]["ppl_ratio"])
+                    cost += (
+                        f", x{only[0]['ppl_ratio']:.3f} ± {only[0]['ppl_ratio_se']:.3f} with native prompts"
+                    )
+        parts.append(
+            f"{c['layer_ratio']:.3f} with `{c['spec']}` ({c['distinct_experts']} experts, "
+            f"pair ratio {c['pair_ratio']:.3f}; {_mark(c['layer_ratio'] <= BATCH_AWARE_LAYER)}; {cost})"
+        )
+    context = ""
+    if model is not None:
+        static = [r for r in model["rows"] if r["policy"].startswith("static_k")]
+        if static:
+            r = min(static, key=lambda r: (abs(r["batch"] - tokens), r["batch"]))
+            native = next(
+                (n for n in model["rows"] if n["batch"] == r["batch"] and n["policy"] == "native"), None
+            )
+            touched = (
+                ""
+                if native is None
+                else (
+                    f", {r['distinct_experts_per_call']:.1f} experts per step against native's "
+                    f"{native['distinct_experts_per_call']:.1f}"
+                )
+            )
+            context = (
+                f" For scale: `{r['spec']}` costs x{r['ppl_ratio']:.3f} there (batch {r['batch']}) for "
+                f"{r['pair_reduction']:.0%} fewer pairs{touched}."
+            )
+            fast = [c for c in aware if c["layer_ratio"] <= BATCH_AWARE_LAYER]
+            usable = [c for c in fast if costs.get(c["policy"], math.inf) <= r["ppl_ratio"]]
+            context += (
+                f" Within the layer limit at no more perplexity than `{r['spec']}` (either prompt routing): "
+                + (", ".join(f"`{c['spec']}`" for c in usable) if usable else "none")
+                + "."
+            )
+    head = f"- Batch-aware layer time with rerouting, {shape}, {tokens} tokens: "
+    return head + "; ".join(parts) + "." + context
 
 
 def _cell_key(c: dict[str, Any]) -> tuple[Any, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,15 @@ def test_bench_on_a_slice(tmp_path):  # type: ignore[no-untyped-def]
     }
     decoding = model["batched_decoding"]  # the batch_aware family: a batched-decoding measurement
     assert [(r["batch"], r["policy"]) for r in decoding["rows"]] == [
-        (b, p) for b in (4, 8) for p in ("native", "static_k3", "batch_aware_0.25")
+        (b, p)
+        for b in (4, 8)
+        for p in (
+            "native",
+            "static_k3",
+            "batch_aware_0.25",
+            "batch_aware_reroute_0.25",
+            "batch_aware_reroute_0.25_decode",
+        )
     ]
     for r in decoding["rows"]:
         assert r["decode_tokens"] == r["batch"] * 5 and r["decode_ppl"] > 1  # the prefill's + 4 steps
@@ -61,6 +70,9 @@ def test_bench_on_a_slice(tmp_path):  # type: ignore[no-untyped-def]
         if r["policy"] == "batch_aware_0.25":  # fewer distinct experts than native, at the same batch
             native = next(n for n in decoding["rows"] if n["batch"] == r["batch"] and n["policy"] == "native")
             assert r["distinct_experts_per_call"] < native["distinct_experts_per_call"]
+        if r["policy"].startswith("batch_aware_reroute_0.25"):  # a hard cap on the distinct experts
+            assert r["distinct_experts_per_call"] <= math.ceil(0.25 * decoding["num_experts"])
+            assert r["pair_reduction"] == 0.0
     committed = {
         f"learned {f.stem.removeprefix('learned-')}": dmr.load_policy(f)
         for f in (ROOT / "models" / "ref-olmoe" / "allocators").glob("learned-*.json")

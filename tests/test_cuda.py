@@ -16,6 +16,13 @@ from dynamic_moe_router.experts import STANDARD, ExpertsCounter, experts_forward
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+#: the policies of the compiled and graphed tests: static, a threshold, both batch-aware forms
+GPU_POLICIES = [
+    dmr.StaticTopK(),
+    dmr.TopP(p=0.5),
+    dmr.BatchAware(experts=0.5),
+    dmr.BatchAware(experts=0.5, reroute=True),
+]
 REPLAY_WORKER = Path(__file__).parent / "cuda_workers" / "replay_worker.py"
 SRC = Path(__file__).parent.parent / "src"
 
@@ -80,9 +87,12 @@ def test_routing_and_cuda_dispatch_do_not_synchronise():  # type: ignore[no-unty
         with torch.no_grad():
             r = dmr.route(probs, dmr.TopP(p=0.6), native_k=4, normalize="sum", validate=False)
             out = experts_forward(module, hidden, r.ids, r.weights, backend="cuda")
+            aware = dmr.BatchAware(experts=0.5, reroute=True)
+            rerouted = dmr.route(probs, aware, native_k=4, normalize="sum", validate=False)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(out).all()
+    assert torch.unique(rerouted.ids[rerouted.ids < 16]).numel() <= 8
 
 
 def _families_of_this_release() -> list[str]:
@@ -314,7 +324,7 @@ def test_static_cache_generate_replays_its_cuda_graphs_on_later_calls(policy):  
     assert result["same_tokens"] == [True, True, True], result
 
 
-@pytest.mark.parametrize("policy", [dmr.StaticTopK(), dmr.TopP(p=0.5), dmr.BatchAware(experts=0.5)])
+@pytest.mark.parametrize("policy", GPU_POLICIES)
 def test_compiled_forward_reduce_overhead_matches_eager(policy):  # type: ignore[no-untyped-def]
     from dynamic_moe_router.hf.tiny import tiny_model
 
@@ -347,7 +357,7 @@ def test_compiled_forward_reduce_overhead_matches_eager(policy):  # type: ignore
 
 @pytest.mark.usefixtures("deterministic")
 @pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss"])
-@pytest.mark.parametrize("policy", [dmr.StaticTopK(), dmr.TopP(p=0.5), dmr.BatchAware(experts=0.5)])
+@pytest.mark.parametrize("policy", GPU_POLICIES)
 def test_cuda_graphs_replay_equals_eager_generate(family, policy):  # type: ignore[no-untyped-def]
     from dynamic_moe_router.hf.tiny import tiny_model
 

@@ -39,12 +39,15 @@ class PolicyLike(Protocol):
 
     def keep_counts_ops(self, ops: Ops, ranked_probs: Any, probs: Any, k_min: int, k_max: int) -> Any: ...
 
+    # optional (RoutingPolicy has it): the policy's own (ranked_ids, counts), or None
+    # def rerank_ops(self, ops, scores, ranked_ids, ranked_probs, probs, native_k) -> Any: ...
+
 
 @dataclass(frozen=True)
 class Selected(Generic[A]):
     """Ranked candidates and which of them are kept (arrays of the adapter's framework)."""
 
-    ranked_ids: A  # (T, k_max) "int", the family's ranking (no sentinel yet)
+    ranked_ids: A  # (T, k_max) "int", the family's ranking, or a rerank_ops policy's (no sentinel yet)
     keep: A  # (T, k_max) bool, a prefix of each row
     counts: A  # (T,) "int"
     num_experts: int
@@ -148,6 +151,9 @@ def select(
     ``policy.for_layer(layer).k_range(native_k, E)`` gives ``(k_min, k_max)`` (a ``PolicyError`` if
     they do not fit). The policy reads ``probs`` as float32; a count is capped at the number of
     the token's top-``k_max`` candidates whose score is finite (``-inf`` = excluded by the family).
+    A policy whose ``rerank_ops`` returns ``(ranked_ids, counts)`` replaces both: its own candidates
+    (for ``BatchAware(..., reroute=True)``, the family's ranking restricted to the batch's active
+    experts), capped the same way.
     """
     num_experts = int(scores.shape[-1])
     layer_policy = policy.for_layer(layer)
@@ -158,7 +164,14 @@ def select(
     else:
         ranked_probs = ops.take_along_axis(probs, ranked_ids)  # (T, k_max)
     ranked_probs = ops.astype(ranked_probs, "float32")
-    counts = keep_counts(ops, layer_policy, ranked_probs, ops.astype(probs, "float32"), k_min, k_max)  # (T,)
+    probs = ops.astype(probs, "float32")
+    rerank = getattr(layer_policy, "rerank_ops", None)  # a PolicyLike need not have it
+    reranked = None if rerank is None else rerank(ops, scores, ranked_ids, ranked_probs, probs, native_k)
+    if reranked is None:
+        counts = keep_counts(ops, layer_policy, ranked_probs, probs, k_min, k_max)  # (T,)
+    else:  # the policy's own candidates (a subset of the experts, in the family's order) and counts
+        ranked_ids, counts = reranked
+        top_scores = ops.take_along_axis(scores, ranked_ids)  # (T, k_max)
     available = ops.sum(ops.astype(ops.isfinite(top_scores), "int"))  # (T,) candidates not excluded
     counts = ops.minimum(counts, available)
     slots = ops.arange(k_max, scores)  # (k_max,)

@@ -1,8 +1,9 @@
 """The policy base class, the policy registry and shared validation helpers.
 
 A policy answers one question per token: how many of the family's own ranked expert candidates
-to keep. It never re-ranks them. Policies are frozen dataclasses, so they are safe to share
-between layers, threads and saved files.
+to keep. It never re-ranks them (the one exception, ``BatchAware(..., reroute=True)``, goes
+through :meth:`RoutingPolicy.rerank_ops`). Policies are frozen dataclasses, so they are safe to
+share between layers, threads and saved files.
 """
 
 from __future__ import annotations
@@ -100,6 +101,25 @@ class RoutingPolicy:
         from ..core import TORCH_OPS
 
         return self.keep_counts_ops(TORCH_OPS, ranked_probs, probs, k_min, k_max)
+
+    def rerank_ops(
+        self,
+        ops: Ops,
+        scores: Any,  # (T, E) the family's ranking scores (-inf: excluded)
+        ranked_ids: Any,  # (T, k_max) the family's top-k_max
+        ranked_probs: Any,  # (T, k_max) float32, probs at the family's top-k_max
+        probs: Any,  # (T, E) float32
+        native_k: int,
+    ) -> tuple[Any, Any] | None:  # ((T, k_max) ids, (T,) counts), or None
+        """Candidates of the policy's own, for a policy that keeps slots outside the family's
+        top-``k_max`` (``BatchAware(..., reroute=True)``): the ranked ids (each row in the family's
+        order) and each token's count, at most its own candidates in the row. ``None`` (the
+        default): the family's ranking and :meth:`keep_counts_ops`.
+
+        The routing core caps the counts at the finite candidates and keeps a prefix of each row, as
+        for every policy.
+        """
+        return None
 
     def overhead_flops(self, hidden_size: int) -> int:
         """Matmul FLOPs the policy itself spends per token and MoE layer (0 for score policies;

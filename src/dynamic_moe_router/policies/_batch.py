@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import PolicyError
 from ._base import RoutingPolicy, check_float, check_int, register_policy
@@ -33,7 +33,7 @@ class BatchAware(RoutingPolicy):
        over the batch; the ``ceil(experts * E)`` experts of largest mass form the active set, plus
        every expert in a protected slot (a token's first ``min_keep`` slots are never dropped);
     3. each token keeps its kept slots up to (not including) its first slot on an expert outside
-       the active set. Kept slots stay a prefix of the family's ranking, as for every policy.
+       the active set. Kept slots stay a prefix of the family's ranking (unlike ``reroute=True``).
 
     A token may thus keep fewer than ``inner``'s own minimum (``StaticTopK``'s k, ``TopP``'s
     ``min_k``), never fewer than ``min_keep`` (or what ``inner`` chose, if less).
@@ -44,10 +44,21 @@ class BatchAware(RoutingPolicy):
     token per call it changes nothing beyond ``inner`` as long as ``ceil(experts * E)`` is at
     least the token's count. Under ``experts=1.0`` it is exactly ``inner``.
 
-    It pays on layers with many experts (OLMoE's 64: 0.56-0.79 of static top-k's layer time at 64-256
+    It pays on layers with many experts (OLMoE's 64: 0.56-0.80 of static top-k's layer time at 64-256
     tokens on an H200). On layers with few (Mixtral's 8), from about 64 tokens every expert is some
     token's protected first slot, so no expert leaves the batch and the layer time does not change
-    (measured: ``BENCHMARKS.md``).
+    (measured: ``BENCHMARKS.md``). For those, ``reroute=True``:
+
+    - the active set is exactly the ``ceil(experts * E)`` experts of largest mass (no slot is
+      protected), so the batch touches at most that many experts;
+    - each token keeps as many slots as ``inner`` chose (at most the number of active experts), on
+      its highest-ranked *active* experts in the family's order: a slot on an inactive expert goes
+      to the token's next-ranked active one. The routed pairs, and their FLOPs, stay ``inner``'s
+      (fewer only where a token has fewer active candidates); ``min_keep`` is not used.
+
+    Rerouting moves tokens off experts they rank first, which a model trained with fixed top-k
+    pays for in quality: on ref-mixtral (top-2 of 8) at 6 of 8 experts, decode perplexity rose by
+    35-104% (``BENCHMARKS.md``). It is a hard cap for when the distinct experts are what matters.
 
     Written with torch operations only: JAX and Keras raise a :class:`~dynamic_moe_router.PolicyError`.
     Inner policies that read the router input (a learned allocator) or vary per layer
@@ -60,13 +71,20 @@ class BatchAware(RoutingPolicy):
         >>> r = dmr.route(probs, pol, native_k=3)
         >>> r.ids.tolist()  # expert 3 (mass 0.55) is out of the active set {0, 1}
         [[0, 1, 4], [0, 4, 4], [0, 1, 4]]
+        >>> probs[1] = torch.tensor([0.6, 0.05, 0.1, 0.25])  # ranks 0, 3, 2, 1
+        >>> pol = dmr.BatchAware(dmr.StaticTopK(), experts=0.5, reroute=True)
+        >>> r = dmr.route(probs, pol, native_k=2)  # active {0, 1}: token 1's expert 3 becomes 1
+        >>> r.ids.tolist(), r.counts.tolist()
+        ([[0, 1], [0, 1], [0, 1]], [2, 2, 2])
     """
 
     inner: RoutingPolicy = field(default_factory=lambda: _static())
     #: fraction of the layer's experts (in (0, 1]) the batch may touch beyond the protected slots
     experts: float = 0.75
-    #: leading ranked slots of every token that are never dropped (>= 1)
+    #: leading ranked slots of every token that are never dropped (>= 1; unused under ``reroute``)
     min_keep: int = 1
+    #: replace a slot on an inactive expert by the token's next active one (no protected slots)
+    reroute: bool = False
 
     def __post_init__(self) -> None:
         from ._per_layer import PerLayer
@@ -83,10 +101,62 @@ class BatchAware(RoutingPolicy):
             )
         check_float("experts", self.experts, low=0.0, high=1.0, low_open=True)
         check_int("min_keep", self.min_keep, minimum=1)
+        if not isinstance(self.reroute, bool):
+            raise PolicyError(
+                f"batch_aware: reroute must be true or false, got {self.reroute!r}", field="reroute"
+            )
+        if self.reroute and self.min_keep != 1:
+            raise PolicyError(
+                f"batch_aware: min_keep={self.min_keep} has no effect with reroute=True (no slot is "
+                "protected there); leave min_keep at 1",
+                field="min_keep",
+            )
+
+    def _n_active(self, num_experts: int) -> int:
+        return max(1, math.ceil(self.experts * num_experts))
 
     def k_range(self, native_k: int, num_experts: int) -> tuple[int, int]:
         inner_min, inner_max = self.inner.k_range(native_k, num_experts)
+        if self.reroute:  # inner's counts, on other experts
+            return inner_min, inner_max
         return min(inner_min, self.min_keep), inner_max  # it may trim below inner's minimum
+
+    def rerank_ops(
+        self,
+        ops: Any,
+        scores: Any,  # (T, E) the family's ranking scores
+        ranked_ids: Any,  # (T, k_max) the family's top-k_max
+        ranked_probs: Any,  # (T, k_max) float32
+        probs: Any,  # (T, E) float32
+        native_k: int,
+    ) -> tuple[Any, Any] | None:  # ((T, k_max) ids, (T,) counts), or None (no reroute)
+        if not self.reroute:
+            return None
+        if getattr(ops, "name", None) != "torch":
+            raise PolicyError(
+                "batch_aware(reroute=True) is written with torch operations only, not "
+                f"{getattr(ops, 'name', ops)!r}",
+                field="reroute",
+            )
+        import torch
+
+        num_experts = probs.shape[1]
+        k_min, k_max = self.k_range(native_k, num_experts)
+        counts = self.inner.keep_counts_ops(ops, ranked_probs, probs, k_min, k_max)  # (T,): inner's choice
+        slots = torch.arange(k_max, device=probs.device)  # (k_max,)
+        kept = slots[None, :] < counts[:, None]  # (T, k_max)
+        # each expert's mass: a row-wise scatter (a row's ids are distinct, so nothing collides) and a
+        # fixed-order sum over tokens, not index_add_ (GPU atomics add in no fixed order, which could
+        # flip a near-tie of the active set between two runs of the same batch)
+        per_token = torch.zeros_like(probs).scatter_(1, ranked_ids, ranked_probs * kept)  # (T, E)
+        mass = per_token.sum(0)  # (E,)
+        # scatter_ of a constant, not an index assignment (a host-to-device copy under CUDA graphs)
+        hot = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device)  # (E,)
+        active = hot.scatter_(0, mass.topk(self._n_active(num_experts)).indices, 1.0) > 0  # (E,)
+        # the family's ranking over the active experts only (ranked by the same ops as select's, so
+        # experts=1.0 is exactly inner); -inf past a token's active candidates
+        top, ids = ops.top_k(scores.masked_fill(~active[None, :], float("-inf")), k_max)  # (T, k_max)
+        return ids, torch.minimum(counts, torch.isfinite(top).sum(-1))  # no more than its active candidates
 
     def keep_counts(
         self,
@@ -97,6 +167,12 @@ class BatchAware(RoutingPolicy):
     ) -> torch.Tensor:  # (T,) int64
         import torch
 
+        if self.reroute:
+            raise PolicyError(
+                "batch_aware(reroute=True) keeps slots outside the family's ranking, which keep counts "
+                "cannot describe; route with dmr.route or dmr.patch (they use rerank_ops)",
+                field="reroute",
+            )
         # inner's own bounds at this k_max (for the built-in policies its minimum does not depend on
         # the native k); k_min here is the lowered minimum of k_range
         inner_min = self.inner.k_range(k_max, probs.shape[1])[0]
@@ -131,7 +207,8 @@ class BatchAware(RoutingPolicy):
         return torch.minimum(counts, first_out)
 
     def describe(self) -> str:
-        return f"batch_aware(inner={self.inner.describe()}, experts={self.experts}, min_keep={self.min_keep})"
+        tail = ", reroute=True" if self.reroute else f", min_keep={self.min_keep}"
+        return f"batch_aware(inner={self.inner.describe()}, experts={self.experts}{tail})"
 
 
 def _static() -> RoutingPolicy:

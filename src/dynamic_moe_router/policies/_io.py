@@ -171,11 +171,13 @@ def parse_policy(text: str) -> RoutingPolicy:
         key, eq, raw = item.partition("=")
         if not eq:
             raise PolicyFileError(f"policy spec {text!r}: expected key=value, got {item!r}")
+        raw = raw.strip()
+        raw = {"True": "true", "False": "false", "None": "null"}.get(raw, raw)  # describe()'s spelling
         try:
             kwargs[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
             raise PolicyFileError(
-                f"policy spec {text!r}: value {raw!r} of {key!r} is not a number/null"
+                f"policy spec {text!r}: value {raw!r} of {key!r} is not a number, true/false or null"
             ) from None
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(kwargs) - names

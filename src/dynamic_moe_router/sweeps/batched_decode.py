@@ -16,7 +16,11 @@ batch: it is measured the way it runs. For each batch size ``B``:
   pays for).
 
 Policies (:func:`batch_aware_policies`): the native top-k, ``StaticTopK(k - 1)`` (the static point
-at fewer pairs), and ``BatchAware(StaticTopK(), experts=f)`` for each fraction ``f``.
+at fewer pairs), and ``BatchAware(StaticTopK(), experts=f)`` and ``BatchAware(StaticTopK(),
+experts=f, reroute=True)`` for each fraction ``f``; each policy routes the prompts too (one call
+per batch's prefill), as ``dmr.patch`` does. The rerouting policies are measured once more with the
+prompts under the native routing and the cap on the decode steps only (rows ``..._decode``; a
+``set_policy`` after the prefill, as a server that prefills apart from its decode batches might).
 
 Example:
     >>> import dynamic_moe_router as dmr
@@ -27,13 +31,14 @@ Example:
     >>> ids = torch.randint(3, model.config.vocab_size, (200,), generator=torch.Generator().manual_seed(0))
     >>> result = batched_decoding(model, ids, batches=(4,), fractions=(0.5,), prompt=8, steps=4)
     >>> [r["policy"] for r in result["rows"]]
-    ['native', 'static_k3', 'batch_aware_0.5']
+    ['native', 'static_k3', 'batch_aware_0.5', 'batch_aware_reroute_0.5', 'batch_aware_reroute_0.5_decode']
     >>> result["rows"][0]["ppl_ratio"], result["rows"][0]["pair_reduction"]
     (1.0, 0.0)
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -108,12 +113,21 @@ class DecodeMeter:
 
 
 @torch.no_grad()
-def decode_nll(model: Any, windows: torch.Tensor, prompt: int, meter: DecodeMeter) -> torch.Tensor:
+def decode_nll(
+    model: Any,
+    windows: torch.Tensor,
+    prompt: int,
+    meter: DecodeMeter,
+    before_decode: Callable[[], None] | None = None,
+) -> torch.Tensor:
     """``(B, steps + 1)`` NLL of the true tokens after the prompt in ``windows (B, prompt + steps + 1)``:
     the first from the prefill's logits, then one per decode step with the cache, all sequences per
-    step (the meter counts the decode steps only)."""
+    step (the meter counts the decode steps only). ``before_decode`` runs between the prefill and
+    the first step (a ``set_policy`` there routes the prompts and the steps differently)."""
     out = model(windows[:, :prompt], use_cache=True)
     past, logits = out.past_key_values, out.logits[:, -1]  # (B, V)
+    if before_decode is not None:
+        before_decode()
     nll = []
     meter.on = True
     try:
@@ -148,13 +162,16 @@ def paired_ratio(
 
 
 def batch_aware_policies(native_k: int, fractions: Iterable[float]) -> dict[str, RoutingPolicy]:
-    """Named policies of the measurement: native, static ``k - 1`` (when ``k > 1``) and
-    ``BatchAware(StaticTopK(), experts=f)`` per fraction (a :class:`PolicyError` for a bad one)."""
+    """Named policies of the measurement: native, static ``k - 1`` (when ``k > 1``), and per fraction
+    ``BatchAware(StaticTopK(), experts=f)`` and its ``reroute=True`` form (a :class:`PolicyError` for
+    a bad fraction)."""
     out: dict[str, RoutingPolicy] = {"native": StaticTopK()}
     if native_k > 1:
         out[f"static_k{native_k - 1}"] = StaticTopK(k=native_k - 1)
     for f in fractions:
         out[f"batch_aware_{f}"] = BatchAware(StaticTopK(), experts=f)
+    for f in fractions:
+        out[f"batch_aware_reroute_{f}"] = BatchAware(StaticTopK(), experts=f, reroute=True)
     return out
 
 
@@ -185,16 +202,21 @@ def batched_decoding(
             f"{length} = prompt + steps + 1), got {ids.numel()}; pass a longer text, or smaller batches, "
             "prompt or steps"
         )
+    # (row name, policy, prompts under the native routing): the rerouting policies once more with
+    # their cap on the decode steps only (prompts routed natively, as a server might run them)
+    runs = [(name, policy, False) for name, policy in named.items()]
+    runs += [(f"{n}_decode", p, True) for n, p in named.items() if n.startswith("batch_aware_reroute_")]
     rows: list[dict[str, Any]] = []
     for batch in batches:
         windows = ids[: batch * length].reshape(batch, length)  # (B, prompt + steps + 1)
         base, base_pairs = None, 0
-        for name, policy in named.items():
+        for name, policy, native_prompts in runs:
             t0 = time.perf_counter()
             meter = DecodeMeter(model)
             try:
-                with patched(model, policy, validate=False):
-                    nll = decode_nll(model, windows, prompt, meter)
+                with patched(model, StaticTopK() if native_prompts else policy, validate=False) as handle:
+                    switch = functools.partial(handle.set_policy, policy) if native_prompts else None
+                    nll = decode_nll(model, windows, prompt, meter, before_decode=switch)
             finally:
                 meter.remove()
             if base is None:
@@ -203,7 +225,7 @@ def batched_decoding(
             row = {
                 "batch": batch,
                 "policy": name,
-                "spec": policy.describe(),
+                "spec": policy.describe() + (" (decode steps only)" if native_prompts else ""),
                 "decode_ppl": math.exp(float(nll.mean())),
                 "ppl_ratio": ratio,
                 "ppl_ratio_se": se,
@@ -216,7 +238,7 @@ def batched_decoding(
             rows.append(row)
             if log is not None:
                 log(
-                    f"batched decoding B={batch:4d} {name:18s} ppl x{ratio:.4f} (se {se:.4f}) "
+                    f"batched decoding B={batch:4d} {name:27s} ppl x{ratio:.4f} (se {se:.4f}) "
                     f"pairs -{row['pair_reduction']:.3f} "
                     f"distinct {row['distinct_experts_per_call']:.1f}/{num_experts}"
                 )

@@ -16,7 +16,8 @@ static baselines, a sweep of each dynamic policy family and the calibrated polic
   ``learned-tNN`` with the threshold budget, ``learned-qNN`` with the per-call quantile budget);
 * ``batch_aware``: not a point of the sweep but a second measurement, in batched decoding
   (:mod:`.batched_decode`): many test sequences decoded at once with a KV cache, teacher-forced,
-  under the native routing, static ``k - 1`` and ``BatchAware(StaticTopK(), experts=f)``; per batch
+  under the native routing, static ``k - 1``, ``BatchAware(StaticTopK(), experts=f)`` and its
+  ``reroute=True`` form; per batch
   size, the decode perplexity ratio to native, the pair reduction and the distinct experts one decode
   step touches (``batched_decoding`` in each model's result).
 
