@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 import dynamic_moe_router as dmr
-from dynamic_moe_router.sweeps.quality import BenchSettings, run_bench, summary_table
+from dynamic_moe_router.sweeps.quality import (
+    BenchSettings,
+    confirmation_candidates,
+    run_bench,
+    summary_table,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {
@@ -30,6 +35,8 @@ def test_bench_on_a_slice(tmp_path):  # type: ignore[no-untyped-def]
         decode_prompt=16,
         decode_steps=4,
         batch_aware_fractions=(0.25,),
+        confirm_blimp_limit=2,
+        confirm_lambada_limit=8,
     )
     payload = run_bench([ROOT / "models" / "ref-olmoe"], tmp_path, settings, log=lambda *_: None)
     saved = json.loads((tmp_path / "quality_flops.json").read_text())
@@ -78,8 +85,12 @@ def test_bench_on_a_slice(tmp_path):  # type: ignore[no-untyped-def]
         for f in (ROOT / "models" / "ref-olmoe" / "allocators").glob("learned-*.json")
     }
     assert sorted(r["label"] for r in rows if r["family"] == "learned") == sorted(committed)
+    candidates = confirmation_candidates(rows)
+    assert [i for i, r in enumerate(rows) if "confirm" in r] == candidates
     for r in rows:
-        assert set(r) == ROW_KEYS
+        assert set(r) == ROW_KEYS | ({"confirm"} if "confirm" in r else set())
+        if "confirm" in r:
+            assert (r["confirm"]["blimp"]["items"], r["confirm"]["lambada"]["items"]) == (134, 8)
         if r["family"] == "learned":  # weights live in the committed file: the row names its digest
             assert r["policy"] == json.loads(json.dumps(committed[r["label"]].to_dict()))
         elif r["policy"] is not None:

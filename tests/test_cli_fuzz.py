@@ -236,6 +236,14 @@ CASES: dict[tuple[str, str], list[tuple[list[str], str]]] = {
     ("bench", "ppl_tokens"): ints("--ppl-tokens", "0", "-1", "x"),
     ("bench", "blimp_limit"): ints("--blimp-limit", "0", "x"),
     ("bench", "lambada_limit"): ints("--lambada-limit", "0", "-150"),
+    ("bench", "confirm_blimp_limit"): [
+        *ints("--confirm-blimp-limit", "-1", "x"),
+        (["--confirm-blimp-limit", "0"], "must both be 0 (no accuracy confirmation) or both positive"),
+    ],
+    ("bench", "confirm_lambada_limit"): [
+        *ints("--confirm-lambada-limit", "-2", "1.5"),
+        (["--confirm-lambada-limit", "0"], "got 50 and 0"),
+    ],
     ("bench", "calibration_tokens"): ints("--calibration-tokens", "0", "511", "x"),
     ("bench", "resume"): [
         (["--resume"], "no partial results"),
@@ -261,6 +269,8 @@ CASES: dict[tuple[str, str], list[tuple[list[str], str]]] = {
                 ["--ppl-tokens", "256"],
                 ["--blimp-limit", "1"],
                 ["--lambada-limit", "2"],
+                ["--confirm-blimp-limit", "3"],
+                ["--confirm-lambada-limit", "30"],
                 ["--calibration-tokens", "512"],
                 ["--quick"],
                 ["--resume"],

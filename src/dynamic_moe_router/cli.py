@@ -493,6 +493,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         blimp_limit=args.blimp_limit,
         lambada_limit=args.lambada_limit,
         calibration_tokens=args.calibration_tokens,
+        confirm_blimp_limit=args.confirm_blimp_limit,
+        confirm_lambada_limit=args.confirm_lambada_limit,
     )
     partial = Path(args.out_dir) / PARTIAL_NAME
     log: Callable[..., None] = (lambda *_: None) if args.json else print
@@ -647,6 +649,8 @@ _SWEEP_ONLY = (
     "ppl_tokens",
     "blimp_limit",
     "lambada_limit",
+    "confirm_blimp_limit",
+    "confirm_lambada_limit",
     "calibration_tokens",
     "families",
     "resume",
@@ -1035,6 +1039,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--lambada-limit",
         type=check.int_at_least(1, "a positive passage count"),
         help="LAMBADA passages, 5153 = all (default 150; 10 with --quick)",
+    )
+    p.add_argument(
+        "--confirm-blimp-limit",
+        type=check.int_at_least(0, "a pair count >= 0 (0: no accuracy confirmation)"),
+        help="BLiMP pairs per paradigm for the accuracy confirmation of the points that reach 30%% fewer "
+        "routed FLOPs within +1%% perplexity (default 50; 2 with --quick; 0 with "
+        "--confirm-lambada-limit 0: none)",
+    )
+    p.add_argument(
+        "--confirm-lambada-limit",
+        type=check.int_at_least(0, "a passage count >= 0 (0: no accuracy confirmation)"),
+        help="LAMBADA passages for the accuracy confirmation (default 1000; 20 with --quick)",
     )
     p.add_argument(
         "--calibration-tokens",

@@ -25,6 +25,13 @@ Quality: perplexity on the first ``ppl_tokens`` tokens of the Gutenberg test spl
 512), BLiMP (the first ``blimp_limit`` pairs of each of its 67 paradigms) and LAMBADA (the first
 ``lambada_limit`` passages). Differences against native come with paired standard errors.
 
+Accuracy confirmation: the small task samples above cost little per point, but their paired
+standard errors (about 1 point) are as large as the headline's accuracy limit (1 point), so a point
+that reaches the smallest of :data:`TARGETS` within :data:`PPL_LIMIT` is scored again, with native,
+on more items (``confirm_blimp_limit`` pairs per paradigm, ``confirm_lambada_limit`` passages; the
+row's ``confirm``). The points are chosen by routed FLOPs and perplexity only, never by their
+accuracy, so the larger sample decides the accuracy verdicts without a selection bias.
+
 No lost work: after every finished row (and every calibration measurement) the state is written
 atomically to ``quality_flops.partial.json`` in the output folder. ``run_bench(..., resume=True)``
 (``dmr bench --resume``) reads it back, keeps the finished rows as they are and computes only the
@@ -92,6 +99,11 @@ ALLOCATORS_GLOB = "allocators/learned-*.json"
 RESULT_NAME = "quality_flops.json"
 PARTIAL_NAME = "quality_flops.partial.json"
 PLOT_NAME = "pareto.png"
+#: the headline's routed-FLOP reductions, its perplexity limit (relative change) and its accuracy
+#: limit (BLiMP and LAMBADA, in accuracy, i.e. 0.01 = 1 point)
+TARGETS = (0.30, 0.35)
+PPL_LIMIT = 0.01
+ACC_LIMIT = 0.01
 #: the repository root when the package runs from a checkout (``src/dynamic_moe_router/sweeps``)
 _REPO = Path(__file__).resolve().parents[3]
 
@@ -114,6 +126,10 @@ class BenchSettings:
     decode_prompt: int = 64
     decode_steps: int = 32
     batch_aware_fractions: tuple[float, ...] = (0.75, 0.5)
+    #: accuracy confirmation of the points that reach a target within the perplexity limit (module
+    #: docstring): BLiMP pairs per paradigm and LAMBADA passages; 0 and 0 turn it off
+    confirm_blimp_limit: int = 50
+    confirm_lambada_limit: int = 1000
 
     def __post_init__(self) -> None:
         """The batched-decoding fields, checked before any model loads (lists become tuples)."""
@@ -134,6 +150,20 @@ class BenchSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PolicyError(f"BenchSettings.{name} must be an int >= 1, got {value!r}", field=name)
+        for name in ("confirm_blimp_limit", "confirm_lambada_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise PolicyError(
+                    f"BenchSettings.{name} must be an int >= 0 (0: no confirmation), got {value!r}",
+                    field=name,
+                )
+        if (self.confirm_blimp_limit == 0) != (self.confirm_lambada_limit == 0):
+            raise PolicyError(
+                "BenchSettings.confirm_blimp_limit and confirm_lambada_limit must both be 0 (no accuracy "
+                f"confirmation) or both positive, got {self.confirm_blimp_limit} and "
+                f"{self.confirm_lambada_limit}",
+                field="confirm_blimp_limit",
+            )
         try:
             batch_aware_policies(2, self.batch_aware_fractions)
         except PolicyError as err:
@@ -153,6 +183,8 @@ QUICK = BenchSettings(
     decode_batches=(8,),
     decode_prompt=32,
     decode_steps=8,
+    confirm_blimp_limit=2,
+    confirm_lambada_limit=20,
 )
 
 
@@ -420,6 +452,7 @@ def _bench_model(  # type: ignore[no-untyped-def]
             f"ppl {r['ppl']:7.3f} ({r['ppl_rel_change']:+.2%})  BLiMP {r['blimp_delta'] * 100:+.1f}  "
             f"LAMBADA {r['lambada_delta'] * 100:+.1f} pts"
         )
+    _confirm(sweep, points, rows, state, save, log)
     result = {
         "model": portable_path(path),
         "family": model.config.model_type,
@@ -434,6 +467,85 @@ def _bench_model(  # type: ignore[no-untyped-def]
             save()
         result["batched_decoding"] = state["batched_decoding"]
     return result
+
+
+def confirmation_candidates(rows: list[dict[str, Any]]) -> list[int]:
+    """Indices of the non-native ``rows`` that reach the smallest of :data:`TARGETS` within
+    :data:`PPL_LIMIT` (chosen by routed FLOPs and perplexity only, never by accuracy).
+
+    Example:
+        >>> rows = [{"family": "native", "routed_flop_reduction": 0.0, "ppl_rel_change": 0.0},
+        ...         {"family": "learned", "routed_flop_reduction": 0.35, "ppl_rel_change": 0.009},
+        ...         {"family": "top_p", "routed_flop_reduction": 0.34, "ppl_rel_change": 0.04}]
+        >>> confirmation_candidates(rows)
+        [1]
+    """
+    return [
+        i
+        for i, r in enumerate(rows)
+        if r["family"] != "native"
+        and r["routed_flop_reduction"] >= min(TARGETS)
+        and r["ppl_rel_change"] <= PPL_LIMIT
+    ]
+
+
+def _confirm(sweep: _Model, points: list[_Point], rows: list[dict[str, Any]], state, save, log) -> None:  # type: ignore[no-untyped-def]
+    """Score the :func:`confirmation_candidates` again on the larger task samples, native first
+    (its item scores kept in the partial state only), each into its row's ``confirm``."""
+    s = sweep.settings
+    todo = [i for i in confirmation_candidates(rows) if "confirm" not in rows[i]]
+    if not s.confirm_blimp_limit or not todo:
+        return
+    limit = {"blimp": s.confirm_blimp_limit, "lambada": s.confirm_lambada_limit}
+
+    def tasks(policy: RoutingPolicy | None) -> dict[str, Any]:
+        res = evaluate(
+            sweep.model,
+            sweep.tokenizer,
+            policy=policy,
+            corpora=[],
+            tasks=["blimp", "lambada"],
+            limit=limit,
+            batch_size=s.batch_size,
+        )
+        return res["tasks"]
+
+    if "native_confirm" not in state:
+        log(f"confirming the accuracies of {len(todo)} point(s) on more items: native first")
+        native = tasks(None)
+        state["native_confirm"] = {
+            task: {
+                "acc": native[task]["acc"],
+                "items": native[task]["items"],
+                "scores": native[task]["item_scores"],
+            }
+            for task in ("blimp", "lambada")
+        }
+        save()
+    base = state["native_confirm"]
+    for i in todo:
+        row = rows[i]
+        start = time.time()
+        got = tasks(sweep.policy(points[i]))  # rows are the points' results, in order
+        confirm: dict[str, Any] = {}
+        for task in ("blimp", "lambada"):
+            delta, se = _paired_delta(got[task]["item_scores"], base[task]["scores"])
+            confirm[task] = {
+                "items": got[task]["items"],
+                "acc": got[task]["acc"],
+                "native_acc": base[task]["acc"],
+                "delta": delta,
+                "delta_se": se,
+            }
+        confirm["wall_s"] = round(time.time() - start, 1)
+        row["confirm"] = confirm
+        save()
+        log(
+            f"confirmed {row['label']}: BLiMP {100 * confirm['blimp']['delta']:+.2f} ± "
+            f"{100 * confirm['blimp']['delta_se']:.2f} ({confirm['blimp']['items']} pairs), LAMBADA "
+            f"{100 * confirm['lambada']['delta']:+.2f} ± {100 * confirm['lambada']['delta_se']:.2f} pts "
+            f"({confirm['lambada']['items']} passages)"
+        )
 
 
 def _batched_decoding(model, tokenizer, settings: BenchSettings, log) -> dict[str, Any]:  # type: ignore[no-untyped-def]
