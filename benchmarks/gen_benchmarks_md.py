@@ -409,12 +409,14 @@ def _confirmation_lines(rows: list[dict[str, Any]]) -> list[str]:
     if not confirmed:
         return []
     first = confirmed[0]["confirm"]
+    largest = max(r["confirm"][t]["delta_se"] for r in confirmed for t in ("blimp", "lambada"))
     lines = [
         f"Accuracy confirmation: the points that reach {min(TARGETS):.0%} fewer routed FLOPs within "
         f"+{PPL_LIMIT:.0%} perplexity (chosen by FLOPs and perplexity, not by accuracy) were scored again with "
         f"native on {first['blimp']['items']:,} BLiMP pairs and {first['lambada']['items']:,} LAMBADA "
-        "passages, whose paired standard errors are smaller than the 1-point limit; the verdicts below read "
-        f"these numbers (native accuracy {first['blimp']['native_acc']:.3f} on BLiMP, "
+        f"passages (these include the sweep's items); their paired standard errors are at most "
+        f"{100 * largest:.2f} points, against the {100 * ACC_LIMIT:.0f}-point limit, and the verdicts below "
+        f"read these numbers (native accuracy {first['blimp']['native_acc']:.3f} on BLiMP, "
         f"{first['lambada']['native_acc']:.3f} on LAMBADA).",
         "",
         "| point | routed | perplexity change | BLiMP | change | LAMBADA | change |",
@@ -532,7 +534,8 @@ def render_quality_flops(data: dict[str, Any], path: Path) -> list[str]:
                     lines.append(
                         "  The limit is met on the measured changes; for "
                         + ", ".join(close)
-                        + " an accuracy change lies within 2 standard errors of the 1-point limit, so a larger "
+                        + f" an accuracy change lies within 2 standard errors of the {100 * ACC_LIMIT:.0f}-point "
+                        "limit, so a larger "
                         "sample could still put it past the limit."
                     )
             elif reach:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -12,7 +13,14 @@ import dynamic_moe_router as dmr
 from dynamic_moe_router.cli import main
 from dynamic_moe_router.eval import evaluate, load_checkpoint
 from dynamic_moe_router.sweeps import quality
-from dynamic_moe_router.sweeps.quality import BenchSettings, _confirm, _Model, _Point, confirmation_candidates
+from dynamic_moe_router.sweeps.quality import (
+    BenchSettings,
+    _confirm,
+    _Model,
+    _paired_delta,
+    _Point,
+    confirmation_candidates,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,6 +83,8 @@ def test_the_verdict_reads_the_confirmation_where_there_is_one():  # type: ignor
         ({"confirm_blimp_limit": -1}, "confirm_blimp_limit must be an int >= 0"),
         ({"confirm_lambada_limit": True}, "confirm_lambada_limit must be an int >= 0"),
         ({"confirm_blimp_limit": 0}, "must both be 0 .* or both positive, got 0 and 1000"),
+        ({"blimp_limit": 50}, r"confirm_blimp_limit \(50\) must exceed blimp_limit \(50\)"),
+        ({"lambada_limit": 2000}, r"confirm_lambada_limit \(1000\) must exceed lambada_limit \(2000\)"),
     ],
 )
 def test_bad_confirmation_settings_are_refused(changes, match):  # type: ignore[no-untyped-def]
@@ -102,6 +112,8 @@ def test_confirm_scores_candidates_paired_with_native_once(monkeypatch):  # type
         _Point("static", "uniform k=3", lambda: dmr.StaticTopK(k=3)),
     ]
     rows = [_row("native", 0.0, 0.0), _row("static", 0.5, 0.005), _row("static", 0.25, 0.002)]
+    for row, point in zip(rows, points, strict=True):
+        row["label"] = point.label
     calls = []
     real = quality.evaluate
 
@@ -123,6 +135,21 @@ def test_confirm_scores_candidates_paired_with_native_once(monkeypatch):  # type
         assert got[task]["items"] == items
         assert got[task]["native_acc"] == native[task]["acc"] and got[task]["acc"] == k2[task]["acc"]
         assert got[task]["delta"] == pytest.approx(k2[task]["acc"] - native[task]["acc"])
+        # item by item, in the same order: the paired SE of the per-item differences
+        assert got[task]["delta_se"] == _paired_delta(k2[task]["item_scores"], native[task]["item_scores"])[1]
     assert len(saves) == 3  # after native, the candidate's policy (kept for a resume), its scores
     _confirm(sweep, points, rows, state, sweep.save, sweep.log)  # a resume: nothing is scored again
     assert len(calls) == 2
+
+
+def test_confirm_refuses_rows_that_are_not_the_points_of_a_resumed_run():  # type: ignore[no-untyped-def]
+    settings = BenchSettings(blimp_limit=1, lambada_limit=2, confirm_blimp_limit=2, confirm_lambada_limit=6)
+    sweep = SimpleNamespace(settings=settings)  # refused before any model runs
+    points = [
+        _Point("native", "native top-k", lambda: None),
+        _Point("learned", "learned q30", lambda: None),  # an allocator file added since the partial run
+        _Point("learned", "learned q35", lambda: None),
+    ]
+    rows = [_row("native", 0.0, 0.0), {**_row("learned", 0.35, 0.005), "label": "learned q35"}]
+    with pytest.raises(dmr.errors.ResumeError, match="row 1 \\('learned q35'\\) is not the sweep's point 1"):
+        _confirm(sweep, points, rows, {}, lambda: None, lambda *_: None)

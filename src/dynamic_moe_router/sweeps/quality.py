@@ -157,13 +157,22 @@ class BenchSettings:
                     f"BenchSettings.{name} must be an int >= 0 (0: no confirmation), got {value!r}",
                     field=name,
                 )
+        flags = "(dmr bench --confirm-blimp-limit / --confirm-lambada-limit)"
         if (self.confirm_blimp_limit == 0) != (self.confirm_lambada_limit == 0):
             raise PolicyError(
                 "BenchSettings.confirm_blimp_limit and confirm_lambada_limit must both be 0 (no accuracy "
                 f"confirmation) or both positive, got {self.confirm_blimp_limit} and "
-                f"{self.confirm_lambada_limit}",
+                f"{self.confirm_lambada_limit} {flags}",
                 field="confirm_blimp_limit",
             )
+        for task in ("blimp", "lambada"):
+            confirm, sweep = getattr(self, f"confirm_{task}_limit"), getattr(self, f"{task}_limit")
+            if confirm and confirm <= sweep:
+                raise PolicyError(
+                    f"BenchSettings.confirm_{task}_limit ({confirm}) must exceed {task}_limit ({sweep}): the "
+                    f"confirmation scores more items than the sweep, or none (0 and 0) {flags}",
+                    field=f"confirm_{task}_limit",
+                )
         try:
             batch_aware_policies(2, self.batch_aware_fractions)
         except PolicyError as err:
@@ -496,6 +505,17 @@ def _confirm(sweep: _Model, points: list[_Point], rows: list[dict[str, Any]], st
     todo = [i for i in confirmation_candidates(rows) if "confirm" not in rows[i]]
     if not s.confirm_blimp_limit or not todo:
         return
+    for i in todo:  # rows are the points' results in order; a resumed run must list the same points
+        point = points[i] if i < len(points) else None
+        expected = None if point is None else point.label
+        if point is not None and point.family == "calibrated":  # its row names the family it chose
+            expected = state.get("calibrated_label", expected)
+        if rows[i]["label"] != expected:
+            raise ResumeError(
+                f"--resume: row {i} ({rows[i]['label']!r}) is not the sweep's point {i} now ({expected!r}); "
+                "the points changed since the partial run began (an allocator file added or removed?); "
+                "rerun without --resume"
+            )
     limit = {"blimp": s.confirm_blimp_limit, "lambada": s.confirm_lambada_limit}
 
     def tasks(policy: RoutingPolicy | None) -> dict[str, Any]:
@@ -507,6 +527,7 @@ def _confirm(sweep: _Model, points: list[_Point], rows: list[dict[str, Any]], st
             tasks=["blimp", "lambada"],
             limit=limit,
             batch_size=s.batch_size,
+            count_dense=False,
         )
         return res["tasks"]
 
