@@ -103,7 +103,7 @@ def render_gpu_batch_aware(data: dict[str, Any], path: Path) -> list[str]:
             if trim:
                 out.append(_trim_line(shape, tokens, trim))
             if reroute:
-                out.append(_reroute_line(shape, tokens, reroute, quality))
+                out += _reroute_line(shape, tokens, reroute, quality).split("\n")
     out.append("")
     return out
 
@@ -170,6 +170,8 @@ def _reroute_line(shape: str, tokens: int, aware: list[dict[str, Any]], quality:
             f"pair ratio {c['pair_ratio']:.3f}; {_mark(c['layer_ratio'] <= BATCH_AWARE_LAYER)}; {cost})"
         )
     context = ""
+    usable: list[dict[str, Any]] | None = None
+    static_spec = model_name = ""
     if model is not None:
         static = [r for r in model["rows"] if r["policy"].startswith("static_k")]
         if static:
@@ -191,13 +193,22 @@ def _reroute_line(shape: str, tokens: int, aware: list[dict[str, Any]], quality:
             )
             fast = [c for c in aware if c["layer_ratio"] <= BATCH_AWARE_LAYER]
             usable = [c for c in fast if costs.get(c["policy"], math.inf) <= r["ppl_ratio"]]
+            static_spec, model_name = r["spec"], model["model"]
             context += (
                 f" Within the layer limit at no more perplexity than `{r['spec']}` (either prompt routing): "
                 + (", ".join(f"`{c['spec']}`" for c in usable) if usable else "none")
                 + "."
             )
     head = f"- Batch-aware layer time with rerouting, {shape}, {tokens} tokens: "
-    return head + "; ".join(parts) + "." + context
+    line = head + "; ".join(parts) + "." + context
+    if usable is None:
+        return line
+    # one summary check per cell: is any setting both fast enough and no worse than static k - 1?
+    return (
+        f"{line}\n- Batch-aware rerouting usable, {shape}, {tokens} tokens: {len(usable)} of {len(aware)} "
+        f"settings within the layer limit at no more decode perplexity than `{static_spec}` on "
+        f"{model_name}: {_mark(bool(usable))}."
+    )
 
 
 def _cell_key(c: dict[str, Any]) -> tuple[Any, ...]:
@@ -403,3 +414,86 @@ def render_gpu_routing(data: dict[str, Any], path: Path) -> list[str]:
                 )
     out.append("")
     return out
+
+
+def render_diag_eager_host(data: dict[str, Any], path: Path) -> list[str]:
+    """Where an eager decode step's host time goes (``benchmarks/diag_eager_host.py``)."""
+    m = data["machine"]
+    out = [
+        "## GPU: eager decode step, host time split (diagnostic)",
+        "",
+        f"From `{_rel(path)}` (`{data['command']}`; {m['gpu']}, torch {data['versions']['torch']}, "
+        f"transformers {data['versions']['transformers']}). Batch 1, one model forward per decode step "
+        "after a 128-token prompt, KV cache, no `generate()` around it, GPU synchronised after each step; "
+        "every variant in one process, interleaved in rounds (medians over rounds of the median step). "
+        "*host in MoE*: time the host spends issuing the MoE blocks per step (forward hooks, no "
+        "synchronisation inside the step), split into the router and the experts module; *GPU ms*, "
+        "*launches* (CUDA and Triton kernel launches), *aten ops* and *host syncs* come from one profiled "
+        "step. *dynamic* = `TopP` bisected for about 30% fewer routed pairs on the prompt; *+fused* = "
+        "`fused_routing=True`; all patched variants `validate=False`.",
+        "",
+    ]
+    checks = []
+    for res in data["results"]:
+        v = res["variants"]
+        out += [
+            f"### {res['shape']} shape, {res['layers']} layers",
+            "",
+            "| variant | step ms | tok/s | host in MoE ms | router ms | experts ms | GPU ms | launches "
+            "| aten ops | host syncs |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for name, d in v.items():
+            p = d["profile"]
+            syncs = ", ".join(f"{k} {n}" for k, n in p["syncs"].items()) or "-"
+            out.append(
+                f"| {name} | {d['step_ms']:.2f} | {1e3 / d['step_ms']:.1f} | {d['moe_host_ms']:.2f} "
+                f"| {d['router_host_ms']:.2f} | {d['experts_host_ms']:.2f} | {p['gpu_ms']:.2f} "
+                f"| {p['kernel_launches']} | {p['aten_ops']} | {syncs} |"
+            )
+        out.append("")
+        for base in ("dynamic", "dynamic+fused"):
+            static = "static" + base.removeprefix("dynamic")
+            if not {base, static, "unpatched"} <= set(v):
+                continue
+            dyn, st, un = (1e3 / v[k]["step_ms"] for k in (base, static, "unpatched"))
+            checks.append(
+                f"- Eager decode forward tokens/s outside generate, {res['shape']}, `{base}`: "
+                f"{dyn:.1f} against unpatched {un:.1f} and `{static}` {st:.1f} (at least both): "
+                f"{_mark(dyn >= un and dyn >= st)}."
+            )
+    if checks:
+        out += ["### Targets", "", *checks, ""]
+    out += _diag_reading(data["results"])
+    return out
+
+
+def _diag_reading(results: list[dict[str, Any]]) -> list[str]:
+    """What the host-time split says, from the numbers (per shape)."""
+    lines = []
+    for res in results:
+        v = res["variants"]
+        steps = [d["step_ms"] for d in v.values()]
+        gpus = [d["profile"]["gpu_ms"] for d in v.values()]
+        text = (
+            f"- {res['shape']}: the GPU works {min(gpus):.2f}-{max(gpus):.2f} ms of "
+            f"{min(steps):.2f}-{max(steps):.2f} ms steps, so the step follows the host."
+        )
+        un = v.get("unpatched")
+        if un:
+            copies = un["profile"]["syncs"].get("cudaMemcpy", 0)
+            text += (
+                f" Unpatched, the MoE blocks take {un['moe_host_ms']:.2f} ms of host time per step and "
+                f"{copies / res['layers']:g} blocking `cudaMemcpy` per layer."
+            )
+        dyn, st = v.get("dynamic+fused"), v.get("static+fused")
+        if dyn and st:
+            rest_d, rest_s = dyn["step_ms"] - dyn["moe_host_ms"], st["step_ms"] - st["moe_host_ms"]
+            text += (
+                f" With `fused_routing=True` dynamic and static spend {dyn['moe_host_ms']:.2f} and "
+                f"{st['moe_host_ms']:.2f} ms in the MoE blocks and {dyn['profile']['gpu_ms']:.2f} and "
+                f"{st['profile']['gpu_ms']:.2f} ms of GPU time; the rest of the step (attention, norms, "
+                f"head, and the wait for the GPU) takes {rest_d:.2f} and {rest_s:.2f} ms."
+            )
+        lines.append(text)
+    return ["Reading:", "", *lines, ""]

@@ -263,3 +263,89 @@ def test_quality_equal_flop_bullets_count_the_learned_allocator_per_budget(tmp_p
             assert f"learned, quantile budget at perplexity {change:+.2%}" in bullet, bullet
         else:  # the best curve is now another one, at its +40%
             assert "learned, quantile budget" not in bullet and "at perplexity +40.00%" in bullet, bullet
+
+
+def test_rerouting_lines_follow_the_committed_gpu_and_quality_data():  # type: ignore[no-untyped-def]
+    """Every rerouting setting's layer ratio and verdict come from gpu_batch_aware.json; the 'usable'
+    check counts the settings both within the layer limit and no worse than static k - 1 in
+    batch_aware.json's decode perplexity (the smaller of the two prompt routings)."""
+    gen = load_generator()
+    import render_decode
+
+    results = ROOT / "benchmarks" / "results"
+    gpu = json.loads((results / "gpu_batch_aware.json").read_text())
+    quality = json.loads((results / "batch_aware.json").read_text())
+    text = "\n".join(render_decode.render_gpu_batch_aware(gpu, results / "gpu_batch_aware.json"))
+    models = {"mixtral-8x7b": "ref-mixtral", "olmoe-1b-7b": "ref-olmoe"}
+    checked = 0
+    for shape, ref in models.items():
+        model = next(m for m in quality["models"] if m["model"] == ref)
+        for tokens in (64, 128, 256):
+            cells = [
+                c for c in gpu["cells"]
+                if c["shape"] == shape and c["tokens"] == tokens and "reroute=True" in c["spec"]
+            ]  # fmt: skip
+            assert cells, (shape, tokens)
+            usable = 0
+            static = min(
+                (r for r in model["rows"] if r["policy"].startswith("static_k")),
+                key=lambda r: (abs(r["batch"] - tokens), r["batch"]),
+            )
+            for c in cells:
+                fast = c["layer_ratio"] <= 0.85
+                verdict = "met" if fast else "**missed**"
+                assert f"{c['layer_ratio']:.3f} with `{c['spec']}` ({c['distinct_experts']} experts" in text
+                head = f"`{c['spec']}` ({c['distinct_experts']} experts, pair ratio {c['pair_ratio']:.3f}"
+                assert f"{head}; {verdict};" in text
+                costs = [
+                    r["ppl_ratio"]
+                    for r in model["rows"]
+                    if r["batch"] == static["batch"] and r["policy"] in (c["policy"], c["policy"] + "_decode")
+                ]
+                usable += fast and min(costs) <= static["ppl_ratio"]
+                checked += 1
+            mark = "met" if usable else "**missed**"
+            assert (
+                f"- Batch-aware rerouting usable, {shape}, {tokens} tokens: {usable} of {len(cells)} "
+                f"settings within the layer limit at no more decode perplexity than `{static['spec']}` on "
+                f"{ref}: {mark}."
+            ) in text
+    assert checked == 18 and gen is not None
+
+
+def test_eager_host_diagnostic_verdict_follows_the_data(tmp_path):  # type: ignore[no-untyped-def]
+    gen = load_generator()
+    import render_decode
+
+    def variant(step: float, moe: float, gpu: float, memcpy: int = 0) -> dict:  # type: ignore[type-arg]
+        syncs = {"cudaMemcpy": memcpy} if memcpy else {}
+        profile = {"gpu_ms": gpu, "kernel_launches": 10, "aten_ops": 20, "syncs": syncs}
+        return {"step_ms": step, "moe_host_ms": moe, "router_host_ms": 1.0, "experts_host_ms": moe - 1.0,
+                "profile": profile}  # fmt: skip
+
+    data = {
+        "command": "python benchmarks/diag_eager_host.py --out x.json",
+        "machine": {"gpu": "NVIDIA H200"},
+        "versions": {"torch": "2.11", "transformers": "5.17"},
+        "results": [
+            {
+                "shape": "olmoe",
+                "layers": 4,
+                "variants": {
+                    "unpatched": variant(10.0, 5.0, 2.0, memcpy=20),
+                    "static+fused": variant(8.0, 3.0, 1.5),
+                    "dynamic+fused": variant(7.9, 3.0, 1.2),
+                },
+            },
+        ],
+    }
+    text = "\n".join(render_decode.render_diag_eager_host(data, tmp_path / "diag.json"))
+    assert (
+        "`dynamic+fused`: 126.6 against unpatched 100.0 and `static+fused` 125.0 (at least both): met."
+        in text
+    )
+    assert "5 blocking `cudaMemcpy` per layer" in text and "takes 4.90 and 5.00 ms" in text
+    data["results"][0]["variants"]["dynamic+fused"]["step_ms"] = 8.1  # slower than static: missed
+    text = "\n".join(render_decode.render_diag_eager_host(data, tmp_path / "diag.json"))
+    assert "`static+fused` 125.0 (at least both): **missed**." in text
+    assert gen is not None
