@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamic_moe_router._atomic import write_text_atomic
-from dynamic_moe_router.sweeps.quality import ACC_LIMIT, PPL_LIMIT, TARGETS
+from dynamic_moe_router.sweeps.targets import ACC_LIMIT, PPL_LIMIT, TARGETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from render_calibrate import render_calibrate

@@ -75,6 +75,7 @@ from ..policies import (
     load_policy,
     policy_from_dict,
 )
+from .targets import PPL_LIMIT, TARGETS
 
 __all__ = [
     "FAMILIES",
@@ -99,11 +100,6 @@ ALLOCATORS_GLOB = "allocators/learned-*.json"
 RESULT_NAME = "quality_flops.json"
 PARTIAL_NAME = "quality_flops.partial.json"
 PLOT_NAME = "pareto.png"
-#: the headline's routed-FLOP reductions, its perplexity limit (relative change) and its accuracy
-#: limit (BLiMP and LAMBADA, in accuracy, i.e. 0.01 = 1 point)
-TARGETS = (0.30, 0.35)
-PPL_LIMIT = 0.01
-ACC_LIMIT = 0.01
 #: the repository root when the package runs from a checkout (``src/dynamic_moe_router/sweeps``)
 _REPO = Path(__file__).resolve().parents[3]
 
