@@ -142,16 +142,16 @@ class BenchSettings:
                 f"got {batches!r}",
                 field="decode_batches",
             )
-        for name in ("decode_prompt", "decode_steps"):
+        for name, low, note in (
+            ("decode_prompt", 1, ""),
+            ("decode_steps", 1, ""),
+            ("confirm_blimp_limit", 0, " (0: no confirmation)"),
+            ("confirm_lambada_limit", 0, " (0: no confirmation)"),
+        ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PolicyError(f"BenchSettings.{name} must be an int >= 1, got {value!r}", field=name)
-        for name in ("confirm_blimp_limit", "confirm_lambada_limit"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise PolicyError(
-                    f"BenchSettings.{name} must be an int >= 0 (0: no confirmation), got {value!r}",
-                    field=name,
+                    f"BenchSettings.{name} must be an int >= {low}{note}, got {value!r}", field=name
                 )
         flags = "(dmr bench --confirm-blimp-limit / --confirm-lambada-limit)"
         if (self.confirm_blimp_limit == 0) != (self.confirm_lambada_limit == 0):
