@@ -37,6 +37,8 @@ from render_gpu import render_gpu_e2e, render_gpu_experts
 from render_lowrank_comp import TITLE as LOWRANK_COMP_TITLE
 from render_lowrank_comp import render_lowrank_comp
 from render_parallel import render_ep, render_gpu_ep_local
+from render_partial_width import TITLE as PARTIAL_WIDTH_TITLE
+from render_partial_width import render_partial_width
 from render_router_tuning import TITLE as ROUTER_TUNING_TITLE
 from render_router_tuning import render_router_tuning
 
@@ -674,6 +676,7 @@ SCRIPT_KINDS = {
     "benchmarks/learned_probe.py": "learned_probe",
     "benchmarks/learned_eval.py": "learned_eval",
     "benchmarks/router_tuning.py": "router_tuning",
+    "benchmarks/partial_width_probe.py": "partial_width_probe",
 }
 ISSUE10_KINDS = ("oracle", "learned_probe")
 CORPORA = {"gutenberg_test": "Gutenberg test", "wikitext2_test": "WikiText-2 test"}
@@ -1252,6 +1255,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = 
     "ep_cpu": ("Expert parallelism on two CPU processes (tiny model)", render_ep),
     "router_tuning": (ROUTER_TUNING_TITLE, render_router_tuning),
     "lowrank_comp_probe": (LOWRANK_COMP_TITLE, render_lowrank_comp),
+    "partial_width_probe": (PARTIAL_WIDTH_TITLE, render_partial_width),
 }
 
 

@@ -27,9 +27,10 @@ Gutenberg test and WikiText-2 test (the ``dmr bench`` windows: the first 16,384 
 512), as paired changes against native with a bootstrap SE over windows. FLOPs are counted, not
 saved: the probe computes every neuron and masks (it measures quality, not speed).
 
-Run (the numbers of 2026-12-05 are in ``benchmarks/ORACLE_NOTES.md``, section 5)::
+Run (the recorded result: ``benchmarks/results/partial_width_probe.json``, discussed in
+``benchmarks/ORACLE_NOTES.md``, section 5)::
 
-    python benchmarks/partial_width_probe.py --model models/ref-mixtral --model models/ref-olmoe \\
+    python benchmarks/partial_width_probe.py --model models/ref-mixtral --targets 0.30 0.35 0.40 \\
         --out benchmarks/results/partial_width_probe.json
 """
 
@@ -47,6 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from dynamic_moe_router.eval import load_checkpoint
+from dynamic_moe_router.experts import STANDARD
+from dynamic_moe_router.experts._forward import _expert_hidden
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cpu_experts import write_result  # sibling scripts: one result writer
@@ -68,11 +71,6 @@ class Widths:
         self.slots = 0  # native slots seen
 
 
-def _act(experts: Any, e: int, x: torch.Tensor) -> torch.Tensor:  # (n, H) -> (n, I)
-    gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
-    return experts.act_fn(gate) * up
-
-
 def install(model: Any, ctl: Widths) -> None:
     """Replace every MoE layer's experts forward (instance attribute) by the partial-width one."""
     for layer_index, layer in enumerate(model.model.layers):
@@ -88,7 +86,7 @@ def install(model: Any, ctl: Widths) -> None:
             for e in torch.unique(top_k_index).tolist():
                 rows, slots = torch.nonzero(top_k_index == e, as_tuple=True)
                 w = top_k_weights[rows, slots].float()  # (n,)
-                a = _act(self, e, hidden[rows]).float()  # (n, I)
+                a = _expert_hidden(self, e, hidden[rows], STANDARD).float()  # (n, I)
                 if ctl.collect is not None:
                     c = ctl.collect.setdefault(_l, {})
                     shape = (self.gate_up_proj.shape[0], ctl.inter)
@@ -181,8 +179,8 @@ def bisect(
         nll, red = nll_of(model, ctl, windows, batch, make(ctl, mid))
         if best is None or abs(red - target) < abs(best[2] - target):
             best = (mid, nll, red)
-        wider = red < target  # not enough saved: narrow
-        if wider == more_is_wider:
+        short = red < target  # not enough saved: the next probe must run fewer neurons
+        if short == more_is_wider:
             hi = mid
         else:
             lo = mid

@@ -349,3 +349,36 @@ def test_eager_host_diagnostic_verdict_follows_the_data(tmp_path):  # type: igno
     text = "\n".join(render_decode.render_diag_eager_host(data, tmp_path / "diag.json"))
     assert "`static+fused` 125.0 (at least both): **missed**." in text
     assert gen is not None
+
+
+def _partial_width_payload(changes: dict[tuple[float, str], float]) -> dict:  # type: ignore[type-arg]
+    points = []
+    for (target, kind), change in changes.items():
+        res = {"reduction": target, "change": change, "se": 0.002}
+        how = "per-slot widths [1.0, 0.4]" if kind == "uniform" else "c=1.0000"
+        points.append(
+            {"target": target, "kind": kind, "how": how, "gutenberg_test": res, "wikitext2_test": res}
+        )
+    model = {
+        "model": "ref-test", "native_k": 2, "intermediate": 160, "train_tokens": 1024,
+        "full_width_max_abs_dnll": 0.0, "points": points, "seconds": 60.0,
+    }  # fmt: skip
+    return {"script": "benchmarks/partial_width_probe.py", "machine": {"threads": 2}, "models": [model]}
+
+
+def test_partial_width_section_findings_follow_the_data(tmp_path):  # type: ignore[no-untyped-def]
+    gen = load_generator()
+    changes = {
+        (0.3, "uniform"): 0.031, (0.3, "weight"): 0.0087, (0.3, "select"): 0.012,
+        (0.35, "uniform"): 0.05, (0.35, "weight"): 0.04, (0.35, "select"): 0.0375,
+    }  # fmt: skip
+    (tmp_path / "partial_width_probe.json").write_text(json.dumps(_partial_width_payload(changes)))
+    text = gen.render(tmp_path)
+    section = text.split(f"## {gen.PARTIAL_WIDTH_TITLE}")[1].split("\n## ")[0]
+    assert "### ref-test (native k = 2, I = 160)" in section
+    assert "| 30% | [1.0, 0.4]: +3.10% ± 0.20% (30.0% fewer) | +0.87% ± 0.20% (30.0% fewer) |" in section
+    assert (
+        "at 30% the best is width by router weight (+0.87%, within the +1% limit); "
+        "at 35% the best is whole slots by router weight (+3.75%, above the +1% limit)." in section
+    )
+    assert "skipped" not in text.split("## Summary")[0]

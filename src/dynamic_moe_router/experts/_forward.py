@@ -181,15 +181,20 @@ def _activate(module: ExpertsModule, h: torch.Tensor, layout: ExpertsLayout) -> 
     return module.act_fn(gate) * up
 
 
-def _expert_mlp(module: ExpertsModule, e: int, x: torch.Tensor, layout: ExpertsLayout) -> torch.Tensor:
-    """One expert on its rows ``x (n, H) -> (n, H)``, with the same ops as transformers' eager path."""
+def _expert_hidden(module: ExpertsModule, e: int, x: torch.Tensor, layout: ExpertsLayout) -> torch.Tensor:
+    """One expert's activated hidden units on its rows ``x (n, H) -> (n, I)`` (before ``down_proj``)."""
     if layout.transposed:
         h = x @ module.gate_up_proj[e]
     else:
         h = F.linear(x, module.gate_up_proj[e])
     if layout.has_bias:
         h = h + module.gate_up_proj_bias[e]
-    a = _activate(module, h, layout)
+    return _activate(module, h, layout)
+
+
+def _expert_mlp(module: ExpertsModule, e: int, x: torch.Tensor, layout: ExpertsLayout) -> torch.Tensor:
+    """One expert on its rows ``x (n, H) -> (n, H)``, with the same ops as transformers' eager path."""
+    a = _expert_hidden(module, e, x, layout)
     y = a @ module.down_proj[e] if layout.transposed else F.linear(a, module.down_proj[e])
     if layout.has_bias:
         y = y + module.down_proj_bias[e]
