@@ -281,6 +281,20 @@ def test_a_native_prefix_is_replayed_and_gives_the_full_runs_numbers(tokenizer):
     assert set(replaying.cache) == {"native", cal.measurement_key(policy) + "@1"}  # cached apart
 
 
+def test_a_judging_meter_runs_the_native_pass_unrecorded(tokenizer):  # type: ignore[no-untyped-def]
+    """Held-out windows only judge candidates: their native pass records no routing statistics and
+    no prefix (nothing reads them) and measures what the recording pass measures."""
+    import dynamic_moe_router.calibrate as cal
+
+    model = tiny_model("olmoe", vocab_size=len(tokenizer))
+    windows = cal.calibration_windows(tokenizer, DOCS, 512, 128)
+    judge = cal._Meter(model, windows, 2, keep_prefix=False, record_stats=False)
+    recording = cal._Meter(model, windows, 2)
+    assert judge(None) == recording(None)
+    assert judge._stats is None and judge._prefix is None  # nothing recorded
+    assert recording._stats is not None and recording._prefix is not None
+
+
 def test_cli_no_learned_with_a_family_is_refused_before_loading(tmp_path, capsys, monkeypatch):  # type: ignore[no-untyped-def]
     import dynamic_moe_router.eval as ev
 

@@ -452,7 +452,9 @@ class _Meter:
     again (a resumed calibration replays the same search from it). ``on_measure(cache)`` is called
     after every new measurement, e.g. to save the cache; ``task`` advances a progress bar.
     :attr:`stats` (the native pass's :class:`RoutingStats`) is recorded during the native
-    measurement, or by one extra pass when that measurement came from the cache.
+    measurement, or by one extra pass when that measurement came from the cache; with
+    ``record_stats=False`` (windows that only judge candidates) the native pass records nothing and
+    runs the unpatched model.
     """
 
     def __init__(  # type: ignore[no-untyped-def]
@@ -465,8 +467,10 @@ class _Meter:
         task: Task | None = None,
         keep_prefix: bool = True,
         key: str = "",
+        record_stats: bool = True,
     ) -> None:
         self.model, self.windows, self.batch_size = model, windows, batch_size
+        self.record_stats = record_stats
         self.key = key  # names these windows in the cache keys (other windows: other measurements)
         self.keep_prefix = keep_prefix  # record the native decoder outputs for replays
         self.cache = {} if cache is None else cache
@@ -537,15 +541,16 @@ class _Meter:
     @torch.inference_mode()
     def _measure(self, policy: RoutingPolicy | None) -> tuple[float, float]:
         total, count = 0.0, 0
-        record = policy is None and self._stats is None and self._limit is None
+        native = policy is None and self._stats is None and self._limit is None
+        record = native and self.record_stats
         first = self._prefix.first_dynamic(policy) if self._prefix is not None else 0
         routing: Any = ExitStack()
-        if record:  # the native pass: patched with the native policy (the same model outputs), so
-            # that it also records the routing statistics and the decoder outputs for replays
+        if native:  # the native pass: patched with the native policy (the same model outputs)
+            routing.enter_context(patched(self.model, StaticTopK()))
+        if record:  # it also records the routing statistics and the decoder outputs for replays
             layers = find_moe_layers(self.model)[0]
             stats = RoutingStats(layers)
             prefix = _Prefix(self.model, layers, PREFIX_BYTES if self.keep_prefix else 0)
-            routing.enter_context(patched(self.model, StaticTopK()))
             routing.enter_context(stats.recording(self.model))
             routing.enter_context(prefix.recording())
         elif policy is not None:
@@ -815,7 +820,10 @@ def calibrate(
     if len(candidates) > 1 and held_out is None:
         selection = {"windows": 0}  # too little unseen text: chosen on the calibration windows
     elif len(candidates) > 1 and held_out is not None:  # choose on text that no family was fitted on
-        judge = _Meter(model, held_out, batch_size, cache, on_measure, bar, keep_prefix=False, key="held_out")
+        judge = _Meter(
+            model, held_out, batch_size, cache, on_measure, bar, keep_prefix=False, key="held_out",
+            record_stats=False,
+        )  # fmt: skip
         _, held_native = judge(None, stage="held_out_native")
         scores = {id(c): judge(c.policy, stage="held_out", family=c.family) for c in candidates}
         eligible = [c for c in candidates if _saves(scores[id(c)][0], target_reduction)]
