@@ -20,6 +20,10 @@ over its calls with one GPU synchronisation at the end (what a host-bound decode
 
 The whole MoE block (router plus experts, patched static, eager) is timed the same way, so that the
 routing's share of the layer can be read at 4096 tokens. Policies: ``StaticTopK()`` and ``TopP``.
+The block's experts module is also timed alone, on the inputs the block hands it: *block minus
+experts* is what the routing adds inside the layer (``in_layer_share``), where its host work
+overlaps the GPU's work on the layer; the routing alone in a loop (``share_of_block``) pays its
+host time in full.
 """
 
 from __future__ import annotations
@@ -65,6 +69,34 @@ def loop_us(fn, calls: int, repeats: int = 5) -> float:  # type: ignore[no-untyp
     return 1e6 * statistics.median(times)
 
 
+def paired_loop_us(block, experts, calls: int, repeats: int = 9) -> tuple[float, float, float]:  # type: ignore[no-untyped-def]
+    """:func:`loop_us` of ``block`` and of ``experts`` in alternating repeats (the same machine state
+    for both), and the median over repeats of their difference (what the routing adds in the block)."""
+    a, b = [], []  # loop_us warms each function up before its loop
+    for _ in range(repeats):
+        a.append(loop_us(block, calls, repeats=1))
+        b.append(loop_us(experts, calls, repeats=1))
+    diff = statistics.median(x - y for x, y in zip(a, b, strict=True))
+    return statistics.median(a), statistics.median(b), diff
+
+
+def experts_call(block: torch.nn.Module, x3: torch.Tensor):  # type: ignore[no-untyped-def]
+    """A call of ``block``'s experts module on the inputs one call of ``block(x3)`` gives it: the block
+    without its routing (what ``block`` costs minus what its routing adds inside the layer)."""
+    seen: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def grab(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen.append((args, dict(kwargs)))
+
+    handle = block.experts.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        block(x3)
+    finally:
+        handle.remove()
+    args, kwargs = seen[0]
+    return lambda: block.experts(*args, **kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     import dynamic_moe_router as dmr
 
@@ -96,12 +128,20 @@ def main(argv: list[str] | None = None) -> int:
                     for mode, kw in MODES.items():
                         with dmr.patched(model, policy, validate=False, **kw):
                             cell[f"{pname}_{mode}_us"] = loop_us(lambda h=h, r=router: r(h), calls)
-                            cell[f"{pname}_{mode}_block_us"] = loop_us(lambda x3=x3, b=block: b(x3), calls)
+                            run_block = lambda x3=x3, b=block: b(x3)  # noqa: E731
+                            block_us, experts_us, in_layer = paired_loop_us(
+                                run_block, experts_call(block, x3), calls
+                            )
+                            cell[f"{pname}_{mode}_block_us"] = block_us
+                            cell[f"{pname}_{mode}_experts_us"] = experts_us
+                            cell[f"{pname}_{mode}_in_layer_us"] = in_layer
                 for pname in ("static", "top_p"):
                     for mode in MODES:
                         cell[f"{pname}_{mode}_over_native"] = cell[f"{pname}_{mode}_us"] / cell["native_us"]
                         block_us = cell[f"{pname}_{mode}_block_us"]
                         cell[f"{pname}_{mode}_share_of_block"] = cell[f"{pname}_{mode}_us"] / block_us
+                        in_layer = cell[f"{pname}_{mode}_in_layer_us"]
+                        cell[f"{pname}_{mode}_in_layer_share"] = in_layer / block_us
             cells.append(cell)
             print(json.dumps(cell), flush=True)
         model = block = router = None

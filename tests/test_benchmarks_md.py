@@ -382,3 +382,32 @@ def test_partial_width_section_findings_follow_the_data(tmp_path):  # type: igno
         "at 35% the best is whole slots by router weight (+3.75%, above the +1% limit)." in section
     )
     assert "skipped" not in text.split("## Summary")[0]
+
+
+def test_routing_share_is_judged_inside_the_layer_when_measured(tmp_path):  # type: ignore[no-untyped-def]
+    """With the experts timed alone, the 4096-token share verdict reads block minus experts (the
+    routing's cost inside the layer) and still prints the share of the routing called alone."""
+    gen = load_generator()
+    payload = json.loads((ROOT / "benchmarks" / "results" / "gpu_routing.json").read_text(encoding="utf-8"))
+    cell = next(c for c in payload["cells"] if c["tokens"] == 4096)
+    payload["cells"] = [cell]
+    modes = [m for m in ("patched", "graphs", "fused", "fused_graphs") if f"static_{m}_us" in cell]
+    for p in ("static", "top_p"):
+        for i, m in enumerate(modes):
+            block = cell[f"{p}_{m}_block_us"]
+            cell[f"{p}_{m}_experts_us"] = block * (0.99 if p == "static" and m == "fused" else 0.9 - 0.01 * i)
+            cell[f"{p}_{m}_in_layer_share"] = 1 - cell[f"{p}_{m}_experts_us"] / block
+    (tmp_path / "gpu_routing.json").write_text(json.dumps(payload), encoding="utf-8")
+    section = gen.render(tmp_path).split("## GPU: routing cost per layer in eager mode")[1].split("\n## ")[0]
+    where = f"{cell['shape']}, 4096 tokens"
+    isolated = min(cell[f"static_{m}_share_of_block"] for m in modes)
+    assert (
+        f"- Routing share of the layer, {where}, StaticTopK: 1.0% inside the layer with fused routing"
+        in section
+    )
+    assert f"{isolated:.1%} when the routing is called alone" in section
+    static_line = next(line for line in section.splitlines() if f"{where}, StaticTopK: 1.0% inside" in line)
+    assert static_line.endswith("limit 3%): met.")
+    top_p_line = next(line for line in section.splitlines() if f"{where}, TopP: 12.0% inside" in line)
+    assert top_p_line.endswith("limit 3%): **missed**.")
+    assert "share, in layer)" in section

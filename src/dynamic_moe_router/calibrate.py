@@ -453,8 +453,8 @@ class _Meter:
     after every new measurement, e.g. to save the cache; ``task`` advances a progress bar.
     :attr:`stats` (the native pass's :class:`RoutingStats`) is recorded during the native
     measurement, or by one extra pass when that measurement came from the cache; with
-    ``record_stats=False`` (windows that only judge candidates) the native pass records nothing and
-    runs the unpatched model.
+    ``record_stats=False`` (windows that only judge candidates) the native pass still runs patched
+    with the native policy, and records nothing.
     """
 
     def __init__(  # type: ignore[no-untyped-def]
