@@ -423,7 +423,7 @@ def render_gpu_routing(data: dict[str, Any], path: Path) -> list[str]:
                     inner = c[f"{p}_{judged}_in_layer_share"]
                     ok = _mark(inner <= ROUTING_SHARE_4096)
                     out.append(
-                        f"- Routing share of the layer, {where}, {label}: {inner:.1%} inside the layer "
+                        f"- Routing share of the layer, {where}, {label}: {inner:.2%} inside the layer "
                         f"with {ROUTING_MODES[judged]} routing (the block's time minus its experts' time "
                         f"alone; {share:.1%} when the routing is called alone in a loop and its host time "
                         f"is not hidden; limit {ROUTING_SHARE_4096:.0%}): {ok}."

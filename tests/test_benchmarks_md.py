@@ -402,12 +402,12 @@ def test_routing_share_is_judged_inside_the_layer_when_measured(tmp_path):  # ty
     where = f"{cell['shape']}, 4096 tokens"
     isolated = min(cell[f"static_{m}_share_of_block"] for m in modes)
     assert (
-        f"- Routing share of the layer, {where}, StaticTopK: 1.0% inside the layer with fused routing"
+        f"- Routing share of the layer, {where}, StaticTopK: 1.00% inside the layer with fused routing"
         in section
     )
     assert f"{isolated:.1%} when the routing is called alone" in section
-    static_line = next(line for line in section.splitlines() if f"{where}, StaticTopK: 1.0% inside" in line)
+    static_line = next(line for line in section.splitlines() if f"{where}, StaticTopK: 1.00% inside" in line)
     assert static_line.endswith("limit 3%): met.")
-    top_p_line = next(line for line in section.splitlines() if f"{where}, TopP: 12.0% inside" in line)
+    top_p_line = next(line for line in section.splitlines() if f"{where}, TopP: 12.00% inside" in line)
     assert top_p_line.endswith("limit 3%): **missed**.")
     assert "share, in layer)" in section
