@@ -54,9 +54,10 @@ MODES: dict[str, dict[str, bool]] = {
 }
 
 
-def loop_us(fn, calls: int, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
-    """Median over ``repeats`` of the wall time per call of ``calls`` back-to-back calls (one sync)."""
-    for _ in range(3):
+def loop_us(fn, calls: int, repeats: int = 5, warmup: int = 3) -> float:  # type: ignore[no-untyped-def]
+    """Median over ``repeats`` of the wall time per call of ``calls`` back-to-back calls (one sync),
+    after ``warmup`` calls."""
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +34,12 @@ sys.path.insert(0, str(HERE))
 
 from bench_cpu_experts import write_result  # noqa: E402
 from bench_gpu_decode import build_model  # noqa: E402  (the same shapes as the decode benchmark)
+from bench_gpu_routing import loop_us  # noqa: E402
 
 
-def per_call_us(fn, calls: int = 2000, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
-    """Median over ``repeats`` of the wall time per call of ``calls`` back-to-back calls."""
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        out.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(out)
+def per_call_us(fn, calls: int = 2000) -> float:  # type: ignore[no-untyped-def]
+    """µs per call of ``calls`` back-to-back calls, median of 5 repeats, after 20 warm-up calls."""
+    return loop_us(fn, calls, warmup=20)
 
 
 def main(argv: list[str] | None = None) -> int:

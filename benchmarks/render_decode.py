@@ -368,15 +368,16 @@ def render_gpu_routing(data: dict[str, Any], path: Path) -> list[str]:
         "routing's time over its patched block's time.",
         "",
     ]
-    modes = [m for m in ROUTING_MODES if f"static_{m}_us" in data["cells"][0]]
-    if "static_patched_in_layer_share" in data["cells"][0]:
+    cells = data["cells"]
+    modes = [m for m in ROUTING_MODES if f"static_{m}_us" in cells[0]]
+    has_in_layer = "static_patched_in_layer_share" in cells[0]
+    if has_in_layer:
         out[-2] += (
             " *in layer*: the block's time minus the time of its experts module alone on the same inputs, "
             "over the block's time: what the routing adds inside the layer, where its host work overlaps the "
             "GPU's work on the layer."
         )
-    cells = data["cells"]
-    in_layer = ", in layer" if "static_patched_in_layer_share" in cells[0] else ""
+    in_layer = ", in layer" if has_in_layer else ""
     for shape in dict.fromkeys(c["shape"] for c in cells):
         out += [
             f"### {shape} shape",
