@@ -42,6 +42,18 @@ def per_call_us(fn, calls: int = 2000) -> float:  # type: ignore[no-untyped-def]
     return loop_us(fn, calls, warmup=20)
 
 
+def diag_result(kind: str, **fields: Any) -> dict[str, Any]:
+    """A diagnostic's result: its kind and script, the card, torch and the host CPU, then ``fields``."""
+    return {
+        "kind": kind,
+        "script": f"benchmarks/{kind}.py",
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "host": platform.processor() or platform.machine(),
+        **fields,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="result JSON (a diagnostic: not rendered)")
@@ -115,14 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a diagnostic: record what this Triton wants
         res["direct_launch_error"] = f"{type(err).__name__}: {err}"[:500]
 
-    result = {
-        "kind": "diag_launch_overhead",
-        "script": "benchmarks/diag_launch_overhead.py",
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "host": platform.processor() or platform.machine(),
-        "us_per_call": res,
-    }
+    result = diag_result("diag_launch_overhead", us_per_call=res)
     for k, v in res.items():
         print(k, f"{v:.1f} us" if isinstance(v, float) else v)
     write_result(result, args.out)

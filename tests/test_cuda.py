@@ -150,6 +150,8 @@ GPU_CASES = [  # E, H, I, T, k_max
     (64, 128, 64, 257, 8),
     (257, 511, 48, 33, 4),  # odd sizes: triton only (grouped_mm needs 16-byte rows)
     (4, 256, 512, 1, 2),  # decode
+    (64, 128, 64, 4, 8),  # decode batch 4: the first GEMM sorts the pairs itself
+    (8, 128, 256, 16, 2),  # likewise at top-2
 ]
 
 

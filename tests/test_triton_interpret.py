@@ -13,7 +13,7 @@ import os
 import hypothesis.strategies as st
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 
 pytest.importorskip("triton")
 
@@ -102,6 +102,56 @@ def test_paths_match_fp64_reference(path, case):  # type: ignore[no-untyped-def]
     assert counter.executed_pairs == int((ids < num_experts).sum())
 
 
+@given(
+    st.integers(1, 12),
+    st.integers(1, 20),
+    st.integers(1, 4),
+    st.integers(0, 2**16),
+    st.floats(0.0, 1.0),
+    st.booleans(),
+)
+@settings(max_examples=20, deadline=None)
+@example(3, 5, 2, 0, 1.0, True)  # every pair dropped: the plan is stored before any program returns
+def test_decode_gemm_sorts_the_pairs_itself(tokens, num_experts, k_max, seed, drop, in_gemm):  # type: ignore[no-untyped-def]
+    """The decode path's first GEMM computes the plan in every program (no plan launch) and leaves
+    counts, ends and rows for the second GEMM and the combine: same output and count either way."""
+    k_max = min(k_max, num_experts)
+    module = mixtral_experts(num_experts, 24, 16)
+    hidden = torch.randn(tokens, 24)
+    ids, weights = random_routing(tokens, num_experts, k_max, seed=seed, drop=drop)
+    weights[ids == num_experts] = 0
+    saved, allocate = _gpu._GEMM_PLAN_ELEMENTS, _gpu._unfilled_small_plan
+    buffers: list[_gpu.PairPlan] = []
+
+    def kept_buffers(*args):  # type: ignore[no-untyped-def]
+        buffers.append(allocate(*args))
+        return buffers[-1]
+
+    _gpu._GEMM_PLAN_ELEMENTS = 1 << 30 if in_gemm else 0
+    _gpu._unfilled_small_plan = kept_buffers
+    counter = ExpertsCounter()
+    cfg = (_gpu.TileConfig(16, 16, 16, 4, 1), _gpu.TileConfig(16, 16, 16, 4, 1, split_k=2))
+    try:
+        with torch.no_grad():
+            for _ in range(2):  # the counter accumulates over calls
+                out = _gpu.fused_path(module, hidden, ids, weights, counter, configs=cfg)
+    finally:
+        _gpu._GEMM_PLAN_ELEMENTS, _gpu._unfilled_small_plan = saved, allocate
+    torch.testing.assert_close(
+        out.double(), reference(module, STANDARD, hidden, ids, weights), atol=1e-5, rtol=1e-5
+    )
+    assert counter.executed_pairs == 2 * int((ids < num_experts).sum())
+    # the plan the GEMM left behind is plan_small's, tokens included (whichever program wrote it)
+    plan = buffers[-1]
+    ends, tokens, inv, counts = plan.ends, plan.tokens, plan.inv, plan.counts
+    ref = _gpu.plan_pairs_reference(ids, num_experts)
+    kept = torch.nonzero(ids.reshape(-1) < num_experts).squeeze(1)
+    assert torch.equal(counts, ref.counts.to(torch.int32)) and torch.equal(ends, ref.ends)
+    assert torch.equal(inv[kept], ref.inv[kept]) and torch.equal(
+        tokens[: kept.numel()], ref.tokens[: kept.numel()]
+    )
+
+
 def test_all_dropped_and_zero_tokens():  # type: ignore[no-untyped-def]
     module = mixtral_experts(4, 16, 16)
     for path in (_gpu.fused_path, _gpu.grouped_path):
@@ -110,6 +160,20 @@ def test_all_dropped_and_zero_tokens():  # type: ignore[no-untyped-def]
         assert out.abs().sum() == 0 and counter.executed_pairs == 0
         empty = path(module, torch.randn(0, 16), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), None)
         assert empty.shape == (0, 16)
+
+
+def test_zero_width_experts_still_count_their_pairs():  # type: ignore[no-untyped-def]
+    """Degenerate widths launch no GEMM (I = 0) or no combine (H = 0) program: no plan is left
+    unwritten, and the kept pairs are still counted."""
+    ids = torch.tensor([[0, 2], [1, 4]])  # 4 = sentinel: 3 kept pairs
+    weights = torch.rand(2, 2)
+    for hidden_size, inter in ((16, 0), (0, 16)):
+        counter = ExpertsCounter()
+        out = _gpu.fused_path(
+            mixtral_experts(4, hidden_size, inter), torch.randn(2, hidden_size), ids, weights, counter
+        )
+        assert out.shape == (2, hidden_size) and out.abs().sum() == 0
+        assert counter.executed_pairs == 3
 
 
 def test_decode_config_splits_long_reductions_only():  # type: ignore[no-untyped-def]

@@ -96,11 +96,18 @@ def _accumulate(total: torch.Tensor | None, n: torch.Tensor) -> torch.Tensor:
     """
     n = n.detach()
     n = n.reshape(()) if n.numel() == 1 else n  # a count as (1,) adds to a () total, as before
-    if total is None or total.device != n.device:  # first call, or the model moved to another device
-        with torch.inference_mode(False):
-            fresh = torch.zeros(n.shape, dtype=torch.long, device=n.device)
-            total = fresh if total is None else fresh.add_(total.to(n.device))
+    total = _total_on(total, n.shape, n.device)
     total.add_(n)
+    return total
+
+
+def _total_on(total: torch.Tensor | None, shape: Any, device: torch.device) -> torch.Tensor:
+    """``total`` on ``device``: a zero long tensor of ``shape`` on the first call, a copy on another
+    device after the model moved (one allocation, no temporary); else ``total`` itself."""
+    if total is None or total.device != device:
+        with torch.inference_mode(False):
+            fresh = torch.zeros(shape, dtype=torch.long, device=device)
+            total = fresh if total is None else fresh.add_(total.to(device))
     return total
 
 
@@ -128,6 +135,12 @@ class ExpertsCounter:
             self._device = _accumulate(self._device, n)
         else:
             self._host += int(n)
+
+    def device_total(self, device: torch.device) -> torch.Tensor:
+        """The int64 device tensor that ``executed_pairs`` reads, for kernels that add their kept
+        pairs to it themselves (the GPU paths' combine kernel: no launch of its own per call)."""
+        self._device = _total_on(self._device, (), device)
+        return self._device
 
     def add_zero_experts(self, n: torch.Tensor) -> None:
         """Count ``n`` (a device tensor: no host sync) pairs routed to zero-computation experts."""

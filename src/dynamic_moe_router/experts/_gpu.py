@@ -14,10 +14,12 @@ synchronisation (CUDA-graph capturable, ``torch.compile(fullgraph=True)`` tracea
   combine. Each expert's weights are streamed once per block of ``BLOCK_M`` rows, so a decode step
   reads each touched expert once.
 
-The plan is built with a handful of small device ops over ``T * k_max`` integers (a sort, a
-``searchsorted`` and a scatter); the float work (gather, GEMMs, activation, weighting, combine)
-touches only kept pairs. Buffers are allocated at ``T * k_max`` rows but rows past the kept count
-are never written or read.
+The plan is a counting sort of the ``T * k_max`` ids in Triton (one launch for a few pairs, none
+at decode, where the first GEMM sorts them itself, three otherwise); the float work (gather,
+GEMMs, activation, weighting, combine) touches only kept pairs. At decode the experts are then three
+launches (two GEMMs and the combine): each costs the host more time than the GPU work it issues
+takes, so launches are what the decode path saves. Buffers are allocated at ``T * k_max`` rows
+but rows past the kept count are never written or read.
 
 The combine accumulates in fp32, in each token's slot order, without atomics: results are
 deterministic run to run.
@@ -124,6 +126,9 @@ _PLAN_BLOCK = 1024
 
 
 _SMALL_PLAN_ELEMENTS = 16384  # one-program plan while N_POW2 * max(N_POW2, E_POW2) fits
+#: the decode path's first GEMM sorts the pairs itself (every program, in registers; no plan launch)
+#: while N_POW2 * max(N_POW2, E_POW2) fits: batch 1-4 at 64 experts, 1-16 at 8 experts of top-2
+_GEMM_PLAN_ELEMENTS = 2048
 
 
 def plan_pairs(ids: torch.Tensor, num_experts: int) -> PairPlan:  # ids (T, k_max)
@@ -133,25 +138,47 @@ def plan_pairs(ids: torch.Tensor, num_experts: int) -> PairPlan:  # ids (T, k_ma
     an offsets and a scatter launch.
     """
     k = _kernels()
+    n, k_max = ids.numel(), ids.shape[1]
+    n_pow2, e_pow2 = next_pow2(max(n, 1)), next_pow2(num_experts)
+    if n_pow2 * max(n_pow2, e_pow2) <= _SMALL_PLAN_ELEMENTS:
+        plan = _unfilled_small_plan(ids, num_experts)
+        k.plan_small[(1,)](
+            plan.ids, plan.counts, plan.ends, plan.tokens, plan.inv, n, num_experts, k_max,
+            N_POW2=n_pow2, E_POW2=e_pow2,
+        )  # fmt: skip
+        return plan
     flat = ids.reshape(-1).contiguous()  # (N,)
-    n, dev = flat.numel(), flat.device
-    k_max = ids.shape[1]
+    dev = flat.device
     ends = torch.empty(num_experts, dtype=torch.int32, device=dev)
     tokens = torch.empty(n, dtype=torch.int32, device=dev)
     inv = torch.empty(n, dtype=torch.int32, device=dev)
-    n_pow2, e_pow2 = next_pow2(max(n, 1)), next_pow2(num_experts)
-    if n_pow2 * max(n_pow2, e_pow2) <= _SMALL_PLAN_ELEMENTS:
-        counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
-        k.plan_small[(1,)](
-            flat, counts, ends, tokens, inv, n, num_experts, k_max, N_POW2=n_pow2, E_POW2=e_pow2
-        )
-    else:
-        scratch = torch.zeros(2, num_experts, dtype=torch.int32, device=dev)  # counts, fill
-        counts, fill = scratch[0], scratch[1]
-        grid = (triton_cdiv(n, _PLAN_BLOCK),)
-        k.expert_histogram[grid](flat, counts, n, num_experts, BLOCK=_PLAN_BLOCK)
-        k.expert_offsets[(1,)](counts, ends, num_experts, E_POW2=e_pow2)
-        k.scatter_pairs[grid](flat, counts, ends, fill, tokens, inv, n, num_experts, k_max, BLOCK=_PLAN_BLOCK)
+    scratch = torch.zeros(2, num_experts, dtype=torch.int32, device=dev)  # counts, fill
+    counts, fill = scratch[0], scratch[1]
+    grid = (triton_cdiv(n, _PLAN_BLOCK),)
+    k.expert_histogram[grid](flat, counts, n, num_experts, BLOCK=_PLAN_BLOCK)
+    k.expert_offsets[(1,)](counts, ends, num_experts, E_POW2=e_pow2)
+    k.scatter_pairs[grid](flat, counts, ends, fill, tokens, inv, n, num_experts, k_max, BLOCK=_PLAN_BLOCK)
+    return PairPlan(tokens=tokens, counts=counts, ends=ends, inv=inv, ids=flat, num_experts=num_experts)
+
+
+def _unfilled_small_plan(ids: torch.Tensor, num_experts: int) -> PairPlan:
+    """A one-program plan's :class:`PairPlan`, its ``ends (E,)``, ``tokens (N,)``, ``inv (N,)`` and
+    ``counts (E,)`` int32 buffers allocated (in this order) but not written yet.
+
+    The decode path whose first GEMM sorts the pairs allocates the same buffers in the same order:
+    transformers' static cache replays its compiled decode graphs only where each ``generate()``
+    call's cache lands at the addresses they were recorded with, which depends on the blocks earlier
+    calls left in the caching allocator (``tests/test_cuda.py``, the static-cache replay test). A
+    version that allocated one buffer for all four, and the pair counter's accumulator in the middle
+    of the plan, made that test record again on a later call (which of the two did it was not
+    isolated); this one keeps main's allocations as they were.
+    """
+    flat = ids.reshape(-1).contiguous()  # (N,)
+    n, dev = flat.numel(), flat.device
+    ends = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    tokens = torch.empty(n, dtype=torch.int32, device=dev)
+    inv = torch.empty(n, dtype=torch.int32, device=dev)
+    counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
     return PairPlan(tokens=tokens, counts=counts, ends=ends, inv=inv, ids=flat, num_experts=num_experts)
 
 
@@ -177,17 +204,37 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _launch_combine(k, plan: PairPlan, y: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
-    """``y (S, N, H)``: per-row expert outputs (S split-K partials)."""
+def _launch_combine(
+    k, plan: PairPlan, y: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, counter: Any
+) -> None:
+    """``y (S, N, H)``: per-row expert outputs (S split-K partials). The combine also adds the kept
+    pairs to ``counter`` (an :class:`~._forward.ExpertsCounter` or ``None``): no launch of its own."""
     t, h = out.shape
     if t == 0:
         return
+    if h == 0:  # no combine program runs: count the way the other backends do
+        if counter is not None:
+            counter.add(plan.n_valid[0])
+        return
     block_h = min(1024, next_pow2(h))
     grid = (t, triton_cdiv(h, block_h))
+    flat_weights = weights.reshape(-1).contiguous()  # (N,) a copy only if weights are strided
+    # the counter's accumulator is allocated on its first call after this call's buffers, where
+    # adding to it after the launches allocated it: the allocator's blocks repeat call to call
+    total = _counter_total(counter, out.device)
     k.combine[grid](
-        y, plan.inv, plan.ids, weights.reshape(-1).contiguous(), out, h, weights.shape[1],
-        plan.num_experts, y.stride(0), y.stride(1), out.stride(0), SPLIT_K=y.shape[0], BLOCK_H=block_h,
+        y, plan.inv, plan.ids, flat_weights, out, plan.ends,
+        plan.ends if total is None else total, h, weights.shape[1], plan.num_experts, y.stride(0),
+        y.stride(1), out.stride(0), SPLIT_K=y.shape[0], BLOCK_H=block_h, COUNT=total is not None,
     )  # fmt: skip
+
+
+def _counter_total(counter: Any, device: torch.device) -> torch.Tensor | None:
+    """The executed-pair counter's int64 device accumulator, which the combine kernel adds to (no
+    launch of its own); ``None`` when nothing counts (no counter, or inside torch.compile)."""
+    if counter is None or torch.compiler.is_compiling():
+        return None
+    return counter.device_total(device)
 
 
 def grouped_path(module, hidden, ids, weights, counter):
@@ -217,9 +264,7 @@ def _grouped_path(module, hidden, ids, weights, counter):
     block_i = min(1024, next_pow2(inter))
     k.swiglu_rows[(n,)](hg, a, plan.n_valid, inter, hg.stride(0), a.stride(0), BLOCK=block_i)
     y = F.grouped_mm(a, module.down_proj.transpose(1, 2), offs=plan.ends)  # (N, H)
-    _launch_combine(k, plan, y.unsqueeze(0), weights, out)
-    if counter is not None:
-        counter.add(plan.n_valid[0])
+    _launch_combine(k, plan, y.unsqueeze(0), weights, out, counter)
     return out
 
 
@@ -270,7 +315,11 @@ def _fused_path(module, hidden, ids, weights, counter, configs=None):
         return out.zero_()
     hidden = hidden.contiguous()
     c1, c2 = configs or decode_config(n, e, h, inter)
-    plan = plan_pairs(ids, e)
+    n_pow2, e_pow2 = next_pow2(n), next_pow2(e)
+    # the first GEMM sorts the pairs (it must launch a program: I > 0); its buffers are plan_small's
+    in_gemm = inter > 0 and n_pow2 * max(n_pow2, e_pow2) <= min(_GEMM_PLAN_ELEMENTS, _SMALL_PLAN_ELEMENTS)
+    # the buffers plan_pairs would allocate; with in_gemm the first GEMM's first program fills them
+    plan = _unfilled_small_plan(ids, e) if in_gemm else plan_pairs(ids, e)
     precision = "ieee" if hidden.dtype == torch.float32 else "tf32"  # fp32: full precision, no TF32
     a = torch.empty(1, n, inter, dtype=hidden.dtype, device=hidden.device)  # (1, N, I)
     y_dtype = torch.float32 if c2.split_k > 1 else hidden.dtype
@@ -284,15 +333,15 @@ def _fused_path(module, hidden, ids, weights, counter, configs=None):
         stages = max(1, min(c.num_stages, _SMEM_BUDGET // stage_bytes))  # fp32 tiles take twice the room
         # row blocks: sum_e ceil(count_e / BM) <= ceil(N / BM) + (experts with a row) <= ... + min(E, N)
         grid = (triton_cdiv(n, c.block_m) + min(e, n), triton_cdiv(n_out, c.block_n), c.split_k)
+        plans = gather and in_gemm
         k.moe_gemm[grid](
-            src, plan.tokens, w, dst, plan.counts, plan.ends, n_out, kdim, e, k_per_split,
-            src.stride(0), w.stride(0), w.stride(1), w.stride(2), dst.stride(0), dst.stride(1),
-            GATHER=gather, SWIGLU=gather, E_POW2=next_pow2(e), BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-            BLOCK_K=c.block_k, PRECISION=precision, num_warps=c.num_warps, num_stages=stages,
+            src, plan.tokens, w, dst, plan.counts, plan.ends, plan.ids, plan.inv, n_out, kdim, e,
+            k_per_split, n, ids.shape[1], src.stride(0), w.stride(0), w.stride(1), w.stride(2),
+            dst.stride(0), dst.stride(1), GATHER=gather, SWIGLU=gather, E_POW2=e_pow2, BLOCK_M=c.block_m,
+            BLOCK_N=c.block_n, BLOCK_K=c.block_k, PRECISION=precision, PLAN=plans,
+            N_POW2=n_pow2 if plans else 1, num_warps=c.num_warps, num_stages=stages,
         )  # fmt: skip
-    _launch_combine(k, plan, y, weights, out)
-    if counter is not None:
-        counter.add(plan.n_valid[0])
+    _launch_combine(k, plan, y, weights, out, counter)
     return out
 
 

@@ -1,13 +1,17 @@
 # Triton DSL values are typed loosely by triton.language (tl.sum may return a tuple):
-# pyright: reportOperatorIssue=false
+# pyright: reportOperatorIssue=false, reportArgumentType=false, reportIndexIssue=false
 """Triton kernels of the GPU experts forward. Imported only when a Triton path runs.
 
 Every kernel is bounded by the kept (token, expert) pairs: each program reads the per-expert
-counts from device memory and returns at once when it has no kept work. Nothing is synchronised
+counts (from device memory, or from the plan it sorted itself) and returns at once when it has no
+kept work. Nothing is synchronised
 with the host, so the kernels can be captured in a CUDA graph and traced by ``torch.compile``.
 
-Plan (a counting sort of the kept pairs by expert; one launch, :func:`plan_small`, for a few
-pairs; otherwise three):
+Plan (a counting sort of the kept pairs by expert; for a few pairs, one launch,
+:func:`plan_small`, or none at decode, where every program of the first :func:`moe_gemm` sorts
+them in registers and its first program stores the plan for the later launches; otherwise three).
+The combine, the last launch, also adds the number of kept pairs to the layer's int64 pair
+counter when given one (``COUNT``), so counting costs no launch of its own:
 
 * :func:`expert_histogram`: ``counts[e] += 1`` for every kept pair (atomics);
 * :func:`expert_offsets`: one program, ``ends = cumsum(counts)`` (inclusive, int32, also the
@@ -69,6 +73,38 @@ def scatter_pairs(
 
 
 @triton.jit
+def _plan_rows(ids_ptr, N, E, N_POW2: tl.constexpr, E_POW2: tl.constexpr):
+    """The counting sort of a few pairs in one program, stable (no atomics): for pairs ``p (N2,)``
+    whether each is ``valid`` (kept), the per-expert ``counts`` and ``ends (E2,)`` and each pair's
+    sorted ``row (N2,)`` (meaningless where not valid)."""
+    p = tl.arange(0, N_POW2)
+    pm = p < N
+    e = tl.load(ids_ptr + p, mask=pm, other=E).to(tl.int32)
+    valid = pm & (e < E) & (e >= 0)
+    ev = tl.where(valid, e, -1)
+    er = tl.arange(0, E_POW2)
+    onehot = (ev[:, None] == er[None, :]).to(tl.int32)  # (N2, E2)
+    counts = tl.sum(onehot, 0)  # (E2,) 0 at padded experts
+    ends = tl.cumsum(counts, 0)  # (E2,)
+    start = tl.sum(onehot * (ends - counts)[None, :], 1)  # (N2,) first row of each pair's expert
+    same_before = (ev[:, None] == ev[None, :]) & (p[None, :] < p[:, None])  # (N2, N2)
+    row = start + tl.sum(same_before.to(tl.int32), 1)  # (N2,)
+    return p, valid, counts, ends, row
+
+
+@triton.jit
+def _store_plan(
+    counts_ptr, ends_ptr, tokens_ptr, inv_ptr, p, valid, counts, ends, row, E, K_MAX, E_POW2: tl.constexpr
+):  # fmt: skip
+    er = tl.arange(0, E_POW2)
+    em = er < E
+    tl.store(counts_ptr + er, counts, mask=em)
+    tl.store(ends_ptr + er, ends, mask=em)
+    tl.store(tokens_ptr + row, (p // K_MAX).to(tl.int32), mask=valid)
+    tl.store(inv_ptr + p, row, mask=valid)
+
+
+@triton.jit
 def plan_small(
     ids_ptr,
     counts_ptr,
@@ -81,24 +117,9 @@ def plan_small(
     N_POW2: tl.constexpr,
     E_POW2: tl.constexpr,
 ):
-    """The whole plan in one program for few pairs (decode): stable order, no atomics."""
-    p = tl.arange(0, N_POW2)
-    pm = p < N
-    e = tl.load(ids_ptr + p, mask=pm, other=E).to(tl.int32)
-    valid = pm & (e < E) & (e >= 0)
-    ev = tl.where(valid, e, -1)
-    er = tl.arange(0, E_POW2)
-    onehot = (ev[:, None] == er[None, :]).to(tl.int32)  # (N, E)
-    counts = tl.sum(onehot, 0)  # (E,)
-    ends = tl.cumsum(counts, 0)  # (E,)
-    em = er < E
-    tl.store(counts_ptr + er, counts, mask=em)
-    tl.store(ends_ptr + er, ends, mask=em)
-    start = tl.sum(onehot * (ends - counts)[None, :], 1)  # (N,) first row of each pair's expert
-    same_before = (ev[:, None] == ev[None, :]) & (p[None, :] < p[:, None])  # (N, N)
-    row = start + tl.sum(same_before.to(tl.int32), 1)
-    tl.store(tokens_ptr + row, (p // K_MAX).to(tl.int32), mask=valid)
-    tl.store(inv_ptr + p, row, mask=valid)
+    """The whole plan in one program for few pairs: stable order, no atomics."""
+    p, valid, counts, ends, row = _plan_rows(ids_ptr, N, E, N_POW2, E_POW2)
+    _store_plan(counts_ptr, ends_ptr, tokens_ptr, inv_ptr, p, valid, counts, ends, row, E, K_MAX, E_POW2)
 
 
 @triton.jit
@@ -132,15 +153,19 @@ def swiglu_rows(h_ptr, a_ptr, nvalid_ptr, inter, stride_h, stride_a, BLOCK: tl.c
 @triton.jit
 def moe_gemm(
     a_ptr,  # (rows or tokens, K) activations
-    tok_ptr,  # (N,) token of each sorted row (used when GATHER)
+    tok_ptr,  # (N,) token of each sorted row (read when GATHER and not PLAN; written when PLAN)
     w_ptr,  # (E, n_out, K) expert weights, out = a @ w[e].T
     c_ptr,  # (SPLIT_K, N, N_OUT) output rows in sorted order
-    counts_ptr,  # (E,) kept rows per expert
-    ends_ptr,  # (E,) inclusive prefix sum of counts
+    counts_ptr,  # (E,) kept rows per expert (written here when PLAN)
+    ends_ptr,  # (E,) inclusive prefix sum of counts (written here when PLAN)
+    ids_ptr,  # (N,) expert of each (token, slot), E = sentinel (read when PLAN)
+    inv_ptr,  # (N,) sorted row of each kept (token, slot) (written when PLAN)
     N_OUT,  # output columns (I for the fused SwiGLU GEMM, else the weight rows)
     K,
     E,
     K_PER_SPLIT,
+    N,  # T * k_max slots (PLAN)
+    K_MAX,  # slots per token (PLAN)
     stride_a,
     stride_we,
     stride_wn,
@@ -154,14 +179,22 @@ def moe_gemm(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    PLAN: tl.constexpr,  # few pairs: every program sorts them itself (no plan launch)
+    N_POW2: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
-    # which expert owns row block pid_m: blocks are laid out expert by expert
     er = tl.arange(0, E_POW2)
     em = er < E
-    cnt = tl.load(counts_ptr + er, mask=em, other=0)
+    if PLAN:  # the counting sort in registers; the first program stores it for the later launches
+        p, valid, cnt, ends, prow = _plan_rows(ids_ptr, N, E, N_POW2, E_POW2)
+        if (pid_m == 0) & (pid_n == 0) & (pid_s == 0):
+            _store_plan(counts_ptr, ends_ptr, tok_ptr, inv_ptr, p, valid, cnt, ends, prow, E, K_MAX, E_POW2)
+    else:
+        cnt = tl.load(counts_ptr + er, mask=em, other=0)
+        ends = tl.load(ends_ptr + er, mask=em, other=0)
+    # which expert owns row block pid_m: blocks are laid out expert by expert
     nb = (cnt + BLOCK_M - 1) // BLOCK_M
     cum = tl.cumsum(nb, 0)  # inclusive block prefix
     e = tl.sum((cum <= pid_m).to(tl.int32), 0)
@@ -169,12 +202,16 @@ def moe_gemm(
         return
     sel = er == e
     first_block = tl.sum(tl.where(sel, cum - nb, 0), 0)
-    row_end = tl.sum(tl.where(sel, tl.load(ends_ptr + er, mask=em, other=0), 0), 0)
+    row_end = tl.sum(tl.where(sel, ends, 0), 0)
     row_start = row_end - tl.sum(tl.where(sel, cnt, 0), 0)
     rows = row_start + (pid_m - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < row_end
     if GATHER:
-        src = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        if PLAN:  # the token of each row: the pair sorted to it
+            match = (prow[None, :] == rows[:, None]) & valid[None, :]  # (BM, N2)
+            src = tl.sum(tl.where(match, (p // K_MAX)[None, :], 0), 1).to(tl.int64)
+        else:
+            src = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
     else:
         src = rows.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -210,6 +247,8 @@ def combine(
     ids_ptr,  # (T * k_max,) expert of each slot, E = sentinel
     w_ptr,  # (T * k_max,) combine weight of each slot
     out_ptr,  # (T, H)
+    ends_ptr,  # (E,) the plan's inclusive prefix sum of counts (read when COUNT)
+    total_ptr,  # (,) int64 executed-pair counter (when COUNT)
     H,
     K_MAX,
     E,
@@ -218,7 +257,12 @@ def combine(
     stride_o,
     SPLIT_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    COUNT: tl.constexpr,
 ):
+    if COUNT:  # noqa: SIM102  (a constexpr branch, then a runtime one: Triton compiles them apart)
+        # the layer's pair counter += the kept pairs, by the first program (no launch of its own)
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(total_ptr, tl.load(total_ptr) + tl.load(ends_ptr + E - 1).to(tl.int64))
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     m = offs < H
