@@ -23,6 +23,7 @@ from dynamic_moe_router.learn import (
     train_allocator,
     train_means,
 )
+from dynamic_moe_router.learn.trainer import _KL_CHUNK_ROWS, _ChunkedKL
 from dynamic_moe_router.policies.learned import spread_keep
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
@@ -631,3 +632,38 @@ def test_quantile_budget_runs_in_generate_with_the_kv_cache():  # type: ignore[n
     # 4 decode steps of one token each (shorter than min_tokens: the threshold), 1 to 4 slots per layer
     assert 2 * 4 <= generated - prefill <= 2 * 4 * 4
     assert first.shape == (1, 17) and torch.equal(first, again)  # deterministic
+
+
+@given(
+    batch=st.integers(1, 3),
+    tokens=st.integers(1, 2 * _KL_CHUNK_ROWS + 7),  # N = batch * tokens: one chunk, several, a partial last
+    vocab=st.integers(1, 96),
+    scale=st.sampled_from([0.1, 1.0, 10.0, 1e3]),  # 1e3: most of each softmax underflows in fp32
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_kl_matches_the_full_vocabulary_formula_and_its_gradient(batch, tokens, vocab, scale, seed):  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(batch, tokens, vocab, generator=g) * scale  # (B, T, V)
+    student = (teacher + torch.randn(batch, tokens, vocab, generator=g) * scale).requires_grad_()
+    kl = _ChunkedKL.apply(teacher, student)
+    (grad,) = torch.autograd.grad(2.5 * kl, student)  # a non-unit upstream gradient
+    ref_student = student.detach().double().requires_grad_()
+    t = torch.log_softmax(teacher.double(), -1)
+    s = torch.log_softmax(ref_student, -1)
+    ref = (t.exp() * (t - s)).sum(-1).mean()  # the formula _distil_kl used before, in float64
+    (ref_grad,) = torch.autograd.grad(2.5 * ref, ref_student)
+    assert kl.dtype == grad.dtype == torch.float32 and grad.shape == student.shape
+    torch.testing.assert_close(kl.double(), ref, rtol=1.3e-6, atol=1e-5)  # the fp32 defaults
+    # the gradient is (q - p) / N: the fp32 defaults on q - p, that is an absolute 1e-5 / N
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1.3e-6, atol=1e-5 / (batch * tokens))
+
+
+def test_chunked_kl_backward_runs_once():  # type: ignore[no-untyped-def]
+    teacher = torch.randn(2, 5, 11)  # (B, T, V)
+    student = torch.randn(2, 5, 11, requires_grad=True)
+    kl = _ChunkedKL.apply(teacher, student)
+    kl.backward(retain_graph=True)
+    first = student.grad.clone()
+    with pytest.raises(RuntimeError, match="backward ran twice"):  # its gradient was scaled in place
+        kl.backward()
+    assert torch.equal(student.grad, first)  # nothing accumulated by the refused second pass
