@@ -21,7 +21,10 @@ Modes: ``eager`` (plain ``generate``) and ``compiled`` (``cache_implementation="
 makes transformers compile the forward with ``torch.compile(mode="reduce-overhead")``: inductor
 plus CUDA graphs).
 
-Each (shape, variant) runs in its own process (a crash in one, e.g. an illegal memory access, is
+With ``--interleave`` all variants of a shape share one process and alternate in rounds (one mode per
+run; compiled variants keep one model each, sharing the weight tensors), so that host-speed drift
+between processes does not bias the step ratios. Otherwise each (shape, variant) runs in its own
+process (a crash in one, e.g. an illegal memory access, is
 recorded as that cell's error and the others still run). Per cell: the prefill time (first step)
 and the median decode step time, read by a logits processor that synchronises the GPU after each
 step, and the greedy tokens' agreement with the unpatched model (random weights in bf16: kernels
@@ -299,8 +302,13 @@ def make_policy(dmr, model, prompts, args: argparse.Namespace, base: str):  # ty
 
 
 def interleaved_worker(args: argparse.Namespace) -> int:
-    """Eager mode, every variant in one process on one model: rounds of (patch, generate, unpatch)
-    per variant, so that a host whose speed drifts (a shared machine) biases no variant."""
+    """Every variant of a shape in one process, alternating in rounds, so that a host whose speed
+    drifts (a shared machine) biases no variant.
+
+    Eager mode: one model, patched and unpatched around each variant's ``generate()``. Compiled
+    mode: one model per variant, all sharing the same weight tensors (patched once), so that each
+    keeps its own compiled graphs and static cache; round 0 runs the timed length once per variant
+    (compilation, CUDA-graph capture) and is not counted."""
     import torch
 
     import dynamic_moe_router as dmr
@@ -312,18 +320,37 @@ def interleaved_worker(args: argparse.Namespace) -> int:
         base, options = variant_options(v)
         policy, chosen = make_policy(dmr, model, prompts, args, base)
         policies[v], info[v] = (policy, options), chosen
+    compiled = args.modes == ["compiled"]
+    models = {v: model for v in variants}
+    if compiled:
+        if any(policies[v][1]["cuda_graphs"] for v in variants):
+            raise SystemExit("+graphs variants run in eager mode only")
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, 64)  # an entry per variant and graph (not a recompile storm)
+        shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # weights shared, not copied
+        for v in variants:
+            policy, options = policies[v]
+            models[v] = copy.deepcopy(model, dict(shared)) if policy is not None else model
+            if policy is not None:
+                dmr.patch(models[v], policy, validate=False, **options)
+    kw = {"cache_implementation": "static"} if compiled else {}
     for n in args.prompts:
         for b in args.batches:
             prompt = prompts[n][:b]
             steps: dict[str, list[float]] = {v: [] for v in variants}
             prefill: dict[str, list[float]] = {v: [] for v in variants}
             tokens: dict[str, Any] = {}
-            for r in range(args.rounds + 1):  # round 0 warms every variant (graph capture, Triton JIT)
+            for r in range(args.rounds + 1):  # round 0 warms every variant (compile, graph capture, JIT)
                 for v in variants:
                     policy, options = policies[v]
-                    patch = dmr.patched(model, policy, validate=False, **options) if policy else None
+                    patch = (
+                        dmr.patched(model, policy, validate=False, **options)
+                        if policy and not compiled
+                        else None
+                    )
+                    length = args.new_tokens if r or compiled else 4
                     with torch.no_grad(), patch or torch.no_grad():
-                        res = timed_generate(model, prompt, args.new_tokens if r else 4, 1)
+                        res = timed_generate(models[v], prompt, length, 1, **kw)
                     if r:
                         steps[v].extend(res["steps"])
                         prefill[v].append(res["prefill_ms"])
@@ -331,11 +358,18 @@ def interleaved_worker(args: argparse.Namespace) -> int:
             for v in variants:
                 step = statistics.median(steps[v])
                 cell = {
-                    "shape": args.shape, "layers": layers, "variant": v, "mode": "eager", "prompt": n,
+                    "shape": args.shape, "layers": layers, "variant": v, "mode": args.modes[0], "prompt": n,
                     "batch": b, "interleaved_rounds": args.rounds,
                     "prefill_ms": statistics.median(prefill[v]), "step_ms": 1e3 * step,
                     "decode_tok_s": b / step, "tokens": tokens[v], **info[v],
                 }  # fmt: skip
+                if args.gpu_time:
+                    with torch.no_grad():
+                        cell.update(gpu_step_time(models[v], prompt, args.new_tokens, **kw))
+                if compiled:
+                    stats = torch._dynamo.utils.counters
+                    cell["compiled_graphs_in_process"] = int(stats["stats"].get("unique_graphs", 0))
+                    cell["graph_breaks_in_process"] = int(sum(stats["graph_break"].values()))
                 print(MARK + json.dumps(cell), flush=True)
     return 0
 
@@ -414,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--interleave",
         action="store_true",
-        help="eager mode only: all variants of a shape in one process, alternating in rounds",
+        help="all variants of a shape in one process, alternating in rounds (one mode per run)",
     )
     ap.add_argument("--rounds", type=int, default=3, help="rounds of --interleave")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -434,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     cells: list[dict[str, Any]] = []
-    if args.interleave and args.modes != ["eager"]:
-        ap.error("--interleave times eager mode only; pass --modes eager")
+    if args.interleave and args.modes not in (["eager"], ["compiled"]):
+        ap.error("--interleave times one mode per run; pass --modes eager or --modes compiled")
     for shape in args.shapes.split(","):
         groups = [args.variants] if args.interleave else args.variants.split(",")
         for variant in groups:

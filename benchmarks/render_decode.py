@@ -231,12 +231,21 @@ def render_gpu_decode(data: dict[str, Any], path: Path) -> list[str]:
         "mode only); *+fused*: patched with `fused_routing=True` (one Triton kernel per layer's routing).",
         "",
     ]
-    if any("interleaved_rounds" in c for c in data["cells"]):
+    interleaved = {c.get("mode") for c in data["cells"] if "interleaved_rounds" in c}
+    if "eager" in interleaved:
         out[-1:-1] = [
             "",
             "Interleaved run: every variant of a shape in one process on one model, alternating in rounds "
             "(patch, generate, unpatch), so that the host's speed, which drifts on a shared machine, "
             "biases no variant; the first round only warms up (graph capture, Triton compilation).",
+        ]
+    if "compiled" in interleaved:
+        out[-1:-1] = [
+            "",
+            "Interleaved run: every variant of a shape in one process, alternating in rounds, so that the "
+            "host's speed, which drifts between processes, biases no variant; each variant has its own "
+            "model object (all sharing one set of weight tensors, patched once) and so its own compiled "
+            "graphs and static cache; the first round only warms up (compilation, CUDA-graph capture).",
         ]
     gpu_time = any("gpu_step_ms" in c for c in cells)
     if gpu_time:

@@ -238,6 +238,32 @@ def test_decode_section_reads_gpu_time_and_judges_the_step_ratio(tmp_path):  # t
     assert gen is not None
 
 
+def test_decode_interleaved_paragraph_follows_the_mode(tmp_path):  # type: ignore[no-untyped-def]
+    """An interleaved compiled run is described as one (one model object per variant, shared
+    weights), not with the eager run's patch-generate-unpatch rounds, and its verdicts stay."""
+    load_generator()
+    import render_decode
+
+    def cell(variant: str, mode: str, step: float) -> dict:  # type: ignore[type-arg]
+        return {
+            "shape": "olmoe", "layers": 16, "variant": variant, "mode": mode, "prompt": 128, "batch": 1,
+            "prefill_ms": 50.0, "step_ms": step, "decode_tok_s": 1e3 / step, "interleaved_rounds": 4,
+            **({"routed_pair_reduction_on_prompt": 0.3} if variant == "dynamic" else {}),
+        }  # fmt: skip
+
+    machine = {"gpu": "NVIDIA H100", "torch": "2.11", "transformers": "5.17"}
+    for mode, says, not_says in (
+        ("compiled", "its own model object", "(patch, generate, unpatch)"),
+        ("eager", "(patch, generate, unpatch)", "its own model object"),
+    ):
+        cells = [cell("unpatched", mode, 4.0), cell("static", mode, 3.0), cell("dynamic", mode, 2.4)]
+        data = {"command": "x --interleave", "machine": machine, "cells": cells}
+        text = "\n".join(render_decode.render_gpu_decode(data, tmp_path / "gpu_decode.json"))
+        assert says in text and not_says not in text
+        if mode == "compiled":
+            assert "dynamic/static 0.800 for a pair ratio of 0.700 (limit 0.805): met" in text
+
+
 def test_quality_equal_flop_bullets_count_the_learned_allocator_per_budget(tmp_path):  # type: ignore[no-untyped-def]
     """The equal-FLOP comparison under each reference model's table takes every dynamic curve,
     the learned allocator's threshold and quantile budgets as two curves, and its verdict follows
