@@ -245,7 +245,7 @@ def render_gpu_decode(data: dict[str, Any], path: Path) -> list[str]:
             "Interleaved run: every variant of a shape in one process, alternating in rounds, so that the "
             "host's speed, which drifts between processes, biases no variant; each variant has its own "
             "model object (all sharing one set of weight tensors, patched once) and so its own compiled "
-            "graphs and static cache; the first round only warms up (compilation, CUDA-graph capture).",
+            "graphs; the first round only warms up (compilation, CUDA-graph capture).",
         ]
     gpu_time = any("gpu_step_ms" in c for c in cells)
     if gpu_time:

@@ -476,6 +476,9 @@ class _ChunkedKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
         shape = student.shape
+        if teacher.shape != shape:
+            got = f"{tuple(teacher.shape)} differ from the student's {tuple(shape)}"
+            raise ValueError(f"teacher logits {got}")
         vocab = shape[-1]
         teacher = teacher.detach().float().reshape(-1, vocab)  # (N, V)
         student = student.detach().float().reshape(-1, vocab)  # (N, V)
