@@ -667,3 +667,9 @@ def test_chunked_kl_backward_runs_once():  # type: ignore[no-untyped-def]
     with pytest.raises(RuntimeError, match="backward ran twice"):  # its gradient was scaled in place
         kl.backward()
     assert torch.equal(student.grad, first)  # nothing accumulated by the refused second pass
+
+
+def test_chunked_kl_refuses_logits_of_different_shapes():  # type: ignore[no-untyped-def]
+    shapes = r"teacher logits \(2, 5, 11\) differ from the student's \(2, 5, 12\)"
+    with pytest.raises(ValueError, match=shapes):
+        _ChunkedKL.apply(torch.randn(2, 5, 11), torch.randn(2, 5, 12, requires_grad=True))
