@@ -261,7 +261,7 @@ def worker(args: argparse.Namespace) -> int:
                         prompt = prompts[n][:b]
                         # warm-up (compile, graph capture); compiled: at the timed length, so that the
                         # timed calls reuse a graph of their own static-cache length (no second compile)
-                        timed_generate(model, prompt, args.new_tokens if kw else 4, 1, **kw)
+                        timed_generate(model, prompt, args.new_tokens if mode == "compiled" else 4, 1, **kw)
                         res = timed_generate(model, prompt, args.new_tokens, args.repeats, **kw)
                         res.pop("steps")
                         if args.gpu_time:
@@ -335,6 +335,13 @@ def interleaved_worker(args: argparse.Namespace) -> int:
             if policy is not None:
                 dmr.patch(models[v], policy, validate=False, **options)
     kw = {"cache_implementation": "static"} if compiled else {}
+
+    def patched(v: str) -> Any:  # eager: the one model patched for variant v while in the block
+        policy, options = policies[v]
+        if policy is None or compiled:  # compiled variants' models are patched for good above
+            return torch.no_grad()
+        return dmr.patched(model, policy, validate=False, **options)
+
     for n in args.prompts:
         for b in args.batches:
             prompt = prompts[n][:b]
@@ -343,14 +350,8 @@ def interleaved_worker(args: argparse.Namespace) -> int:
             tokens: dict[str, Any] = {}
             for r in range(args.rounds + 1):  # round 0 warms every variant (compile, graph capture, JIT)
                 for v in variants:
-                    policy, options = policies[v]
-                    patch = (
-                        dmr.patched(model, policy, validate=False, **options)
-                        if policy and not compiled
-                        else None
-                    )
                     length = args.new_tokens if r or compiled else 4
-                    with torch.no_grad(), patch or torch.no_grad():
+                    with torch.no_grad(), patched(v):
                         res = timed_generate(models[v], prompt, length, 1, **kw)
                     if r:
                         steps[v].extend(res["steps"])
@@ -365,13 +366,7 @@ def interleaved_worker(args: argparse.Namespace) -> int:
                     "decode_tok_s": b / step, "tokens": tokens[v], **info[v],
                 }  # fmt: skip
                 if args.gpu_time:
-                    policy, options = policies[v]
-                    patch = (
-                        dmr.patched(model, policy, validate=False, **options)
-                        if policy and not compiled
-                        else None
-                    )
-                    with torch.no_grad(), patch or torch.no_grad():  # the variant's own model, patched
+                    with torch.no_grad(), patched(v):  # the variant's own model, patched
                         cell.update(gpu_step_time(models[v], prompt, args.new_tokens, **kw))
                 if compiled:
                     stats = torch._dynamo.utils.counters
