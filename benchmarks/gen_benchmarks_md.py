@@ -28,6 +28,7 @@ from render_calibrate import render_calibrate
 from render_decode import (
     batch_aware_table,
     render_batch_aware,
+    render_diag_compiled_step,
     render_diag_eager_host,
     render_gpu_batch_aware,
     render_gpu_decode,
@@ -1250,6 +1251,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = 
     "gpu_decode": ("GPU: generate() end to end, eager and compiled", render_gpu_decode),
     "gpu_routing": ("GPU: routing cost per layer in eager mode", render_gpu_routing),
     "diag_eager_host": ("GPU: eager decode step, host time split", render_diag_eager_host),
+    "diag_compiled_step": ("GPU: compiled decode step, where the time goes", render_diag_compiled_step),
     "gpu_ep_local": ("GPU: one expert-parallel rank's local work", render_gpu_ep_local),
     "ep_2gpu": ("Expert parallelism on two GPUs", render_ep),
     "ep_cpu": ("Expert parallelism on two CPU processes (tiny model)", render_ep),

@@ -528,3 +528,81 @@ def _diag_reading(results: list[dict[str, Any]]) -> list[str]:
             )
         lines.append(text)
     return ["Reading:", "", *lines, ""]
+
+
+def render_diag_compiled_step(data: dict[str, Any], path: Path) -> list[str]:
+    """Where a compiled decode step's time goes (``benchmarks/diag_compiled_step.py``)."""
+    m = data["machine"]
+    out = [
+        "## GPU: compiled decode step, where the time goes (diagnostic)",
+        "",
+        f"From `{_rel(path)}` (`{data['command']}`; {m['gpu']}, torch {data['versions']['torch']}, "
+        f"transformers {data['versions']['transformers']}). `generate(..., "
+        'cache_implementation="static")` (transformers compiles the decode forward with '
+        '`torch.compile(mode="reduce-overhead")`), batch 1, a 128-token prompt; every variant in one '
+        "process with its own model object over shared weights, interleaved in rounds. Per decode step, "
+        "from the difference between `generate()` runs of 8 + N and 8 new tokens: *step* = wall time "
+        "with no clock in the loop (median over rounds); *GPU* = kernel time under the profiler, "
+        "*experts* = this project's kernels in it, *other GPU* = the rest (attention, projections, "
+        "norms, router, head); *host gap* = step - GPU, time the GPU waits for `generate()`'s host work; "
+        "*graphs* / *launches* / *syncs* = CUDA-graph launches, kernel launches outside graphs and host "
+        "synchronisations per step; *skips* = inductor's `cudagraph_skips`.",
+        "",
+    ]
+    checks, lines = [], []
+    for res in data["results"]:
+        v = res["variants"]
+        out += [
+            f"### {res['shape']} shape, {res['layers']} layers",
+            "",
+            "| variant | step ms | GPU ms | experts ms | other GPU ms | host gap ms | graphs | launches "
+            "| syncs | skips | first token that differs from unpatched |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, d in v.items():
+            gpu, ours = d["gpu_ms_per_step"], d["dmr_kernels_ms_per_step"]
+            first = "none" if name == "unpatched" or d["first_divergence"] >= 32 else d["first_divergence"]
+            out.append(
+                f"| {name} | {d['generate_step_ms']:.3f} | {gpu:.3f} | {ours:.3f} | {gpu - ours:.3f} "
+                f"| {d['generate_step_ms'] - gpu:.3f} | {d['graph_launches_per_step']:.1f} "
+                f"| {d['kernel_launches_per_step']:.1f} | {d['syncs_per_step']:.1f} | {d['cudagraph_skips']} "
+                f"| {first} |"
+            )
+        out.append("")
+        if not {"static", "dynamic"} <= set(v):
+            continue
+        st, dy = v["static"], v["dynamic"]
+        pairs = 1.0 - res["routed_pair_reduction_on_prompt"]
+        limit = COMPILED_SLACK * pairs
+        step_ratio = dy["generate_step_ms"] / st["generate_step_ms"]
+        checks.append(
+            f"- Compiled decode step ratio, {res['shape']}, batch 1, no clock in the loop: dynamic/static "
+            f"{step_ratio:.3f} for a pair ratio of {pairs:.3f} (limit {limit:.3f}): "
+            f"{_mark(step_ratio <= limit)}."
+        )
+        gpu_ratio = dy["gpu_ms_per_step"] / st["gpu_ms_per_step"]
+        ours_ratio = dy["dmr_kernels_ms_per_step"] / st["dmr_kernels_ms_per_step"]
+        share = st["dmr_kernels_ms_per_step"] / st["generate_step_ms"]
+        best = 1.0 - (1.0 - pairs) * share  # the step ratio if only the experts kernels shrank, exactly
+        text = (
+            f"- {res['shape']}: GPU time ratio {gpu_ratio:.3f}, the experts kernels alone {ours_ratio:.3f}. "
+            f"Those kernels are {share:.1%} of static's step; if they shrank exactly with the pairs and "
+            f"nothing else changed, the step ratio would be {best:.3f}, "
+            + ("above the limit: out of reach of the experts kernels alone here." if best > limit else
+               "within the limit: the experts kernels' own scaling is what misses.")
+        )  # fmt: skip
+        ft = res.get("first_token")
+        if ft and "static" in ft.get("max_abs_logit_diff", {}):
+            same = ft["tokens"]["static"] == ft["tokens"]["unpatched"]
+            text += (
+                f" First greedy token after the prompt: unpatched top-1 / top-2 logit margin "
+                f"{ft['unpatched_top2_margin']:.3g}, static's largest logit difference from unpatched "
+                f"{ft['max_abs_logit_diff']['static']:.3g} (bf16, another summation order); the tokens "
+                + ("are equal." if same else "differ.")
+            )
+        lines.append(text)
+    if checks:
+        out += ["### Targets", "", *checks, ""]
+    if lines:
+        out += ["Reading:", "", *lines, ""]
+    return out

@@ -437,3 +437,51 @@ def test_routing_share_is_judged_inside_the_layer_when_measured(tmp_path):  # ty
     top_p_line = next(line for line in section.splitlines() if f"{where}, TopP: 12.00% inside" in line)
     assert top_p_line.endswith("limit 3%): **missed**.")
     assert "share, in layer)" in section
+
+
+def test_compiled_step_diagnostic_verdict_and_ceiling_follow_the_data(tmp_path):  # type: ignore[no-untyped-def]
+    gen = load_generator()
+    import render_decode
+
+    def variant(step: float, gpu: float, ours: float, first: int = 32) -> dict:  # type: ignore[type-arg]
+        return {
+            "generate_step_ms": step, "generate_step_ms_rounds": [step], "gpu_ms_per_step": gpu,
+            "dmr_kernels_ms_per_step": ours, "graph_launches_per_step": 1.0, "kernel_launches_per_step": 49.0,
+            "syncs_per_step": 1.0, "cudagraph_skips": 0, "first_divergence": first,
+        }  # fmt: skip
+
+    data = {
+        "command": "python benchmarks/diag_compiled_step.py --out x.json",
+        "machine": {"gpu": "NVIDIA H200"},
+        "versions": {"torch": "2.11", "transformers": "5.17"},
+        "results": [
+            {
+                "shape": "mixtral",
+                "layers": 8,
+                "routed_pair_reduction_on_prompt": 0.3,
+                "first_token": {
+                    "tokens": {"unpatched": 5, "static": 5, "dynamic": 6},
+                    "unpatched_top2_margin": 0.09,
+                    "max_abs_logit_diff": {"static": 0.4, "dynamic": 6.0},
+                },
+                "variants": {
+                    "unpatched": variant(6.0, 4.9, 0.0),
+                    "static": variant(4.0, 3.0, 2.0, first=7),
+                    "dynamic": variant(3.5, 2.5, 1.5, first=0),
+                },
+            },
+        ],
+    }
+    text = "\n".join(render_decode.render_diag_compiled_step(data, tmp_path / "diag.json"))
+    # 3.5 / 4.0 = 0.875 against 1.15 x 0.7 = 0.805; experts 50% of the step: ceiling 1 - 0.3 x 0.5 = 0.85
+    assert "dynamic/static 0.875 for a pair ratio of 0.700 (limit 0.805): **missed**." in text
+    assert "Those kernels are 50.0% of static's step" in text and "would be 0.850, above the limit" in text
+    assert "| static | 4.000 | 3.000 | 2.000 | 1.000 | 1.000 | 1.0 | 49.0 | 1.0 | 0 | 7 |" in text
+    assert "margin 0.09, static's largest logit difference from unpatched 0.4" in text
+    # experts 90% of a faster dynamic step: the ceiling is within the limit and the step meets it
+    data["results"][0]["variants"]["static"] = variant(4.0, 3.9, 3.6)
+    data["results"][0]["variants"]["dynamic"] = variant(3.0, 2.9, 2.5)
+    text = "\n".join(render_decode.render_diag_compiled_step(data, tmp_path / "diag.json"))
+    assert "dynamic/static 0.750 for a pair ratio of 0.700 (limit 0.805): met." in text
+    assert "would be 0.730, within the limit" in text
+    assert gen is not None

@@ -265,6 +265,32 @@ def test_training_is_deterministic_for_a_seed():  # type: ignore[no-untyped-def]
     assert a == b  # same digest, offset and config
 
 
+def test_cpu_training_is_bit_reproducible_and_restores_the_determinism_setting():  # type: ignore[no-untyped-def]
+    # 8 windows of 64 tokens on 2 threads: without deterministic algorithms the compensation
+    # means' accumulating index_put_ sums in thread order and two runs differ in the last digits
+    data = torch.randint(0, 64, (16, 65), generator=torch.Generator().manual_seed(0))
+    cfg = AllocatorTraining(steps=8, batch_windows=8, offset_iterations=2, means_windows=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert not torch.are_deterministic_algorithms_enabled()
+        runs = [train_allocator(tiny_model("olmoe"), data[:12], data[12:], cfg) for _ in range(2)]
+        assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
+        static = dmr.LearnedAllocator.fixed(tiny_model("olmoe"), [2, 3])
+        means_cfg = AllocatorTraining(steps=4, batch_windows=8, means_windows=4)
+        tuned = [train_means(tiny_model("olmoe"), static, data, means_cfg) for _ in range(2)]
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(threads)
+    a, b = runs
+    assert a.params is not None and b.params is not None and set(a.params) == {"weight", "bias", "means"}
+    for name in a.params:
+        assert torch.equal(a.params[name], b.params[name]), name
+    assert a.record is not None and a.record["deterministic"] is True
+    assert tuned[0].params is not None and tuned[1].params is not None
+    assert torch.equal(tuned[0].params["means"], tuned[1].params["means"])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [

@@ -456,6 +456,28 @@ def _frozen(root: Any) -> Iterator[None]:
         root.train(was_training)
 
 
+@contextmanager
+def _reproducible(device: torch.device) -> Iterator[None]:
+    """On a CPU, torch's deterministic algorithms for the block (the caller's setting restored after).
+
+    Without them the backward's accumulating ``index_put_`` (the gradient of the compensation means'
+    gather) sums in thread order, so two trainings with the same seed, data and thread count
+    differed in the 7th digit. It costs no time on 2 cores (one training step of 8 windows 1.71 ->
+    1.66 s, same process). GPUs are left as they are: deterministic mode there needs
+    ``CUBLAS_WORKSPACE_CONFIG`` and refuses ops without a deterministic kernel.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    was = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
 #: rows (tokens) per chunk of :class:`_ChunkedKL` on a CPU: a chunk's few ``(rows, V)`` fp32 temporaries
 #: stay in cache (32 rows of a vocabulary of 8192 are 1 MiB each; 16 to 128 rows timed alike on 2 cores)
 _KL_CHUNK_ROWS = 32
@@ -563,7 +585,7 @@ def train_means(
     bar = task(progress, "training compensation", config.steps)
     start = time.perf_counter()
     history: list[dict[str, float]] = []
-    with _frozen(root):
+    with _frozen(root), _reproducible(device):
         opt = torch.optim.Adam([heads.means], lr=config.means_lr)
         order = torch.Generator().manual_seed(config.seed)
         with patched(model, heads, validate=False):
@@ -633,7 +655,7 @@ def train_allocator(
                config.steps + config.offset_iterations)  # fmt: skip
     start = time.perf_counter()
     lam = 0.0
-    with _frozen(root):
+    with _frozen(root), _reproducible(device):
         groups: list[dict[str, Any]] = [{"params": [heads.weight, heads.bias], "lr": config.lr}]
         if heads.means is not None:
             groups.append({"params": [heads.means], "lr": config.means_lr})
@@ -669,6 +691,7 @@ def train_allocator(
             "final_lambda": lam,
             "device": str(device),
             "threads": torch.get_num_threads(),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
             "torch": torch.__version__,
             "machine": platform.machine(),
             "dmr_version": __version__,
