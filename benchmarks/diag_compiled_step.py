@@ -17,9 +17,9 @@ in rounds (each has its own model object over one shared set of weight tensors, 
 * whether inductor skipped CUDA graphs for a variant (its ``cudagraph_skips`` counter and the
   messages it logged);
 * the greedy first token after the prompt: each variant's token, and the unpatched prefill
-  logits' top-1 / top-2 margin against the largest logit difference of the patched variant
-  (random bf16 weights: a margin below that difference is a near-tie that another summation order
-  may flip).
+  logits' top-1 / top-2 margin against each patched variant's largest logit difference from
+  unpatched (random bf16 weights: a margin below twice static's difference is a near-tie that
+  another summation order may flip; dynamic's difference comes from its routing).
 
 Variants: ``unpatched``; ``static`` / ``dynamic`` (``dmr.StaticTopK()`` / ``dmr.TopP(p)`` with
 ``p`` bisected for about 30% fewer pairs on the prompt; ``validate=False``).
@@ -207,6 +207,9 @@ def write(args: argparse.Namespace, results: list[dict[str, Any]], start: float,
         "machine": {"gpu": torch.cuda.get_device_name(), "host": platform.processor() or platform.machine()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "wall_s": round(time.time() - start, 1),
+        "new_tokens": args.new_tokens,
+        "rounds": args.rounds,
+        "target": args.target,
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

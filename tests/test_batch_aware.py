@@ -68,6 +68,45 @@ def test_counts_follow_the_documented_rule(case) -> None:  # type: ignore[no-unt
         assert torch.equal(r.ids, inner.ids) and torch.equal(r.weights, inner.weights)
 
 
+def _old_trim_counts(policy: dmr.BatchAware, ranked: torch.Tensor, probs: torch.Tensor, k_max: int):  # type: ignore[no-untyped-def]
+    """keep_counts as it was before 0.2.0: the slot ids and the masses through (T, k_max, E) tensors."""
+    inner_min = policy.inner.k_range(k_max, probs.shape[1])[0]
+    counts = policy.inner.keep_counts(ranked, probs, inner_min, k_max)
+    num_experts = probs.shape[1]
+    slots = torch.arange(k_max)
+    kept = slots[None, :] < counts[:, None]
+    slot_ids = (probs[:, None, :] == ranked[:, :, None]).to(torch.uint8).argmax(-1)
+    owner = slot_ids[:, :, None] == torch.arange(num_experts)
+    mass = ((ranked * kept)[:, :, None] * owner).sum((0, 1))
+    protected = kept & (slots[None, :] < policy.min_keep)
+    votes = torch.zeros(num_experts).index_add_(0, slot_ids.reshape(-1), protected.reshape(-1).float())
+    n_active = max(1, math.ceil(policy.experts * num_experts))
+    top = torch.zeros(num_experts).scatter_(0, mass.topk(min(n_active, num_experts)).indices, 1.0)
+    active = (votes + top) > 0
+    outside = ~active[slot_ids] & (slots[None, :] >= policy.min_keep)
+    return torch.minimum(counts, torch.where(outside, slots[None, :], k_max).amin(-1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 40), st.integers(2, 16), st.integers(1, 8), st.sampled_from([0.05, 0.25, 0.5, 0.75]),
+    st.integers(1, 3), st.integers(0, 2**31 - 1), st.sampled_from([4, 16, 256]),
+)  # fmt: skip
+def test_trimming_without_t_k_e_temporaries_equals_the_old_formula(  # type: ignore[no-untyped-def]
+    tokens, experts, k, fraction, min_keep, seed, levels
+):
+    # probabilities on a grid of 1/levels: exact ties are common (the id recovery must resolve them
+    # to the lower index, as the old argmax did) and every mass is exact in float32, so the two
+    # summation orders agree to the bit and so must the counts
+    k = min(k, experts)
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.randint(0, levels + 1, (tokens, experts), generator=gen).float() / levels  # (T, E)
+    ranked = probs.gather(1, probs.topk(k).indices)  # (T, k) as the family ranks them
+    policy = dmr.BatchAware(dmr.StaticTopK(), experts=fraction, min_keep=min_keep)
+    got = policy.keep_counts(ranked, probs, 1, k)
+    assert torch.equal(got, _old_trim_counts(policy, ranked, probs, k))
+
+
 def test_cuts_distinct_experts_of_a_batch() -> None:
     gen = torch.Generator().manual_seed(0)
     probs = torch.softmax(torch.randn(64, 64, generator=gen) * 2, -1)  # (T, E): decode batch of 64

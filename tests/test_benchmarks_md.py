@@ -476,12 +476,18 @@ def test_compiled_step_diagnostic_verdict_and_ceiling_follow_the_data(tmp_path):
     # 3.5 / 4.0 = 0.875 against 1.15 x 0.7 = 0.805; experts 50% of the step: ceiling 1 - 0.3 x 0.5 = 0.85
     assert "dynamic/static 0.875 for a pair ratio of 0.700 (limit 0.805): **missed**." in text
     assert "Those kernels are 50.0% of static's step" in text and "would be 0.850, above the limit" in text
-    assert "| static | 4.000 | 3.000 | 2.000 | 1.000 | 1.000 | 1.0 | 49.0 | 1.0 | 0 | 7 |" in text
+    assert "| static | 4.000 | 3.000 | 2.000 | 1.000 | 1.000 | 1.0 | 49.0 | 1.0 | 0 | 8 |" in text  # 1-based
+    assert "| dynamic | 3.500 | 2.500 | 1.500 | 1.000 | 1.000 | 1.0 | 49.0 | 1.0 | 0 | 1 |" in text
     assert "margin 0.09, static's largest logit difference from unpatched 0.4" in text
+    assert "so a near-tie can flip the token" in text
     # experts 90% of a faster dynamic step: the ceiling is within the limit and the step meets it
     data["results"][0]["variants"]["static"] = variant(4.0, 3.9, 3.6)
     data["results"][0]["variants"]["dynamic"] = variant(3.0, 2.9, 2.5)
     text = "\n".join(render_decode.render_diag_compiled_step(data, tmp_path / "diag.json"))
     assert "dynamic/static 0.750 for a pair ratio of 0.700 (limit 0.805): met." in text
-    assert "would be 0.730, within the limit" in text
+    assert "would be 0.730, within the limit, as the measured step is." in text
+    # the ceiling within the limit but the measured step above it: the kernels' scaling misses
+    data["results"][0]["variants"]["dynamic"] = variant(3.4, 3.3, 3.0)
+    text = "\n".join(render_decode.render_diag_compiled_step(data, tmp_path / "diag.json"))
+    assert "(limit 0.805): **missed**." in text and "the experts kernels' own scaling is what misses" in text
     assert gen is not None

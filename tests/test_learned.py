@@ -22,6 +22,7 @@ from dynamic_moe_router.learn import (
     measure_reduction,
     train_allocator,
     train_means,
+    trainer,
 )
 from dynamic_moe_router.learn.trainer import _KL_CHUNK_ROWS, _ChunkedKL
 from dynamic_moe_router.policies.learned import spread_keep
@@ -265,22 +266,35 @@ def test_training_is_deterministic_for_a_seed():  # type: ignore[no-untyped-def]
     assert a == b  # same digest, offset and config
 
 
-def test_cpu_training_is_bit_reproducible_and_restores_the_determinism_setting():  # type: ignore[no-untyped-def]
+def test_cpu_training_is_bit_reproducible_and_restores_the_determinism_setting(monkeypatch):  # type: ignore[no-untyped-def]
     # 8 windows of 64 tokens on 2 threads: without deterministic algorithms the compensation
     # means' accumulating index_put_ sums in thread order and two runs differ in the last digits
     data = torch.randint(0, 64, (16, 65), generator=torch.Generator().manual_seed(0))
     cfg = AllocatorTraining(steps=8, batch_windows=8, offset_iterations=2, means_windows=4)
+    static = dmr.LearnedAllocator.fixed(tiny_model("olmoe"), [2, 3])
+    means_cfg = AllocatorTraining(steps=4, batch_windows=8, means_windows=4)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         assert not torch.are_deterministic_algorithms_enabled()
         runs = [train_allocator(tiny_model("olmoe"), data[:12], data[12:], cfg) for _ in range(2)]
         assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
-        static = dmr.LearnedAllocator.fixed(tiny_model("olmoe"), [2, 3])
-        means_cfg = AllocatorTraining(steps=4, batch_windows=8, means_windows=4)
+        torch.use_deterministic_algorithms(True, warn_only=True)  # another caller setting, kept too
         tuned = [train_means(tiny_model("olmoe"), static, data, means_cfg) for _ in range(2)]
-        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(False)
+
+        def fail(*args, **kwargs):  # type: ignore[no-untyped-def]
+            assert torch.are_deterministic_algorithms_enabled()  # on while training
+            raise RuntimeError("stop")
+
+        monkeypatch.setattr(trainer, "_distil_kl", fail)
+        with pytest.raises(RuntimeError, match="stop"):
+            train_allocator(tiny_model("olmoe"), data[:12], data[12:], cfg)
+        assert not torch.are_deterministic_algorithms_enabled()  # restored after an error too
     finally:
+        torch.use_deterministic_algorithms(False)
         torch.set_num_threads(threads)
     a, b = runs
     assert a.params is not None and b.params is not None and set(a.params) == {"weight", "bias", "means"}
@@ -289,6 +303,7 @@ def test_cpu_training_is_bit_reproducible_and_restores_the_determinism_setting()
     assert a.record is not None and a.record["deterministic"] is True
     assert tuned[0].params is not None and tuned[1].params is not None
     assert torch.equal(tuned[0].params["means"], tuned[1].params["means"])
+    assert tuned[0].record is not None and tuned[0].record["means_deterministic"] is True
 
 
 @pytest.mark.parametrize(

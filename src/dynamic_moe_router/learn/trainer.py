@@ -457,21 +457,23 @@ def _frozen(root: Any) -> Iterator[None]:
 
 
 @contextmanager
-def _reproducible(device: torch.device) -> Iterator[None]:
-    """On a CPU, torch's deterministic algorithms for the block (the caller's setting restored after).
+def _reproducible(root: Any) -> Iterator[None]:
+    """With every parameter of ``root`` on a CPU, torch's deterministic algorithms for the block (the
+    caller's setting, ``warn_only`` included, restored after, also on an error).
 
     Without them the backward's accumulating ``index_put_`` (the gradient of the compensation means'
     gather) sums in thread order, so two trainings with the same seed, data and thread count
     differed in the 7th digit. It costs no time on 2 cores (one training step of 8 windows 1.71 ->
-    1.66 s, same process). GPUs are left as they are: deterministic mode there needs
-    ``CUBLAS_WORKSPACE_CONFIG`` and refuses ops without a deterministic kernel.
+    1.66 s, same process). A model with any parameter on a GPU is left as it is: deterministic mode
+    is process-wide, and there it needs ``CUBLAS_WORKSPACE_CONFIG`` and refuses ops without a
+    deterministic kernel.
     """
-    if device.type != "cpu":
+    if any(p.device.type != "cpu" for p in root.parameters()):
         yield
         return
     was = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=warn_only and was)
     try:
         yield
     finally:
@@ -585,7 +587,7 @@ def train_means(
     bar = task(progress, "training compensation", config.steps)
     start = time.perf_counter()
     history: list[dict[str, float]] = []
-    with _frozen(root), _reproducible(device):
+    with _frozen(root), _reproducible(root):
         opt = torch.optim.Adam([heads.means], lr=config.means_lr)
         order = torch.Generator().manual_seed(config.seed)
         with patched(model, heads, validate=False):
@@ -598,6 +600,7 @@ def train_means(
                 if step % 10 == 0 or step == config.steps - 1:
                     history.append({"step": step, "kl": float(kl.detach())})
                 bar.advance()
+        deterministic = torch.are_deterministic_algorithms_enabled()
     bar.finish()
     record = {
         **dict(policy.record or {}),
@@ -605,6 +608,7 @@ def train_means(
         "means_lr": config.means_lr,
         "means_seconds": time.perf_counter() - start,
         "means_history": history,
+        "means_deterministic": deterministic,
     }
     trained = heads.means.detach().cpu().clone()
     return dataclasses.replace(policy.with_means(trained), record=record)
@@ -655,7 +659,7 @@ def train_allocator(
                config.steps + config.offset_iterations)  # fmt: skip
     start = time.perf_counter()
     lam = 0.0
-    with _frozen(root), _reproducible(device):
+    with _frozen(root), _reproducible(root):
         groups: list[dict[str, Any]] = [{"params": [heads.weight, heads.bias], "lr": config.lr}]
         if heads.means is not None:
             groups.append({"params": [heads.means], "lr": config.means_lr})

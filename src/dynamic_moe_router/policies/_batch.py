@@ -182,15 +182,17 @@ class BatchAware(RoutingPolicy):
         num_experts = probs.shape[1]
         slots = torch.arange(k_max, device=probs.device)  # (k_max,)
         kept = slots[None, :] < counts[:, None]  # (T, k_max)
-        # the ranked slots' expert ids, recovered from the probabilities (policies see no ids);
-        # exact: ranked_probs are probs gathered at the ranked ids, both float32
-        match = probs[:, None, :] == ranked_probs[:, :, None]  # (T, k_max, E)
-        slot_ids = match.to(torch.uint8).argmax(-1)  # (T, k_max): the first expert with that value
-        expert_ids = torch.arange(num_experts, device=probs.device)  # (E,)
-        owner = slot_ids[:, :, None] == expert_ids  # (T, k_max, E): one expert per slot
-        # a fixed-order reduction, not index_add_ (atomics on a GPU add in no fixed order, which
-        # could flip a near-tie of the active set between two runs of the same batch)
-        mass = ((ranked_probs * kept)[:, :, None] * owner).sum((0, 1))  # (E,)
+        ranked_probs = ranked_probs.to(probs.dtype)
+        slot_ids = _ranked_ids(probs, ranked_probs)  # (T, k_max)
+        # each expert's mass: a row-wise scatter-add (a row's ids collide only where two experts tie
+        # exactly, and two addends commute exactly) and a fixed-order sum over tokens, not index_add_
+        # over the batch (GPU atomics add in no fixed order, which could flip a near-tie of the
+        # active set between two runs of the same batch); no (T, k_max, E) temporary. (An earlier
+        # version summed a (T, k_max, E) product; the two orders may round a near-tie of two
+        # experts' masses differently.)
+        kept_probs = torch.where(kept, ranked_probs, torch.zeros_like(ranked_probs))  # (T, k_max)
+        per_token = torch.zeros_like(probs).scatter_add_(1, slot_ids, kept_probs)  # (T, E)
+        mass = per_token.sum(0)  # (E,)
         n_active = max(1, math.ceil(self.experts * num_experts))
         keep_first = self.min_keep  # >= k_min (see k_range)
         protected = kept & (slots[None, :] < keep_first)  # (T, k_max)
@@ -209,6 +211,27 @@ class BatchAware(RoutingPolicy):
     def describe(self) -> str:
         tail = ", reroute=True" if self.reroute else f", min_keep={self.min_keep}"
         return f"batch_aware(inner={self.inner.describe()}, experts={self.experts}{tail})"
+
+
+def _ranked_ids(probs: torch.Tensor, ranked_probs: torch.Tensor) -> torch.Tensor:
+    """The expert id of each ranked slot, recovered from the probabilities (policies see no ids):
+    for each value of ``ranked_probs (T, k_max)`` the lowest expert index whose probability in
+    ``probs (T, E)`` equals it (exact: ranked_probs are probs gathered at the ranked ids, both
+    float32; an exact tie resolves to the lower index). A stable ascending sort and a binary
+    search per row: ``(T, E)`` temporaries only. Rows with NaN (refused by routing's validation)
+    give unspecified ids; the clamp only keeps the gather in bounds.
+
+    Example:
+        >>> import torch
+        >>> probs = torch.tensor([[0.1, 0.5, 0.1, 0.3]])
+        >>> _ranked_ids(probs, torch.tensor([[0.5, 0.3, 0.1]])).tolist()
+        [[1, 3, 0]]
+    """
+    import torch
+
+    values, order = torch.sort(probs, dim=-1, stable=True)  # (T, E) ascending; ties in index order
+    first = torch.searchsorted(values, ranked_probs.contiguous(), side="left")  # (T, k_max)
+    return order.gather(1, first.clamp_(max=probs.shape[1] - 1))  # (T, k_max)
 
 
 def _static() -> RoutingPolicy:
