@@ -16,6 +16,9 @@ in rounds (each has its own model object over one shared set of weight tensors, 
   kernel launches issued outside graphs, and the host synchronisations;
 * whether inductor skipped CUDA graphs for a variant (its ``cudagraph_skips`` counter and the
   messages it logged);
+* the routed-pair reduction of the decode steps themselves (the policy was bisected on the
+  prompt): the dynamic variant's own greedy tokens fed back one at a time through its eager
+  forward with a dynamic cache, under ``dmr.profile``;
 * the greedy first token after the prompt: each variant's token, and the unpatched prefill
   logits' top-1 / top-2 margin against each patched variant's largest logit difference from
   unpatched (random bf16 weights: a margin below twice static's difference is a near-tie that
@@ -115,6 +118,22 @@ def per_step_profile(model, prompt, new_tokens: int) -> dict[str, Any]:  # type:
     }
 
 
+def decode_pair_reduction(model, prompt, tokens: list[int]) -> float:  # type: ignore[no-untyped-def]
+    """Routed-pair reduction over decode steps: ``tokens`` (a variant's own greedy tokens) fed one
+    at a time after the prompt's prefill, eager with a dynamic cache, counted by ``dmr.profile``."""
+    import torch
+
+    import dynamic_moe_router as dmr
+
+    with torch.no_grad():
+        cache = model(prompt, use_cache=True).past_key_values
+        with dmr.profile(model, count_dense=False) as rep:
+            for t in tokens:
+                step = torch.tensor([[t]], device=prompt.device)  # (1, 1)
+                cache = model(step, past_key_values=cache, use_cache=True).past_key_values
+    return float(rep.to_dict()["routed_flop_reduction"])
+
+
 def first_token(models: dict[str, Any], prompt) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """Prefill logits at the last position (eager, no cache): each variant's greedy token, the
     unpatched top-1 / top-2 margin and each variant's largest logit difference from unpatched."""
@@ -181,6 +200,10 @@ def run_shape(shape: str, layers: int, args: argparse.Namespace) -> dict[str, An
         with torch.no_grad():
             prof[v] = per_step_profile(m, prompt, args.new_tokens)
     ref_tokens = info["unpatched"]["generated_tokens"]
+    if "dynamic" in models:
+        out["routed_pair_reduction_on_decode"] = decode_pair_reduction(
+            models["dynamic"], prompt, info["dynamic"]["generated_tokens"]
+        )
     out["variants"] = {}
     for v in models:
         keys = samples[v][0].keys()
@@ -238,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         results.append(res)
         write(args, results, start, argv)
         print(json.dumps(res["first_token"]), flush=True)
+        print(
+            f"{shape}: pair reduction on the prompt {res['routed_pair_reduction_on_prompt']:.3f}, "
+            f"on the decode steps {res.get('routed_pair_reduction_on_decode', float('nan')):.3f}",
+            flush=True,
+        )
         for v, d in res["variants"].items():
             print(
                 f"{shape:8s} {v:10s} generate step {d['generate_step_ms']:6.3f} ms  GPU "

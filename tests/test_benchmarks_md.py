@@ -474,7 +474,7 @@ def test_compiled_step_diagnostic_verdict_and_ceiling_follow_the_data(tmp_path):
     }
     text = "\n".join(render_decode.render_diag_compiled_step(data, tmp_path / "diag.json"))
     # 3.5 / 4.0 = 0.875 against 1.15 x 0.7 = 0.805; experts 50% of the step: ceiling 1 - 0.3 x 0.5 = 0.85
-    assert "dynamic/static 0.875 for a pair ratio of 0.700 (limit 0.805): **missed**." in text
+    assert "dynamic/static 0.875 for the prompt's pair ratio 0.700 (limit 0.805): **missed**." in text
     assert "Those kernels are 50.0% of static's step" in text and "would be 0.850, above the limit" in text
     assert "| static | 4.000 | 3.000 | 2.000 | 1.000 | 1.000 | 1.0 | 49.0 | 1.0 | 0 | 8 |" in text  # 1-based
     assert "| dynamic | 3.500 | 2.500 | 1.500 | 1.000 | 1.000 | 1.0 | 49.0 | 1.0 | 0 | 1 |" in text
@@ -484,10 +484,16 @@ def test_compiled_step_diagnostic_verdict_and_ceiling_follow_the_data(tmp_path):
     data["results"][0]["variants"]["static"] = variant(4.0, 3.9, 3.6)
     data["results"][0]["variants"]["dynamic"] = variant(3.0, 2.9, 2.5)
     text = "\n".join(render_decode.render_diag_compiled_step(data, tmp_path / "diag.json"))
-    assert "dynamic/static 0.750 for a pair ratio of 0.700 (limit 0.805): met." in text
+    assert "dynamic/static 0.750 for the prompt's pair ratio 0.700 (limit 0.805): met." in text
     assert "would be 0.730, within the limit, as the measured step is." in text
     # the ceiling within the limit but the measured step above it: the kernels' scaling misses
     data["results"][0]["variants"]["dynamic"] = variant(3.4, 3.3, 3.0)
     text = "\n".join(render_decode.render_diag_compiled_step(data, tmp_path / "diag.json"))
     assert "(limit 0.805): **missed**." in text and "the experts kernels' own scaling is what misses" in text
+    # the decode steps' own pair count, where recorded, sets the limit: 1.15 x 0.8 = 0.92
+    data["results"][0]["routed_pair_reduction_on_decode"] = 0.2
+    data["results"][0]["variants"]["dynamic"] = variant(3.4, 3.3, 3.0)
+    text = "\n".join(render_decode.render_diag_compiled_step(data, tmp_path / "diag.json"))
+    assert "0.850 for the decode steps' pair ratio 0.800 (the prompt's 0.700; limit 0.920): met." in text
+    assert "(pair ratio 0.800, from the decode steps)" in text
     assert gen is not None
