@@ -37,6 +37,8 @@ from render_decode import (
 from render_gpu import render_gpu_e2e, render_gpu_experts
 from render_lowrank_comp import TITLE as LOWRANK_COMP_TITLE
 from render_lowrank_comp import render_lowrank_comp
+from render_lr_schedule import TITLE as LR_SCHEDULE_TITLE
+from render_lr_schedule import render_lr_schedule
 from render_parallel import render_ep, render_gpu_ep_local
 from render_partial_width import TITLE as PARTIAL_WIDTH_TITLE
 from render_partial_width import render_partial_width
@@ -1258,6 +1260,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = 
     "router_tuning": (ROUTER_TUNING_TITLE, render_router_tuning),
     "lowrank_comp_probe": (LOWRANK_COMP_TITLE, render_lowrank_comp),
     "partial_width_probe": (PARTIAL_WIDTH_TITLE, render_partial_width),
+    "lr_schedule_probe": (LR_SCHEDULE_TITLE, render_lr_schedule),
 }
 
 

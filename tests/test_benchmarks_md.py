@@ -410,6 +410,37 @@ def test_partial_width_section_findings_follow_the_data(tmp_path):  # type: igno
     assert "skipped" not in text.split("## Summary")[0]
 
 
+def test_lr_schedule_section_rows_and_finding_follow_the_data(tmp_path):  # type: ignore[no-untyped-def]
+    gen = load_generator()
+
+    def row(schedule: str, lr: float, change: float) -> dict:  # type: ignore[type-arg]
+        return {
+            "lr_schedule": schedule, "config": {"lr": lr, "steps": 400, "batch_windows": 4},
+            "train_seconds": 300.4, "final_kl": 0.01234, "ppl_change": change, "ppl_change_se": 0.0012,
+            "reduction": 0.35,
+        }  # fmt: skip
+
+    payload = {
+        "benchmark": "lr_schedule_probe",
+        "commands": ["python benchmarks/lr_schedule_probe.py --out x.json"],
+        "machine": {"cpu": "x86_64", "threads": 2},
+        "versions": {"torch": "2.13.0"},
+        "model": "ref-test",
+        "windows": {"train": 800, "budget": 64, "scored": 64},
+        "target": 0.35,
+        "rows": [row("constant", 0.003, 0.0129), row("linear", 0.003, 0.0146)],
+    }
+    path = tmp_path / "lr_schedule_probe.json"
+    path.write_text(json.dumps(payload))
+    section = gen.render(tmp_path).split(f"## {gen.LR_SCHEDULE_TITLE}")[1].split("\n## ")[0]
+    assert "| linear | 0.003 | 400 x 4 | 300 | 0.0123 | +1.46% ± 0.12 | 35.0% |" in section
+    assert "none of the other rows beats the first (constant at lr 0.003, +1.29%)" in section
+    payload["rows"].append(row("constant", 0.006, 0.0101))
+    path.write_text(json.dumps(payload))
+    section = gen.render(tmp_path).split(f"## {gen.LR_SCHEDULE_TITLE}")[1].split("\n## ")[0]
+    assert "the lowest is constant at lr 0.006 (+1.01%, against +1.29% for constant at lr 0.003)" in section
+
+
 def test_routing_share_is_judged_inside_the_layer_when_measured(tmp_path):  # type: ignore[no-untyped-def]
     """With the experts timed alone, the 4096-token share verdict reads block minus experts (the
     routing's cost inside the layer) and still prints the share of the routing called alone."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -316,12 +317,42 @@ def test_cpu_training_is_bit_reproducible_and_restores_the_determinism_setting(m
         ({"lr": float("nan")}, "lr"),
         ({"means_lr": 0.0}, "means_lr"),
         ({"learn_means": 1}, "learn_means"),
+        ({"lr_schedule": "exponential"}, "lr_schedule"),
+        ({"lr_schedule": None}, "lr_schedule"),
     ],
 )
 def test_training_config_is_validated(kwargs, field):  # type: ignore[no-untyped-def]
     with pytest.raises(dmr.PolicyError) as err:
         AllocatorTraining(**kwargs)
     assert err.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ("constant", [1.0, 1.0, 1.0, 1.0]),
+        ("linear", [1.0, 0.75, 0.5, 0.25]),
+        ("cosine", [1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5, 0.5 - 0.5 * math.cos(math.pi / 4)]),
+    ],
+)
+def test_lr_schedule_sets_the_rate_of_every_step_for_heads_and_means(schedule, expected, monkeypatch):  # type: ignore[no-untyped-def]
+    seen: list[list[float]] = []
+    step = torch.optim.Adam.step
+
+    def record(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append([g["lr"] for g in self.param_groups])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", record)
+    data = torch.randint(0, 64, (8, 17), generator=torch.Generator().manual_seed(1))
+    cfg = AllocatorTraining(
+        steps=4, batch_windows=2, offset_iterations=2, means_windows=2, lr_schedule=schedule
+    )
+    pol = train_allocator(tiny_model("olmoe"), data, data, cfg)
+    assert len(seen) == 4 and all(len(groups) == 2 for groups in seen)  # heads, compensation means
+    for groups, factor in zip(seen, expected, strict=True):
+        assert groups == pytest.approx([cfg.lr * factor, cfg.means_lr * factor])
+    assert pol.record is not None and pol.record["config"]["lr_schedule"] == schedule
 
 
 @torch.no_grad()

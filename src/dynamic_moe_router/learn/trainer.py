@@ -48,6 +48,14 @@ __all__ = [
 ]
 
 
+#: the learning-rate factor at step ``s`` of ``n`` (``s`` from 0) for each ``lr_schedule``
+LR_SCHEDULES: dict[str, Callable[[int, int], float]] = {
+    "constant": lambda s, n: 1.0,
+    "linear": lambda s, n: 1.0 - s / n,
+    "cosine": lambda s, n: 0.5 * (1.0 + math.cos(math.pi * s / n)),
+}
+
+
 @dataclass(frozen=True)
 class AllocatorTraining:
     """How :func:`train_allocator` trains (the defaults train the reference models in about 7 minutes
@@ -73,6 +81,9 @@ class AllocatorTraining:
             by the vector that best stands in for it under the learned masks; the policy's size and
             FLOPs do not change. Set ``False`` for the plain means.
         means_lr: Adam learning rate of the compensation vectors (with ``learn_means``).
+        lr_schedule: how both learning rates move over the steps: ``"constant"``, ``"linear"``
+            (falls linearly to ``1 / steps`` of the rate at the last step) or ``"cosine"`` (half a
+            cosine down to almost 0). The budget multiplier's rate does not change.
     """
 
     target_reduction: float = 0.35
@@ -88,6 +99,7 @@ class AllocatorTraining:
     means_windows: int = 64
     learn_means: bool = True
     means_lr: float = 1e-2
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         t = self.target_reduction
@@ -116,6 +128,11 @@ class AllocatorTraining:
                 "compensation replaces dropped native slots, so k_max must be None (the native k); pass "
                 "compensation=False to train heads with extra slots",
                 field="k_max",
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise PolicyError(
+                f"lr_schedule must be one of {', '.join(map(repr, LR_SCHEDULES))}, got {self.lr_schedule!r}",
+                field="lr_schedule",
             )
         n = self.noise_final
         if isinstance(n, bool) or not isinstance(n, (int, float)) or not 0.0 <= n <= 1.0:
@@ -664,6 +681,8 @@ def train_allocator(
         if heads.means is not None:
             groups.append({"params": [heads.means], "lr": config.means_lr})
         opt = torch.optim.Adam(groups)
+        factor = LR_SCHEDULES[config.lr_schedule]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factor(s, config.steps))
         order = torch.Generator().manual_seed(config.seed)
         with patched(model, heads, validate=False):
             for step in range(config.steps):
@@ -678,6 +697,7 @@ def train_allocator(
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                sched.step()
                 lam = max(0.0, lam + config.lambda_lr * (config.target_reduction - reduction))
                 if step % 10 == 0 or step == config.steps - 1:
                     history.append(
