@@ -16,9 +16,10 @@ in rounds (each has its own model object over one shared set of weight tensors, 
   kernel launches issued outside graphs, and the host synchronisations;
 * whether inductor skipped CUDA graphs for a variant (its ``cudagraph_skips`` counter and the
   messages it logged);
-* the routed-pair reduction of the decode steps themselves (the policy was bisected on the
-  prompt): the dynamic variant's own greedy tokens fed back one at a time through its eager
-  forward with a dynamic cache, under ``dmr.profile``;
+* the routed-pair reduction of the timed decode steps themselves (the policy was bisected on the
+  prompt): the dynamic variant's own greedy tokens of its ``8 + N`` run, those of steps 8 to
+  ``7 + N`` fed back one at a time through its eager forward with a dynamic cache, under
+  ``dmr.profile``;
 * the greedy first token after the prompt: each variant's token, and the unpatched prefill
   logits' top-1 / top-2 margin against each patched variant's largest logit difference from
   unpatched (random bf16 weights: a margin below twice static's difference is a near-tie that
@@ -118,17 +119,23 @@ def per_step_profile(model, prompt, new_tokens: int) -> dict[str, Any]:  # type:
     }
 
 
-def decode_pair_reduction(model, prompt, tokens: list[int]) -> float:  # type: ignore[no-untyped-def]
-    """Routed-pair reduction over decode steps: ``tokens`` (a variant's own greedy tokens) fed one
-    at a time after the prompt's prefill, eager with a dynamic cache, counted by ``dmr.profile``."""
+def decode_pair_reduction(model, prompt, tokens: list[int], new_tokens: int) -> float:  # type: ignore[no-untyped-def]
+    """Routed-pair reduction over the decode steps the step time covers: of ``generate()`` with
+    ``8 + new_tokens`` tokens (``tokens``, a variant's own greedy ones) minus that with 8, the steps
+    that feed generated tokens 8 .. 7 + new_tokens (1-based). The prompt and the first 7 tokens are
+    prefilled uncounted; those steps' tokens are then fed one at a time, eager with a dynamic cache,
+    counted by ``dmr.profile``."""
     import torch
 
     import dynamic_moe_router as dmr
 
+    if len(tokens) < 7 + new_tokens:
+        raise ValueError(f"need {7 + new_tokens} generated tokens, got {len(tokens)}")
+    head = torch.tensor([tokens[:7]], device=prompt.device)  # (1, 7)
     with torch.no_grad():
-        cache = model(prompt, use_cache=True).past_key_values
+        cache = model(torch.cat([prompt, head], 1), use_cache=True).past_key_values
         with dmr.profile(model, count_dense=False) as rep:
-            for t in tokens:
+            for t in tokens[7 : 7 + new_tokens]:
                 step = torch.tensor([[t]], device=prompt.device)  # (1, 1)
                 cache = model(step, past_key_values=cache, use_cache=True).past_key_values
     return float(rep.to_dict()["routed_flop_reduction"])
@@ -179,10 +186,11 @@ def run_shape(shape: str, layers: int, args: argparse.Namespace) -> dict[str, An
         skips0 = counters["inductor"].get("cudagraph_skips", 0)
         handler.messages.clear()
         with torch.no_grad():
-            for n in (8, 8 + args.new_tokens):
-                generate(m, prompt, n)
+            generate(m, prompt, 8)
+            long_tokens = generate(m, prompt, 8 + args.new_tokens)[0, args.prompt :].tolist()
             tokens = generate(m, prompt, args.new_tokens)[0, args.prompt :].tolist()
         info[v] = {
+            "long_tokens": long_tokens,
             "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0) - skips0,
             "cudagraph_skip_messages": sorted(set(handler.messages))[:5],
             "generated_tokens": tokens,
@@ -202,7 +210,7 @@ def run_shape(shape: str, layers: int, args: argparse.Namespace) -> dict[str, An
     ref_tokens = info["unpatched"]["generated_tokens"]
     if "dynamic" in models:
         out["routed_pair_reduction_on_decode"] = decode_pair_reduction(
-            models["dynamic"], prompt, info["dynamic"]["generated_tokens"]
+            models["dynamic"], prompt, info["dynamic"]["long_tokens"], args.new_tokens
         )
     out["variants"] = {}
     for v in models:
@@ -213,7 +221,7 @@ def run_shape(shape: str, layers: int, args: argparse.Namespace) -> dict[str, An
             **{k: statistics.median(s[k] for s in samples[v]) for k in keys},
             **{f"{k}_rounds": [round(s[k], 4) for s in samples[v]] for k in keys},
             **prof[v],
-            **{k: x for k, x in info[v].items() if k != "generated_tokens"},
+            **{k: x for k, x in info[v].items() if k not in ("generated_tokens", "long_tokens")},
             "first_divergence": agree.index(False) if False in agree else len(agree),
         }
     return out

@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             "split": "gutenberg valid (held-out windows)",
             "windows": {"train": len(train), "budget": len(budget), "scored": len(held)},
             "target": args.target,
+            "context": context,
             "native_window_nll": [round(x, 6) for x in native.tolist()],
             "wall_s": round(time.time() - start, 1),  # of the last command
             "rows": rows,

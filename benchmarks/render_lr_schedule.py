@@ -8,6 +8,7 @@ first (the library's default), and states no met/missed verdict.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +22,20 @@ def render_lr_schedule(data: dict[str, Any], path: Path) -> list[str]:
     machine = data.get("machine") or {}
     cmds = "; ".join(f"`{c}`" for c in data.get("commands") or [data.get("command", "?")])
     w = data["windows"]
+    varying = sorted(k for k in rows[0]["config"] if len({json.dumps(r["config"].get(k)) for r in rows}) > 1)
     lines = [
         f"## {TITLE}",
         "",
         f"Source: `{_rel(path)}` ({cmds}; CPU {machine.get('cpu', '?')}, {machine.get('threads')} threads, "
         f"torch {data['versions']['torch']}). {data['model']}: the learned allocator of `dmr calibrate "
         f"--family learned` ({w['train']} train windows, {w['budget']} valid budget windows, quantile budget "
-        f"for {data['target']:.0%} fewer routed FLOPs), scored on {w['scored']} other valid windows of 512 "
-        "tokens: perplexity change against native ± paired SE over windows, and the routed-FLOP reduction "
-        "reached there. Only the learning-rate schedule (of the heads and the compensation means) and "
-        "rate differ between rows; *linear* falls to 1/steps of the rate at the last step, *cosine* to "
-        "almost 0.",
+        f"for {data['target']:.0%} fewer routed FLOPs), scored on {w['scored']} other valid windows"
+        + (f" of {data['context']} tokens" if "context" in data else "")
+        + ": perplexity change against native ± paired SE over windows (one training per row; the SE "
+        "is against native, not between rows), and the routed-FLOP reduction reached there. *lr* is the "
+        "heads' rate; the schedule also moves the compensation means' rate; *linear* falls to 1/steps of "
+        "the rate at the last step, *cosine* to almost 0. The rows' training configs differ only in: "
+        f"{', '.join(varying) or 'nothing'}." + (f" Note: {data['note']}" if data.get("note") else ""),
         "",
         "| schedule | lr | steps x windows | train s | final KL | perplexity change | reduction |",
         "|---|---:|---|---:|---:|---:|---:|",

@@ -415,7 +415,8 @@ def test_lr_schedule_section_rows_and_finding_follow_the_data(tmp_path):  # type
 
     def row(schedule: str, lr: float, change: float) -> dict:  # type: ignore[type-arg]
         return {
-            "lr_schedule": schedule, "config": {"lr": lr, "steps": 400, "batch_windows": 4},
+            "lr_schedule": schedule,
+            "config": {"lr": lr, "steps": 400, "batch_windows": 4, "lr_schedule": schedule},
             "train_seconds": 300.4, "final_kl": 0.01234, "ppl_change": change, "ppl_change_se": 0.0012,
             "reduction": 0.35,
         }  # fmt: skip
@@ -435,10 +436,12 @@ def test_lr_schedule_section_rows_and_finding_follow_the_data(tmp_path):  # type
     section = gen.render(tmp_path).split(f"## {gen.LR_SCHEDULE_TITLE}")[1].split("\n## ")[0]
     assert "| linear | 0.003 | 400 x 4 | 300 | 0.0123 | +1.46% ± 0.12 | 35.0% |" in section
     assert "none of the other rows beats the first (constant at lr 0.003, +1.29%)" in section
+    assert "The rows' training configs differ only in: lr_schedule." in section
     payload["rows"].append(row("constant", 0.006, 0.0101))
     path.write_text(json.dumps(payload))
     section = gen.render(tmp_path).split(f"## {gen.LR_SCHEDULE_TITLE}")[1].split("\n## ")[0]
     assert "the lowest is constant at lr 0.006 (+1.01%, against +1.29% for constant at lr 0.003)" in section
+    assert "differ only in: lr, lr_schedule." in section and "one training per row" in section
 
 
 def test_routing_share_is_judged_inside_the_layer_when_measured(tmp_path):  # type: ignore[no-untyped-def]
@@ -527,4 +530,5 @@ def test_compiled_step_diagnostic_verdict_and_ceiling_follow_the_data(tmp_path):
     text = "\n".join(render_decode.render_diag_compiled_step(data, tmp_path / "diag.json"))
     assert "0.850 for the decode steps' pair ratio 0.800 (the prompt's 0.700; limit 0.920): met." in text
     assert "(pair ratio 0.800, from the decode steps)" in text
+    assert "would be 0.820" in text  # 1 - (1 - 0.8) x 3.6 / 4.0: the ceiling uses the decode pairs too
     assert gen is not None

@@ -319,6 +319,7 @@ def test_cpu_training_is_bit_reproducible_and_restores_the_determinism_setting(m
         ({"learn_means": 1}, "learn_means"),
         ({"lr_schedule": "exponential"}, "lr_schedule"),
         ({"lr_schedule": None}, "lr_schedule"),
+        ({"lr_schedule": ["linear"]}, "lr_schedule"),
     ],
 )
 def test_training_config_is_validated(kwargs, field):  # type: ignore[no-untyped-def]
@@ -353,6 +354,13 @@ def test_lr_schedule_sets_the_rate_of_every_step_for_heads_and_means(schedule, e
     for groups, factor in zip(seen, expected, strict=True):
         assert groups == pytest.approx([cfg.lr * factor, cfg.means_lr * factor])
     assert pol.record is not None and pol.record["config"]["lr_schedule"] == schedule
+    seen.clear()  # train_means: one group, the compensation means
+    tuned = train_means(
+        tiny_model("olmoe"), dmr.LearnedAllocator.fixed(tiny_model("olmoe"), [2, 3]), data, cfg
+    )
+    assert [groups[0] for groups in seen] == pytest.approx([cfg.means_lr * f for f in expected])
+    assert all(len(groups) == 1 for groups in seen)
+    assert tuned.record is not None and tuned.record["means_lr_schedule"] == schedule
 
 
 @torch.no_grad()

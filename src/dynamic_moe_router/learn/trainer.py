@@ -81,9 +81,10 @@ class AllocatorTraining:
             by the vector that best stands in for it under the learned masks; the policy's size and
             FLOPs do not change. Set ``False`` for the plain means.
         means_lr: Adam learning rate of the compensation vectors (with ``learn_means``).
-        lr_schedule: how both learning rates move over the steps: ``"constant"``, ``"linear"``
-            (falls linearly to ``1 / steps`` of the rate at the last step) or ``"cosine"`` (half a
-            cosine down to almost 0). The budget multiplier's rate does not change.
+        lr_schedule: how the Adam rates (``lr`` and ``means_lr``; ``means_lr`` alone in
+            :func:`train_means`) move over the steps: ``"constant"``, ``"linear"`` (falls linearly
+            to ``1 / steps`` of the rate at the last step) or ``"cosine"`` (half a cosine down to
+            almost 0). The budget multiplier's rate does not change.
     """
 
     target_reduction: float = 0.35
@@ -129,7 +130,7 @@ class AllocatorTraining:
                 "compensation=False to train heads with extra slots",
                 field="k_max",
             )
-        if self.lr_schedule not in LR_SCHEDULES:
+        if not isinstance(self.lr_schedule, str) or self.lr_schedule not in LR_SCHEDULES:
             raise PolicyError(
                 f"lr_schedule must be one of {', '.join(map(repr, LR_SCHEDULES))}, got {self.lr_schedule!r}",
                 field="lr_schedule",
@@ -559,6 +560,13 @@ def _distil_kl(model: Any, heads: _TrainableHeads, batch: torch.Tensor) -> torch
     return _ChunkedKL.apply(teacher, student)
 
 
+def _lr_scheduler(opt: torch.optim.Optimizer, config: AllocatorTraining) -> Any:
+    """``config.lr_schedule`` over ``config.steps`` for every group of ``opt`` (step it after each
+    ``opt.step()``: step ``s`` then runs at the factor for ``s``)."""
+    factor = LR_SCHEDULES[config.lr_schedule]
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factor(s, config.steps))
+
+
 def train_means(
     model: Any,
     policy: LearnedAllocator,
@@ -569,8 +577,8 @@ def train_means(
 ) -> LearnedAllocator:
     """Train only the compensation vectors of ``policy`` (its heads and offset stay as they are) by
     the distillation loss of :func:`train_allocator`, with ``config``'s ``steps``, ``batch_windows``,
-    ``means_lr`` and ``seed``; a policy without compensation first gets the experts' mean outputs
-    (:func:`expert_means` on ``config.means_windows`` windows).
+    ``means_lr``, ``lr_schedule`` and ``seed``; a policy without compensation first gets the
+    experts' mean outputs (:func:`expert_means` on ``config.means_windows`` windows).
 
     It gives a fixed allocation (for example static per-layer top-k, :meth:`LearnedAllocator.fixed`)
     the same trained compensation a learned allocator gets, so that the two compare fairly.
@@ -606,6 +614,7 @@ def train_means(
     history: list[dict[str, float]] = []
     with _frozen(root), _reproducible(root):
         opt = torch.optim.Adam([heads.means], lr=config.means_lr)
+        sched = _lr_scheduler(opt, config)
         order = torch.Generator().manual_seed(config.seed)
         with patched(model, heads, validate=False):
             for step in range(config.steps):
@@ -614,6 +623,7 @@ def train_means(
                 opt.zero_grad()
                 kl.backward()
                 opt.step()
+                sched.step()
                 if step % 10 == 0 or step == config.steps - 1:
                     history.append({"step": step, "kl": float(kl.detach())})
                 bar.advance()
@@ -623,6 +633,7 @@ def train_means(
         **dict(policy.record or {}),
         "means_steps": config.steps,
         "means_lr": config.means_lr,
+        "means_lr_schedule": config.lr_schedule,
         "means_seconds": time.perf_counter() - start,
         "means_history": history,
         "means_deterministic": deterministic,
@@ -681,8 +692,7 @@ def train_allocator(
         if heads.means is not None:
             groups.append({"params": [heads.means], "lr": config.means_lr})
         opt = torch.optim.Adam(groups)
-        factor = LR_SCHEDULES[config.lr_schedule]
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factor(s, config.steps))
+        sched = _lr_scheduler(opt, config)
         order = torch.Generator().manual_seed(config.seed)
         with patched(model, heads, validate=False):
             for step in range(config.steps):
