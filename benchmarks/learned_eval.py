@@ -44,13 +44,14 @@ import torch
 import dynamic_moe_router as dmr
 from dynamic_moe_router.data import data_file, read_jsonl
 from dynamic_moe_router.eval import load_checkpoint
+from dynamic_moe_router.eval.stats import paired_ratio
 from dynamic_moe_router.hf.layers import find_moe_layers, model_family
 from dynamic_moe_router.learn import (
+    allocator_windows,
     expert_means,
     fit_budget,
     fit_quantile_budget,
     score_windows,
-    spread_windows,
     train_means,
 )
 
@@ -73,11 +74,9 @@ def ppl_of(nll: torch.Tensor) -> float:
 
 
 def paired(a: torch.Tensor, b: torch.Tensor, reps: int = 2000) -> tuple[float, float]:
-    """``ppl(b) / ppl(a) - 1`` and its bootstrap SE over windows (paired)."""
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, len(a), (reps, len(a)), generator=g)
-    rel = torch.exp(b[idx].mean(1) - a[idx].mean(1)) - 1.0
-    return math.exp(float(b.mean() - a.mean())) - 1.0, float(rel.std())
+    """``ppl(b) / ppl(a) - 1`` of per-window NLLs and its bootstrap SE over windows (paired)."""
+    ratio, se = paired_ratio(b, a, draws=reps)
+    return ratio - 1.0, se
 
 
 def static_path(model: Any, valid: torch.Tensor, native_k: int, layers: int, targets, batch: int):  # type: ignore[no-untyped-def]
@@ -123,9 +122,9 @@ def run_model(path: Path, args: argparse.Namespace, log, checkpoint) -> dict[str
         name: windows_of(corpus_ids(tokenizer, rel, args.tokens)).to(device) for name, rel in CORPORA.items()
     }
     valid_docs = [r["text"] for r in read_jsonl(data_file("gutenberg/valid.jsonl"))]
-    budget = spread_windows(tokenizer, valid_docs, per_doc=2, max_windows=64).to(device)
+    budget = allocator_windows(tokenizer, valid_docs, "budget").to(device)
     train_docs = (r["text"] for r in read_jsonl(data_file("gutenberg/train.jsonl.xz")))
-    train = spread_windows(tokenizer, train_docs, per_doc=8, max_windows=args.train_windows).to(device)
+    train = allocator_windows(tokenizer, train_docs, "train", max_windows=args.train_windows).to(device)
     native = {n: window_nll(model, dmr.StaticTopK(), w, args.batch)[0] for n, w in test.items()}
     log(f"{path.name}: native ppl " + ", ".join(f"{n} {ppl_of(v):.3f}" for n, v in native.items()))
     means = expert_means(model, train[: args.means_windows])

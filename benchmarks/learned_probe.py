@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dynamic_moe_router.eval.stats import paired_ratio
 from oracle import (  # a sibling script, not a package
     CONTEXT,
     corpus_ids,
@@ -353,11 +354,8 @@ def compare(model_out: dict[str, Any], reps: int = 2000) -> list[dict[str, Any]]
                     continue
                 static, between = got
                 learned = torch.tensor(res["nll_per_window"])
-                g = torch.Generator().manual_seed(0)
-                idx = torch.randint(0, len(learned), (reps, len(learned)), generator=g)
-                diff = torch.exp(learned[idx].mean(1) - static[idx].mean(1)) - 1.0
-                d = math.exp(float(learned.mean() - static.mean())) - 1.0
-                se = float(diff.std())
+                ratio, se = paired_ratio(learned, static, draws=reps)
+                d = ratio - 1.0
                 rows.append(
                     {
                         "k_max": lp["k_max"],

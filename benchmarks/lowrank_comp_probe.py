@@ -38,7 +38,7 @@ import dynamic_moe_router as dmr
 from dynamic_moe_router.data import data_file, read_jsonl
 from dynamic_moe_router.eval import load_checkpoint
 from dynamic_moe_router.hf import patching
-from dynamic_moe_router.learn import spread_windows
+from dynamic_moe_router.learn import allocator_windows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cpu_experts import write_result  # sibling scripts: one result writer
@@ -151,7 +151,7 @@ def run_model(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     model.to(args.device)
     policy = dmr.load_policy(path / "allocators" / "learned-q35.json")
     docs = (r["text"] for r in read_jsonl(data_file("gutenberg/train.jsonl.xz")))
-    train = spread_windows(tokenizer, docs, per_doc=8, max_windows=args.train_windows).to(args.device)
+    train = allocator_windows(tokenizer, docs, "train", max_windows=args.train_windows).to(args.device)
     maps, explained = fit(model, collect(model, train), args.ranks)
     print(f"{path.name}: held-out error relative to none {explained}", flush=True)
     test = {

@@ -7,16 +7,16 @@ Run from the repository root (about 8 minutes per schedule on 2 CPU cores)::
 
 For each ``AllocatorTraining.lr_schedule`` it trains the learned allocator of ``dmr calibrate
 --family learned`` (its training and budget windows, defaults otherwise), fits the quantile budget
-for the target on the budget windows, and scores it on other valid windows (each document's 4th
-and 5th window; the budget used the 2nd and 3rd): the perplexity ratio against the native model
-with a paired standard error over windows, and the achieved routed-FLOP reduction.
+for the target on the budget windows, and scores it on other valid windows (two per document,
+starting where ``dmr calibrate``'s held-out windows do: past the budget windows' last token): the
+perplexity ratio against the native model with a paired bootstrap standard error over windows, and
+the achieved routed-FLOP reduction.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -32,10 +32,13 @@ ROOT = HERE.parent
 
 def main(argv: list[str] | None = None) -> int:
     from dynamic_moe_router._version import __version__
+    from dynamic_moe_router.calibrate import SELECT_SKIP_CONTEXTS
     from dynamic_moe_router.data import data_file, read_jsonl
     from dynamic_moe_router.eval import load_checkpoint
+    from dynamic_moe_router.eval.stats import paired_ratio
     from dynamic_moe_router.learn import (
         AllocatorTraining,
+        allocator_windows,
         fit_quantile_budget,
         score_windows,
         spread_windows,
@@ -64,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         name = f"gutenberg/{split}.jsonl" + (".xz" if split == "train" else "")
         return (r["text"] for r in read_jsonl(data_file(name)))
 
-    train = spread_windows(tok, docs("train"), per_doc=8, context=context, skip=context, max_windows=800)
-    budget = spread_windows(tok, docs("valid"), per_doc=2, context=context, skip=context, max_windows=64)
-    held = spread_windows(tok, docs("valid"), per_doc=2, context=context, skip=3 * context, max_windows=64)
+    train = allocator_windows(tok, docs("train"), "train", context=context)
+    budget = allocator_windows(tok, docs("valid"), "budget", context=context)
+    skip = SELECT_SKIP_CONTEXTS * context + 1  # past the budget windows' last token
+    held = spread_windows(tok, docs("valid"), per_doc=2, context=context, skip=skip, max_windows=64)
     native = score_windows(model, None, held).nll  # (W,)
     start = time.time()
     command = "python benchmarks/lr_schedule_probe.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -74,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = [command]
     if args.append:
         old = json.loads(args.out.read_text())
+        scored_as = (old.get("context"), old.get("held_skip"), old.get("model"), old.get("target"))
+        if scored_as != (context, skip, Path(args.model).name, args.target):
+            raise SystemExit(
+                f"--append: {args.out} was scored otherwise (context, held-out skip, model, target = "
+                f"{scored_as}); rerun without --append"
+            )
         rows, commands = old["rows"], [*old.get("commands", [old.get("command")]), command]
     for item in args.schedules.split(","):
         schedule, _, lr = item.partition("@")
@@ -86,11 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         train_s = time.time() - t0
         policy, _ = fit_quantile_budget(model, policy, budget, args.target, refit_offset=False)
         score = score_windows(model, policy, held)
-        diff = score.nll - native  # (W,) paired per window
-        ratio = math.exp(float(score.nll.mean() - native.mean()))
-        se = ratio * float(diff.std(unbiased=True)) / math.sqrt(len(diff))
+        ratio, se = paired_ratio(score.nll, native)  # (W,) paired per window, bootstrap SE
         rows.append({
-            "lr_schedule": schedule, "lr": cfg.lr, "config": asdict(cfg), "train_seconds": round(train_s, 1),
+            "config": asdict(cfg), "train_seconds": round(train_s, 1),
             "final_kl": policy.record["history"][-1]["kl"], "reduction": score.reduction,
             "ppl_change": ratio - 1.0, "ppl_change_se": se,
             "window_nll": [round(x, 6) for x in score.nll.tolist()],
@@ -106,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             "windows": {"train": len(train), "budget": len(budget), "scored": len(held)},
             "target": args.target,
             "context": context,
+            "held_skip": skip,
             "native_window_nll": [round(x, 6) for x in native.tolist()],
             "wall_s": round(time.time() - start, 1),  # of the last command
             "rows": rows,

@@ -264,12 +264,9 @@ def ppl_of(nll_per_window: torch.Tensor) -> float:
 
 def paired_se(a: torch.Tensor, b: torch.Tensor, reps: int = 1000, seed: int = 0) -> float:
     """Bootstrap (over windows) standard error of the relative perplexity change ``ppl(b)/ppl(a) - 1``."""
-    a, b = a.cpu(), b.cpu()
-    g = torch.Generator().manual_seed(seed)
-    n = len(a)
-    idx = torch.randint(0, n, (reps, n), generator=g)
-    rel = torch.exp(b[idx].mean(1) - a[idx].mean(1)) - 1.0
-    return float(rel.std())
+    from dynamic_moe_router.eval.stats import paired_ratio
+
+    return paired_ratio(b, a, seed=seed, draws=reps)[1]
 
 
 class Masks:

@@ -31,9 +31,10 @@ def render_lr_schedule(data: dict[str, Any], path: Path) -> list[str]:
         f"--family learned` ({w['train']} train windows, {w['budget']} valid budget windows, quantile budget "
         f"for {data['target']:.0%} fewer routed FLOPs), scored on {w['scored']} other valid windows"
         + (f" of {data['context']} tokens" if "context" in data else "")
-        + ": perplexity change against native ± paired SE over windows (one training per row; the SE "
-        "is against native, not between rows), and the routed-FLOP reduction reached there. *lr* is the "
-        "heads' rate; the schedule also moves the compensation means' rate; *linear* falls to 1/steps of "
+        + (f", starting {data['held_skip']} tokens into their documents" if "held_skip" in data else "")
+        + ": perplexity change against native ± paired bootstrap SE over windows (one training per row; "
+        "the SE is against native, not between rows), and the routed-FLOP reduction reached there. *lr* is "
+        "the heads' rate; the schedule also moves the compensation means' rate; *linear* falls to 1/steps of "
         "the rate at the last step, *cosine* to almost 0. The rows' training configs differ only in: "
         f"{', '.join(varying) or 'nothing'}." + (f" Note: {data['note']}" if data.get("note") else ""),
         "",
@@ -43,20 +44,20 @@ def render_lr_schedule(data: dict[str, Any], path: Path) -> list[str]:
     for r in rows:
         c = r["config"]
         lines.append(
-            f"| {r['lr_schedule']} | {c['lr']:g} | {c['steps']} x {c['batch_windows']} "
+            f"| {c['lr_schedule']} | {c['lr']:g} | {c['steps']} x {c['batch_windows']} "
             f"| {r['train_seconds']:.0f} | {r['final_kl']:.4f} "
             f"| {r['ppl_change']:+.2%} ± {100 * r['ppl_change_se']:.2f} "
             f"| {r['reduction']:.1%} |"
         )
     if len(rows) > 1:
         base, best = rows[0], min(rows, key=lambda r: r["ppl_change"])
-        name = f"{best['lr_schedule']} at lr {best['config']['lr']:g}"
+        name = f"{best['config']['lr_schedule']} at lr {best['config']['lr']:g}"
         if best is base:
             finding = f"none of the other rows beats the first ({name}, {base['ppl_change']:+.2%})"
         else:
             finding = (
                 f"the lowest is {name} ({best['ppl_change']:+.2%}, against {base['ppl_change']:+.2%} for "
-                f"{base['lr_schedule']} at lr {base['config']['lr']:g})"
+                f"{base['config']['lr_schedule']} at lr {base['config']['lr']:g})"
             )
         lines += ["", f"Finding (valid split, tuning only): {finding}."]
     return [*lines, ""]

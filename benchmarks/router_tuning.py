@@ -51,7 +51,7 @@ import dynamic_moe_router as dmr
 from dynamic_moe_router.data import data_file, read_jsonl
 from dynamic_moe_router.eval import load_checkpoint
 from dynamic_moe_router.hf.layers import find_moe_layers, model_family
-from dynamic_moe_router.learn import expert_means, fit_budget, measure_reduction, spread_windows
+from dynamic_moe_router.learn import allocator_windows, expert_means, fit_budget, measure_reduction
 from dynamic_moe_router.learn import trainer as trainer_mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -227,9 +227,9 @@ def run_model(path: Path, args: argparse.Namespace, log, checkpoint) -> dict[str
         name: windows_of(corpus_ids(tokenizer, rel, args.tokens)).to(device) for name, rel in CORPORA.items()
     }
     valid_docs = [r["text"] for r in read_jsonl(data_file("gutenberg/valid.jsonl"))]
-    budget = spread_windows(tokenizer, valid_docs, per_doc=2, max_windows=args.budget_windows).to(device)
+    budget = allocator_windows(tokenizer, valid_docs, "budget", max_windows=args.budget_windows).to(device)
     train_docs = (r["text"] for r in read_jsonl(data_file("gutenberg/train.jsonl.xz")))
-    train = spread_windows(tokenizer, train_docs, per_doc=8, max_windows=args.train_windows).to(device)
+    train = allocator_windows(tokenizer, train_docs, "train", max_windows=args.train_windows).to(device)
     native = {n: window_nll(model, dmr.StaticTopK(), w, args.batch)[0] for n, w in test.items()}
     native_valid = window_nll(model, dmr.StaticTopK(), budget, args.batch)[0]
     log(f"{path.name}: native ppl " + ", ".join(f"{n} {ppl_of(v):.3f}" for n, v in native.items()))

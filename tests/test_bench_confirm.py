@@ -12,12 +12,12 @@ import pytest
 import dynamic_moe_router as dmr
 from dynamic_moe_router.cli import main
 from dynamic_moe_router.eval import evaluate, load_checkpoint
+from dynamic_moe_router.eval.stats import paired_delta
 from dynamic_moe_router.sweeps import quality
 from dynamic_moe_router.sweeps.quality import (
     BenchSettings,
     _confirm,
     _Model,
-    _paired_delta,
     _Point,
     confirmation_candidates,
 )
@@ -136,7 +136,7 @@ def test_confirm_scores_candidates_paired_with_native_once(monkeypatch):  # type
         assert got[task]["native_acc"] == native[task]["acc"] and got[task]["acc"] == k2[task]["acc"]
         assert got[task]["delta"] == pytest.approx(k2[task]["acc"] - native[task]["acc"])
         # item by item, in the same order: the paired SE of the per-item differences
-        assert got[task]["delta_se"] == _paired_delta(k2[task]["item_scores"], native[task]["item_scores"])[1]
+        assert got[task]["delta_se"] == paired_delta(k2[task]["item_scores"], native[task]["item_scores"])[1]
     assert len(saves) == 3  # after native, the candidate's policy (kept for a resume), its scores
     _confirm(sweep, points, rows, state, sweep.save, sweep.log)  # a resume: nothing is scored again
     assert len(calls) == 2

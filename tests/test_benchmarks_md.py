@@ -415,7 +415,6 @@ def test_lr_schedule_section_rows_and_finding_follow_the_data(tmp_path):  # type
 
     def row(schedule: str, lr: float, change: float) -> dict:  # type: ignore[type-arg]
         return {
-            "lr_schedule": schedule,
             "config": {"lr": lr, "steps": 400, "batch_windows": 4, "lr_schedule": schedule},
             "train_seconds": 300.4, "final_kl": 0.01234, "ppl_change": change, "ppl_change_se": 0.0012,
             "reduction": 0.35,
@@ -429,6 +428,8 @@ def test_lr_schedule_section_rows_and_finding_follow_the_data(tmp_path):  # type
         "model": "ref-test",
         "windows": {"train": 800, "budget": 64, "scored": 64},
         "target": 0.35,
+        "context": 512,
+        "held_skip": 1537,
         "rows": [row("constant", 0.003, 0.0129), row("linear", 0.003, 0.0146)],
     }
     path = tmp_path / "lr_schedule_probe.json"
@@ -437,6 +438,7 @@ def test_lr_schedule_section_rows_and_finding_follow_the_data(tmp_path):  # type
     assert "| linear | 0.003 | 400 x 4 | 300 | 0.0123 | +1.46% ± 0.12 | 35.0% |" in section
     assert "none of the other rows beats the first (constant at lr 0.003, +1.29%)" in section
     assert "The rows' training configs differ only in: lr_schedule." in section
+    assert "64 other valid windows of 512 tokens, starting 1537 tokens into their documents" in section
     payload["rows"].append(row("constant", 0.006, 0.0101))
     path.write_text(json.dumps(payload))
     section = gen.render(tmp_path).split(f"## {gen.LR_SCHEDULE_TITLE}")[1].split("\n## ")[0]

@@ -569,6 +569,25 @@ def test_held_out_windows_skip_the_documents_the_tuning_windows_read(tokenizer):
     assert held_out_windows(tokenizer, DOCS, 256, 128) is None  # documents shorter than a window's offset
 
 
+def test_held_out_windows_start_after_the_learned_familys_budget_windows(tokenizer):  # type: ignore[no-untyped-def]
+    """A held-out window shares no token with the budget windows that ``allocator_windows`` takes
+    from the same document (the learned family fits its budget on those)."""
+    from dynamic_moe_router.calibrate import held_out_windows
+    from dynamic_moe_router.learn import allocator_windows
+    from dynamic_moe_router.learn.windows import ALLOCATOR_WINDOWS
+
+    context, per_doc = 64, ALLOCATOR_WINDOWS["budget"][0]
+    doc = LONG_DOCS[3]
+    ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+    budget = allocator_windows(tokenizer, [doc], "budget", context=context)
+    assert budget.shape == (per_doc, context + 1)
+    budget_end = context + per_doc * context + 1  # one past the last budget token
+    assert budget[-1].tolist() == ids[budget_end - context - 1 : budget_end]
+    held = held_out_windows(tokenizer, [LONG_DOCS[0], *[doc] * 5], 10, context)
+    assert held is not None
+    assert held[0].tolist() == ids[budget_end : budget_end + context + 1]  # the first token after them
+
+
 def test_families_are_chosen_on_held_out_windows(tokenizer):  # type: ignore[no-untyped-def]
     """The score families are tuned on the calibration windows; the winner is the candidate with
     the lowest NLL on held-out windows, recomputed here independently."""

@@ -753,3 +753,25 @@ def test_chunked_kl_refuses_logits_of_different_shapes():  # type: ignore[no-unt
     shapes = r"teacher logits \(2, 5, 11\) differ from the student's \(2, 5, 12\)"
     with pytest.raises(ValueError, match=shapes):
         _ChunkedKL.apply(torch.randn(2, 5, 11), torch.randn(2, 5, 12, requires_grad=True))
+
+
+def test_allocator_windows_take_the_tables_counts_and_refuse_an_unknown_use():  # type: ignore[no-untyped-def]
+    from dynamic_moe_router.learn import allocator_windows
+    from dynamic_moe_router.learn.windows import ALLOCATOR_WINDOWS
+
+    class Tok:  # one token per character
+        def __call__(self, text, **kw):  # type: ignore[no-untyped-def]
+            return {"input_ids": [ord(c) % 50 for c in text]}
+
+    assert dict(ALLOCATOR_WINDOWS) == {"train": (8, 800), "budget": (2, 64)}  # what calibrate takes
+    text = "".join(chr(48 + (i * 7) % 50) for i in range(200))  # no period shorter than 50 tokens
+    ids = Tok()(text)["input_ids"]
+    for use, per_doc in (("train", 8), ("budget", 2)):
+        got = allocator_windows(Tok(), [text] * 3, use, context=8)
+        assert got.shape == (3 * per_doc, 9)
+        assert got[0].tolist() == ids[8:17]  # the first window is skipped
+        assert got[per_doc - 1].tolist() == ids[8 * per_doc : 8 * per_doc + 9]  # consecutive windows
+        assert len(allocator_windows(Tok(), [text] * 3, use, context=8, max_windows=2)) == 2
+    assert len(allocator_windows(Tok(), [text] * 40, "budget", context=8)) == 64  # the table's cap
+    with pytest.raises(dmr.PolicyError, match="'train', 'budget', got 'tune'"):
+        allocator_windows(Tok(), [text], "tune", context=8)

@@ -19,7 +19,7 @@ import dynamic_moe_router as dmr
 from dynamic_moe_router.calibrate import _calibrate_learned
 from dynamic_moe_router.data import data_file, read_jsonl
 from dynamic_moe_router.eval import load_checkpoint
-from dynamic_moe_router.learn import measure_reduction, score_windows, spread_windows
+from dynamic_moe_router.learn import allocator_windows, measure_reduction, score_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["ref-olmoe", "ref-mixtral"]
@@ -36,7 +36,7 @@ def _valid() -> list[str]:
 
 
 def _budget(tokenizer) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    return spread_windows(tokenizer, _valid(), per_doc=2, max_windows=64)
+    return allocator_windows(tokenizer, _valid(), "budget")
 
 
 @pytest.mark.parametrize("name", MODELS)

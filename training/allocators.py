@@ -43,7 +43,7 @@ from dynamic_moe_router._atomic import write_text_atomic
 from dynamic_moe_router.calibrate import _calibrate_learned
 from dynamic_moe_router.data import data_file, read_jsonl
 from dynamic_moe_router.eval import load_checkpoint
-from dynamic_moe_router.learn import AllocatorTraining, fit_budget, fit_quantile_budget, spread_windows
+from dynamic_moe_router.learn import AllocatorTraining, allocator_windows, fit_budget, fit_quantile_budget
 from dynamic_moe_router.policies import LearnedAllocator, load_policy
 
 HEADLINE = 0.35
@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
         model.to(device)
         out = path / "allocators"
         head = out / f"learned-t{round(HEADLINE * 100)}.json"
-        budget = spread_windows(tokenizer, valid, per_doc=2, max_windows=64)
+        budget = allocator_windows(tokenizer, valid, "budget")
         if quantile_only:
             policy = load_policy(head)
             assert isinstance(policy, LearnedAllocator)

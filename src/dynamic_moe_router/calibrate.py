@@ -123,7 +123,7 @@ SELECT_WINDOWS = 16
 #: ... and used only when the calibration text gives at least this many (else the tuning windows)
 SELECT_MIN_WINDOWS = 4
 #: a held-out window starts this many contexts (plus one token) into its document: after the
-#: learned family's budget windows (``spread_windows(per_doc=2, skip=context)``)
+#: learned family's budget windows (``learn.ALLOCATOR_WINDOWS['budget']``: 2 per document after the first)
 SELECT_SKIP_CONTEXTS = 3
 #: a candidate may win on the held-out windows only if it saves at least the target less this there
 SELECT_TOLERANCE = 0.01
@@ -888,17 +888,15 @@ def _calibrate_learned(  # type: ignore[no-untyped-def]
     (``budget_kind``: the threshold offset, or the per-call quantile budget)."""
     from dataclasses import replace
 
-    from .learn import AllocatorTraining, fit_quantile_budget, spread_windows, train_allocator
+    from .learn import AllocatorTraining, allocator_windows, fit_quantile_budget, train_allocator
 
     if train_documents is None:
         from .data import data_file, read_jsonl
 
         train_documents = (r["text"] for r in read_jsonl(data_file("gutenberg/train.jsonl.xz")))
     config = replace(training or AllocatorTraining(), target_reduction=target)
-    train = spread_windows(
-        tokenizer, train_documents, per_doc=8, context=context, skip=context, max_windows=800
-    )
-    budget = spread_windows(tokenizer, documents, per_doc=2, context=context, skip=context, max_windows=64)
+    train = allocator_windows(tokenizer, train_documents, "train", context=context)
+    budget = allocator_windows(tokenizer, documents, "budget", context=context)
     policy = train_allocator(model, train, budget, config, progress=progress)
     if budget_kind == "quantile":
         # train_allocator fitted the threshold offset (used by decode steps) on these windows already

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
 import os
-import statistics
 import time
 import weakref
 from collections.abc import Mapping, Sequence
@@ -22,6 +20,7 @@ from ..hf.patching import patched
 from ..policies import RoutingPolicy
 from ..profiling import profile
 from .perplexity import corpus_documents, perplexity
+from .stats import paired_delta
 from .tasks import TASKS, evaluate_task
 
 __all__ = ["compare_to_native", "evaluate", "evaluate_native", "load_checkpoint"]
@@ -151,13 +150,6 @@ def evaluate_native(model, tokenizer, **settings: Any) -> dict[str, Any]:  # typ
     return per_model[key]
 
 
-def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    diffs = [x - y for x, y in zip(a, b, strict=True)]
-    mean = statistics.fmean(diffs)
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
-    return mean, se
-
-
 def compare_to_native(result: dict[str, Any], native: dict[str, Any]) -> dict[str, Any]:
     """Changes of ``result`` against ``native`` (both :func:`evaluate` outputs on the same data).
 
@@ -179,7 +171,7 @@ def compare_to_native(result: dict[str, Any], native: dict[str, Any]) -> dict[st
         base = native["perplexity"][name]["ppl"]
         out["perplexity"][name] = {"native_ppl": base, "rel_change": res["ppl"] / base - 1.0}
     for name, res in result["tasks"].items():
-        mean, se = _paired(res["item_scores"], native["tasks"][name]["item_scores"])
+        mean, se = paired_delta(res["item_scores"], native["tasks"][name]["item_scores"])
         out["tasks"][name] = {
             "native_acc": native["tasks"][name]["acc"],
             "acc_delta": mean,

@@ -28,6 +28,7 @@ from typing import Any
 from ..data import data_file, read_jsonl
 from ..errors import DataNotFoundError
 from .loglik import score_requests
+from .stats import mean_se
 
 __all__ = ["TASKS", "Item", "TaskSpec", "evaluate_task", "load_items"]
 
@@ -138,12 +139,6 @@ def _choice_length(continuation: str) -> int:
     return len(continuation.removeprefix(" "))
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return mean, se
-
-
 def evaluate_task(  # type: ignore[no-untyped-def]
     model, tokenizer, name: str, *, limit: int | None = None, batch_size: int = 16
 ) -> dict[str, Any]:
@@ -170,10 +165,10 @@ def evaluate_task(  # type: ignore[no-untyped-def]
         else:
             norm = [x / max(1, _choice_length(req[1])) for x, req in zip(ll, item.requests, strict=True)]
             acc_norm.append(float(max(range(len(norm)), key=norm.__getitem__) == item.gold))
-    out["acc"], out["acc_stderr"] = _mean_se(acc)
+    out["acc"], out["acc_stderr"] = mean_se(acc)
     out["item_scores"] = acc  # per-item 0/1, for paired comparisons between policies
     if acc_norm:
-        out["acc_norm"], out["acc_norm_stderr"] = _mean_se(acc_norm)
+        out["acc_norm"], out["acc_norm_stderr"] = mean_se(acc_norm)
     if lls:
         out["ppl"] = math.exp(-statistics.fmean(lls))
     if groups:

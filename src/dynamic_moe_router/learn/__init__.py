@@ -18,11 +18,12 @@ from .trainer import (
     train_allocator,
     train_means,
 )
-from .windows import spread_windows
+from .windows import allocator_windows, spread_windows
 
 __all__ = [
     "AllocatorTraining",
     "WindowScore",
+    "allocator_windows",
     "expert_means",
     "fit_budget",
     "fit_quantile_budget",

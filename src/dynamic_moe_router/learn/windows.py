@@ -7,14 +7,26 @@ consecutive windows from each document instead, skipping its first ``skip`` toke
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
 
 from ..errors import PolicyError
 
-__all__ = ["spread_windows"]
+__all__ = ["ALLOCATOR_WINDOWS", "allocator_windows", "spread_windows"]
+
+#: how a learned allocator takes its windows (``dmr calibrate --family learned``), by use:
+#: ``(windows per document, at most this many in all)``; each document's first window is skipped
+#: (title pages), so a budget document's windows end ``(1 + 2) * context + 1`` tokens in and the
+#: calibration's held-out windows start there (``calibrate.SELECT_SKIP_CONTEXTS``)
+ALLOCATOR_WINDOWS: Mapping[str, tuple[int, int]] = MappingProxyType(
+    {
+        "train": (8, 800),  # distillation windows, from the train split
+        "budget": (2, 64),  # the windows the budget (offset, quantile shares) is fitted on
+    }
+)
 
 
 def spread_windows(
@@ -57,3 +69,38 @@ def spread_windows(
             field="documents",
         )
     return torch.stack(rows)
+
+
+def allocator_windows(
+    tokenizer: Any,
+    documents: Iterable[str],
+    use: str,
+    *,
+    context: int = 512,
+    max_windows: int | None = None,
+) -> torch.Tensor:  # (N, context + 1) int64
+    """A learned allocator's ``use`` windows (``"train"`` or ``"budget"``, see
+    :data:`ALLOCATOR_WINDOWS`) from ``documents``, as ``dmr calibrate --family learned`` takes them;
+    ``max_windows`` overrides the table's cap (``None`` keeps it; for no cap call
+    :func:`spread_windows`).
+
+    Example:
+        >>> from dynamic_moe_router.learn import allocator_windows
+        >>> class Tok:  # one token per character
+        ...     def __call__(self, text, **kw):
+        ...         return {"input_ids": [ord(c) % 50 for c in text]}
+        >>> allocator_windows(Tok(), ["a" * 100] * 2, "train", context=8).shape
+        torch.Size([16, 9])
+        >>> allocator_windows(Tok(), ["b" * 40] * 3, "budget", context=8).shape
+        torch.Size([6, 9])
+    """
+    if use not in ALLOCATOR_WINDOWS:
+        raise PolicyError(
+            f"allocator windows are for one of {', '.join(map(repr, ALLOCATOR_WINDOWS))}, got {use!r}",
+            field="use",
+        )
+    per_doc, cap = ALLOCATOR_WINDOWS[use]
+    return spread_windows(
+        tokenizer, documents, per_doc=per_doc, context=context, skip=context,
+        max_windows=cap if max_windows is None else max_windows,
+    )  # fmt: skip

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from ..data import data_file
 from ..errors import DataNotFoundError, PolicyError, UnsupportedModelError
 from ..eval.perplexity import read_text_file, token_ids
+from ..eval.stats import paired_ratio
 from ..hf.layers import find_moe_layers, watch_routing
 from ..hf.patching import patched
 from ..policies import BatchAware, RoutingPolicy, StaticTopK
@@ -141,24 +142,6 @@ def decode_nll(
     finally:
         meter.on = False
     return torch.stack(nll, dim=1)
-
-
-def paired_ratio(
-    nll: torch.Tensor, base: torch.Tensor, seed: int = 0, draws: int = 2000
-) -> tuple[float, float]:
-    """``exp(mean nll - mean base)`` of ``(B, N)`` NLLs and its bootstrap standard error over
-    sequences.
-
-    Example:
-        >>> import torch
-        >>> paired_ratio(torch.ones(4, 3), torch.ones(4, 3))
-        (1.0, 0.0)
-    """
-    gen = torch.Generator().manual_seed(seed)
-    diff = (nll - base).mean(dim=1).double()  # (B,) per sequence
-    idx = torch.randint(0, diff.numel(), (draws, diff.numel()), generator=gen)
-    boot = torch.exp(diff[idx].mean(dim=1))
-    return math.exp(float(diff.mean())), float(boot.std())
 
 
 def batch_aware_policies(native_k: int, fractions: Iterable[float]) -> dict[str, RoutingPolicy]:

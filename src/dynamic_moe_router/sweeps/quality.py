@@ -42,10 +42,8 @@ relative to the repository (see :func:`portable_path`).
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -63,6 +61,7 @@ from ..calibrate import KNOBS, calibrate, calibration_windows
 from ..data import data_file, read_jsonl
 from ..errors import PolicyError, ResumeError
 from ..eval import evaluate, load_checkpoint
+from ..eval.stats import paired_delta
 from ..hf.layers import find_moe_layers
 from ..hf.patching import patched
 from ..policies import (
@@ -366,13 +365,6 @@ class _Model:
         return policy_from_dict(made[point.label])
 
 
-def _paired_delta(a: list[float], b: list[float]) -> tuple[float, float]:
-    diffs = [x - y for x, y in zip(a, b, strict=True)]
-    mean = statistics.fmean(diffs)
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
-    return mean, se
-
-
 def _bench_model(  # type: ignore[no-untyped-def]
     path: Path, settings: BenchSettings, state: dict[str, Any], save, log, progress, families
 ) -> dict[str, Any]:
@@ -426,8 +418,8 @@ def _bench_model(  # type: ignore[no-untyped-def]
                 },
             }
         native = state["native"]
-        d_blimp = _paired_delta(blimp["item_scores"], native["blimp_item_scores"])
-        d_lambada = _paired_delta(lambada["item_scores"], native["lambada_item_scores"])
+        d_blimp = paired_delta(blimp["item_scores"], native["blimp_item_scores"])
+        d_lambada = paired_delta(lambada["item_scores"], native["lambada_item_scores"])
         rows.append(
             {
                 "family": point.family,
@@ -546,7 +538,7 @@ def _confirm(sweep: _Model, points: list[_Point], rows: list[dict[str, Any]], st
         got = tasks(sweep.policy(points[i]))  # rows are the points' results, in order
         confirm: dict[str, Any] = {}
         for task in ("blimp", "lambada"):
-            delta, se = _paired_delta(got[task]["item_scores"], base[task]["scores"])
+            delta, se = paired_delta(got[task]["item_scores"], base[task]["scores"])
             confirm[task] = {
                 "items": got[task]["items"],
                 "acc": got[task]["acc"],

@@ -1,0 +1,168 @@
+"""Where the GPU prefill experts layer departs from its pair ratio: each stage timed apart (issue 11).
+
+Run on a CUDA GPU::
+
+    python benchmarks/diag_prefill_stages.py --out benchmarks/diagnostics/diag_prefill_stages.json
+
+The 4096-token prefill target is dynamic/static <= 1.05 x the kept/native pair ratio; on the
+OLMoE-1B-7B shape the layer gives about 0.75 for 0.70 of the pairs. This script takes the routings
+of ``bench_gpu_experts.py`` (bf16 layers, Gaussian router logits at the reference models' entropy,
+``TopP`` set for about 30% fewer pairs) and times, by CUDA-graph replay (median), the whole
+``experts_forward(backend="cuda")`` and each stage of its prefill path (``experts._gpu._grouped_path``)
+on the same inputs: the pair plan, the row gather, the first ``grouped_mm``, the SwiGLU, the second
+``grouped_mm`` and the combine. It also times the two ``grouped_mm`` calls on synthetic plans where
+every expert gets the same row count, over a range of counts, which shows the GEMMs' row-tile
+granularity (time as a step function of rows per expert) without the routing's load imbalance.
+Each stage's dynamic/static ratio is recorded beside the pair ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_cpu_experts as cpu_bench  # noqa: E402  (shared builders and result header)
+from bench_gpu_batch_aware import graph_ms  # noqa: E402
+from bench_gpu_experts import ENTROPY, SHAPES, _routings  # noqa: E402
+
+DEFAULT_OUT = HERE / "diagnostics" / "diag_prefill_stages.json"
+
+
+def stage_fns(experts, hidden, ids, weights) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """One callable per stage of the prefill path, each on the inputs the previous one gives
+    (computed once here), mirroring ``experts._gpu._grouped_path``."""
+    from dynamic_moe_router.experts import _gpu
+
+    k = _gpu._kernels()
+    n, h = ids.numel(), hidden.shape[1]
+    e = experts.gate_up_proj.shape[0]
+    inter = experts.down_proj.shape[2]
+    plan = _gpu.plan_pairs(ids, e)
+    xs = torch.empty(n, h, dtype=hidden.dtype, device=hidden.device)  # (N, H)
+    block = min(1024, _gpu.next_pow2(h))
+    w1, w2 = experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
+
+    def gather() -> None:
+        k.gather_rows[(n,)](
+            hidden, plan.tokens, xs, plan.n_valid, h, hidden.stride(0), xs.stride(0), BLOCK_H=block
+        )
+
+    gather()
+    hg = F.grouped_mm(xs, w1, offs=plan.ends)  # (N, 2I)
+    a = torch.empty(n, inter, dtype=hidden.dtype, device=hidden.device)  # (N, I)
+    block_i = min(1024, _gpu.next_pow2(inter))
+
+    def swiglu() -> None:
+        k.swiglu_rows[(n,)](hg, a, plan.n_valid, inter, hg.stride(0), a.stride(0), BLOCK=block_i)
+
+    swiglu()
+    y = F.grouped_mm(a, w2, offs=plan.ends)  # (N, H)
+    out = torch.empty_like(hidden)
+    return {
+        "plan": lambda: _gpu.plan_pairs(ids, e),
+        "gather": gather,
+        "gemm1": lambda: F.grouped_mm(xs, w1, offs=plan.ends),
+        "swiglu": swiglu,
+        "gemm2": lambda: F.grouped_mm(a, w2, offs=plan.ends),
+        "combine": lambda: _gpu._launch_combine(k, plan, y.unsqueeze(0), weights, out, None),
+    }
+
+
+def uniform_gemms(experts, rows_per_expert: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """ms of the two ``grouped_mm`` calls when every expert has ``rows_per_expert`` rows."""
+    e, _, h = experts.gate_up_proj.shape  # (E, 2I, H)
+    inter = experts.down_proj.shape[2]
+    n = e * rows_per_expert
+    offs = torch.arange(1, e + 1, device="cuda", dtype=torch.int32) * rows_per_expert  # (E,)
+    xs = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(n, inter, device="cuda", dtype=torch.bfloat16)
+    w1, w2 = experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
+    with torch.no_grad():
+        return {
+            "gemm1": graph_ms(lambda: F.grouped_mm(xs, w1, offs=offs)),
+            "gemm2": graph_ms(lambda: F.grouped_mm(a, w2, offs=offs)),
+        }
+
+
+def run_shape(si: int, shape: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """Stage times of static and dynamic routing, and the uniform-count GEMM sweep, for one shape."""
+    from dynamic_moe_router.experts import STANDARD, _gpu, experts_forward
+
+    e = shape["E"]
+    experts = cpu_bench.build_experts(shape, seed=si).to("cuda", torch.bfloat16)
+    sigma = cpu_bench.calibrate_sigma(e, ENTROPY, seed=17 * si)
+    _, p, static, dynamic = _routings(shape, tokens, sigma, seed=si)
+    hidden = torch.randn(tokens, shape["H"], device="cuda", dtype=torch.bfloat16)
+    reason = _gpu.triton_reason(experts, hidden, STANDARD)
+    if reason is not None:  # the "cuda" backend would time its full-buffer fallback, not these stages
+        raise SystemExit(f"the grouped prefill path cannot run here: {reason}")
+    row: dict[str, Any] = {"shape": shape["name"], "tokens": tokens, "top_p": p, "variants": {}}
+    for name, r in (("static", static), ("dynamic", dynamic)):
+        ids, w = r.ids.to("cuda"), r.weights.to("cuda", torch.bfloat16)
+        counts = torch.bincount(ids[ids < e].reshape(-1), minlength=e)  # (E,)
+        with torch.no_grad():
+            times = {
+                "layer": graph_ms(
+                    lambda ids=ids, w=w: experts_forward(experts, hidden, ids, w, backend="cuda")
+                )
+            }
+            times.update({stage: graph_ms(fn) for stage, fn in stage_fns(experts, hidden, ids, w).items()})
+        rows = {"mean": float(counts.float().mean()), "min": int(counts.min()), "max": int(counts.max())}
+        row["variants"][name] = {"pairs": int(counts.sum()), "rows_per_expert": rows, "ms": times}
+        print(shape["name"], name, json.dumps(row["variants"][name]), flush=True)
+    s, d = row["variants"]["static"], row["variants"]["dynamic"]
+    row["pair_ratio"] = d["pairs"] / s["pairs"]
+    row["ratios"] = {stage: d["ms"][stage] / s["ms"][stage] for stage in s["ms"]}
+    row["stage_sum_ms"] = {
+        v: sum(t for stage, t in row["variants"][v]["ms"].items() if stage != "layer")
+        for v in ("static", "dynamic")
+    }
+    mean_static = s["pairs"] / e
+    grid = {max(1, round(mean_static * f)) for f in (0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9, 1.0)}
+    fine = range(max(16, 16 * (round(mean_static * 0.62) // 16)), round(mean_static * 0.78) + 1, 16)
+    row["uniform_gemm_ms"] = {str(c): uniform_gemms(experts, c) for c in sorted({*grid, *fine})}
+    print(shape["name"], json.dumps({"ratios": row["ratios"], "uniform": row["uniform_gemm_ms"]}), flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", default="4096,16384", help="comma-separated token counts")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("diag_prefill_stages needs a CUDA GPU", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    import triton
+
+    command = cpu_bench.command_line("diag_prefill_stages.py", argv)
+    out = {
+        **cpu_bench.result_header("diag_prefill_stages", command),
+        "machine": {**cpu_bench.gpu_machine(transformers=False), "triton": triton.__version__},
+        "note": "each stage is replayed alone (its inputs may still sit in L2 from the previous "
+        "replay), so a stage may run faster than inside the layer and stage_sum_ms need not equal "
+        "the layer's time",
+        "shapes": [],
+    }
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        for si, shape in enumerate(SHAPES):
+            out["shapes"].append(run_shape(si, shape, tokens))
+            torch.cuda.empty_cache()
+            out["wall_s"] = time.perf_counter() - t0
+            cpu_bench.write_result(out, args.out)  # after every shape: a later failure keeps these
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
