@@ -13,7 +13,10 @@ on the same inputs: the pair plan, the row gather, the first ``grouped_mm``, the
 ``grouped_mm`` and the combine. It also times the two ``grouped_mm`` calls on synthetic plans where
 every expert gets the same row count, over a range of counts, which shows the GEMMs' row-tile
 granularity (time as a step function of rows per expert) without the routing's load imbalance.
-Each stage's dynamic/static ratio is recorded beside the pair ratio.
+Each stage's dynamic/static ratio is recorded beside the pair ratio, and per routing the number of
+row tiles of 64, 128 and 256 rows that the experts' row counts round up to.
+
+``--tiles-only`` needs no GPU: it prints those tile counts for the same routings (drawn on the CPU).
 """
 
 from __future__ import annotations
@@ -36,6 +39,31 @@ from bench_gpu_batch_aware import graph_ms  # noqa: E402
 from bench_gpu_experts import ENTROPY, SHAPES, _routings  # noqa: E402
 
 DEFAULT_OUT = HERE / "diagnostics" / "diag_prefill_stages.json"
+TILE_ROWS = (64, 128, 256)
+
+
+def row_tiles(counts: torch.Tensor) -> dict[str, int]:  # counts (E,) rows per expert
+    """Row tiles per tile height: the sum over experts of ``ceil(rows / tile)``."""
+    return {str(t): int(((counts + t - 1) // t).sum()) for t in TILE_ROWS}
+
+
+def routing_tiles(tokens: int) -> list[dict[str, Any]]:
+    """Per shape: pairs and row tiles of the static and dynamic routings (CPU only)."""
+    out = []
+    for si, shape in enumerate(SHAPES):
+        e = shape["E"]
+        sigma = cpu_bench.calibrate_sigma(e, ENTROPY, seed=17 * si)
+        _, _, static, dynamic = _routings(shape, tokens, sigma, seed=si)
+        row: dict[str, Any] = {"shape": shape["name"], "tokens": tokens}
+        for name, r in (("static", static), ("dynamic", dynamic)):
+            counts = torch.bincount(r.ids[r.ids < e].reshape(-1), minlength=e)  # (E,)
+            row[name] = {"pairs": int(counts.sum()), "row_tiles": row_tiles(counts)}
+        row["tile_ratio"] = {
+            t: row["dynamic"]["row_tiles"][t] / row["static"]["row_tiles"][t]
+            for t in row["static"]["row_tiles"]
+        }
+        out.append(row)
+    return out
 
 
 def stage_fns(experts, hidden, ids, weights) -> dict[str, Any]:  # type: ignore[no-untyped-def]
@@ -118,7 +146,9 @@ def run_shape(si: int, shape: dict[str, Any], tokens: int) -> dict[str, Any]:
             }
             times.update({stage: graph_ms(fn) for stage, fn in stage_fns(experts, hidden, ids, w).items()})
         rows = {"mean": float(counts.float().mean()), "min": int(counts.min()), "max": int(counts.max())}
-        row["variants"][name] = {"pairs": int(counts.sum()), "rows_per_expert": rows, "ms": times}
+        row["variants"][name] = {
+            "pairs": int(counts.sum()), "rows_per_expert": rows, "row_tiles": row_tiles(counts), "ms": times,
+        }  # fmt: skip
         print(shape["name"], name, json.dumps(row["variants"][name]), flush=True)
     s, d = row["variants"]["static"], row["variants"]["dynamic"]
     row["pair_ratio"] = d["pairs"] / s["pairs"]
@@ -139,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="4096,16384", help="comma-separated token counts")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--tiles-only", action="store_true", help="print the routings' row tiles (no GPU)")
     args = ap.parse_args(argv)
+    if args.tiles_only:
+        for tokens in (int(t) for t in args.tokens.split(",")):
+            print(json.dumps(routing_tiles(tokens)))
+        return 0
     if not torch.cuda.is_available():
         print("diag_prefill_stages needs a CUDA GPU", file=sys.stderr)
         return 2
