@@ -775,3 +775,5 @@ def test_allocator_windows_take_the_tables_counts_and_refuse_an_unknown_use():  
     assert len(allocator_windows(Tok(), [text] * 40, "budget", context=8)) == 64  # the table's cap
     with pytest.raises(dmr.PolicyError, match="'train', 'budget', got 'tune'"):
         allocator_windows(Tok(), [text], "tune", context=8)
+    with pytest.raises(dmr.PolicyError, match=r"got \['train'\]"):
+        allocator_windows(Tok(), [text], ["train"], context=8)  # type: ignore[arg-type]
