@@ -11,7 +11,8 @@ default: the whole model) and the Mixtral-8x7B shape (``--mixtral-layers``, 2 by
 Variants: ``unpatched`` (transformers' own experts), ``static`` (``dmr.StaticTopK()``: this
 project's kernels, native routing), ``dynamic`` (``dmr.TopP(p)`` with ``p`` bisected on the
 prompts for about 30% fewer routed pairs; the achieved reduction is recorded), and
-``batch_aware`` (``dmr.BatchAware(dmr.StaticTopK(), ...)``) where the library has it. Patched
+``batch_aware`` (``dmr.BatchAware(dmr.StaticTopK(), ...)``) where the library has it, and, when
+named, ``tile_aware`` (``dmr.TileAware`` of the ``dynamic`` variant's ``TopP``, 256-row tiles). Patched
 variants use ``validate=False``. A ``+graphs`` suffix (``static+graphs``, ...) patches with
 ``cuda_graphs=True`` (each layer's routing and experts replayed as CUDA graphs in eager mode); those
 variants run in eager mode only. A ``+fused`` suffix patches with ``fused_routing=True`` (one Triton
@@ -300,6 +301,10 @@ def make_policy(dmr, model, prompts, args: argparse.Namespace, base: str):  # ty
         return dynamic_policy(model, first, args.target)
     if base == "batch_aware":
         return dmr.BatchAware(dmr.StaticTopK(), **json.loads(args.batch_aware)), {}
+    if base == "tile_aware":  # the dynamic variant's TopP with its rows moved to whole 256-row tiles
+        first = prompts[args.prompts[0]][: min(max(args.batches), 8)]
+        inner, chosen = dynamic_policy(model, first, args.target)
+        return dmr.TileAware(inner, rows=256), chosen
     return None, {}
 
 
@@ -462,6 +467,10 @@ def main(argv: list[str] | None = None) -> int:
     args.modes = str(args.modes).split(",")
     if args.worker:
         return interleaved_worker(args) if args.interleave else worker(args)
+    bases = {"unpatched", "static", "dynamic", "batch_aware", "tile_aware"}
+    for variant in args.variants.split(","):
+        if variant_options(variant)[0] not in bases:
+            ap.error(f"unknown variant {variant!r}: its name before any + must be one of {sorted(bases)}")
     import torch
 
     if not torch.cuda.is_available():

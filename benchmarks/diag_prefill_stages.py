@@ -16,6 +16,10 @@ granularity (time as a step function of rows per expert) without the routing's l
 Each stage's dynamic/static ratio is recorded beside the pair ratio, and per routing the number of
 row tiles of 64, 128 and 256 rows that the experts' row counts round up to.
 
+Tile-aligned variants: the routings of ``dmr.TileAware(TopP(p), rows=ALIGN_ROWS, mode=m)`` for each
+mode (each expert's row count moved to whole tiles of 256 rows: ``round``, ``trim``, ``refill``);
+their pairs, row tiles and whole-layer times are recorded beside the others.
+
 ``--tiles-only`` needs no GPU: it prints those tile counts for the same routings (drawn on the CPU).
 """
 
@@ -31,6 +35,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import dynamic_moe_router as dmr
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -40,11 +46,21 @@ from bench_gpu_experts import ENTROPY, SHAPES, _routings  # noqa: E402
 
 DEFAULT_OUT = HERE / "diagnostics" / "diag_prefill_stages.json"
 TILE_ROWS = (64, 128, 256)
+#: rows per tile the aligned variants move each expert's count to (grouped_mm's apparent row tile)
+ALIGN_ROWS = 256
+ALIGN_MODES = ("trim", "refill", "round")
 
 
 def row_tiles(counts: torch.Tensor) -> dict[str, int]:  # counts (E,) rows per expert
     """Row tiles per tile height: the sum over experts of ``ceil(rows / tile)``."""
     return {str(t): int(((counts + t - 1) // t).sum()) for t in TILE_ROWS}
+
+
+def tile_aligned(shape: dict[str, Any], logits: torch.Tensor, p: float, mode: str) -> Any:
+    """The routing of ``dmr.TileAware(dmr.TopP(p), rows=ALIGN_ROWS, mode=mode)`` on ``logits``."""
+    probs = torch.softmax(logits, dim=-1)
+    policy = dmr.TileAware(dmr.TopP(p=p), rows=ALIGN_ROWS, mode=mode)
+    return dmr.route(probs, policy, native_k=shape["k"], normalize=shape["normalize"])
 
 
 def routing_tiles(tokens: int) -> list[dict[str, Any]]:
@@ -53,10 +69,12 @@ def routing_tiles(tokens: int) -> list[dict[str, Any]]:
     for si, shape in enumerate(SHAPES):
         e = shape["E"]
         sigma = cpu_bench.calibrate_sigma(e, ENTROPY, seed=17 * si)
-        _, _, static, dynamic = _routings(shape, tokens, sigma, seed=si)
+        logits, p, static, dynamic = _routings(shape, tokens, sigma, seed=si)
         row: dict[str, Any] = {"shape": shape["name"], "tokens": tokens}
-        for name, r in (("static", static), ("dynamic", dynamic)):
-            counts = torch.bincount(r.ids[r.ids < e].reshape(-1), minlength=e)  # (E,)
+        variants = {"static": static.ids, "dynamic": dynamic.ids}
+        variants.update({f"{m}{ALIGN_ROWS}": tile_aligned(shape, logits, p, m).ids for m in ALIGN_MODES})
+        for name, ids in variants.items():
+            counts = torch.bincount(ids[ids < e].reshape(-1), minlength=e)  # (E,)
             row[name] = {"pairs": int(counts.sum()), "row_tiles": row_tiles(counts)}
         row["tile_ratio"] = {
             t: row["dynamic"]["row_tiles"][t] / row["static"]["row_tiles"][t]
@@ -129,14 +147,18 @@ def run_shape(si: int, shape: dict[str, Any], tokens: int) -> dict[str, Any]:
     e = shape["E"]
     experts = cpu_bench.build_experts(shape, seed=si).to("cuda", torch.bfloat16)
     sigma = cpu_bench.calibrate_sigma(e, ENTROPY, seed=17 * si)
-    _, p, static, dynamic = _routings(shape, tokens, sigma, seed=si)
+    logits, p, static, dynamic = _routings(shape, tokens, sigma, seed=si)
     hidden = torch.randn(tokens, shape["H"], device="cuda", dtype=torch.bfloat16)
     reason = _gpu.triton_reason(experts, hidden, STANDARD)
     if reason is not None:  # the "cuda" backend would time its full-buffer fallback, not these stages
         raise SystemExit(f"the grouped prefill path cannot run here: {reason}")
     row: dict[str, Any] = {"shape": shape["name"], "tokens": tokens, "top_p": p, "variants": {}}
-    for name, r in (("static", static), ("dynamic", dynamic)):
-        ids, w = r.ids.to("cuda"), r.weights.to("cuda", torch.bfloat16)
+    routings = {"static": (static.ids, static.weights), "dynamic": (dynamic.ids, dynamic.weights)}
+    for m in ALIGN_MODES:
+        aligned = tile_aligned(shape, logits, p, m)
+        routings[f"{m}{ALIGN_ROWS}"] = (aligned.ids, aligned.weights)
+    for name, (ids, w) in routings.items():
+        ids, w = ids.to("cuda"), w.to("cuda", torch.bfloat16)
         counts = torch.bincount(ids[ids < e].reshape(-1), minlength=e)  # (E,)
         with torch.no_grad():
             times = {
@@ -144,7 +166,8 @@ def run_shape(si: int, shape: dict[str, Any], tokens: int) -> dict[str, Any]:
                     lambda ids=ids, w=w: experts_forward(experts, hidden, ids, w, backend="cuda")
                 )
             }
-            times.update({stage: graph_ms(fn) for stage, fn in stage_fns(experts, hidden, ids, w).items()})
+            if name in ("static", "dynamic"):  # the aligned variants: the whole layer only
+                times.update({st: graph_ms(fn) for st, fn in stage_fns(experts, hidden, ids, w).items()})
         rows = {"mean": float(counts.float().mean()), "min": int(counts.min()), "max": int(counts.max())}
         row["variants"][name] = {
             "pairs": int(counts.sum()), "rows_per_expert": rows, "row_tiles": row_tiles(counts), "ms": times,
@@ -153,6 +176,11 @@ def run_shape(si: int, shape: dict[str, Any], tokens: int) -> dict[str, Any]:
     s, d = row["variants"]["static"], row["variants"]["dynamic"]
     row["pair_ratio"] = d["pairs"] / s["pairs"]
     row["ratios"] = {stage: d["ms"][stage] / s["ms"][stage] for stage in s["ms"]}
+    row["aligned"] = {
+        m: {"pair_ratio": v["pairs"] / s["pairs"], "layer_ratio": v["ms"]["layer"] / s["ms"]["layer"]}
+        for m, v in row["variants"].items()
+        if m not in ("static", "dynamic")
+    }
     row["stage_sum_ms"] = {
         v: sum(t for stage, t in row["variants"][v]["ms"].items() if stage != "layer")
         for v in ("static", "dynamic")
@@ -161,7 +189,8 @@ def run_shape(si: int, shape: dict[str, Any], tokens: int) -> dict[str, Any]:
     grid = {max(1, round(mean_static * f)) for f in (0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9, 1.0)}
     fine = range(max(16, 16 * (round(mean_static * 0.62) // 16)), round(mean_static * 0.78) + 1, 16)
     row["uniform_gemm_ms"] = {str(c): uniform_gemms(experts, c) for c in sorted({*grid, *fine})}
-    print(shape["name"], json.dumps({"ratios": row["ratios"], "uniform": row["uniform_gemm_ms"]}), flush=True)
+    summary = {"ratios": row["ratios"], "aligned": row["aligned"], "uniform": row["uniform_gemm_ms"]}
+    print(shape["name"], json.dumps(summary), flush=True)
     return row
 
 

@@ -44,6 +44,8 @@ from render_partial_width import TITLE as PARTIAL_WIDTH_TITLE
 from render_partial_width import render_partial_width
 from render_router_tuning import TITLE as ROUTER_TUNING_TITLE
 from render_router_tuning import render_router_tuning
+from render_tile_aware import TITLE as TILE_AWARE_TITLE
+from render_tile_aware import render_tile_aware
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -1261,6 +1263,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = 
     "lowrank_comp_probe": (LOWRANK_COMP_TITLE, render_lowrank_comp),
     "partial_width_probe": (PARTIAL_WIDTH_TITLE, render_partial_width),
     "lr_schedule_probe": (LR_SCHEDULE_TITLE, render_lr_schedule),
+    "tile_aware_eval": (TILE_AWARE_TITLE, render_tile_aware),
 }
 
 

@@ -534,3 +534,63 @@ def test_compiled_step_diagnostic_verdict_and_ceiling_follow_the_data(tmp_path):
     assert "(pair ratio 0.800, from the decode steps)" in text
     assert "would be 0.820" in text  # 1 - (1 - 0.8) x 3.6 / 4.0: the ceiling uses the decode pairs too
     assert gen is not None
+
+
+def test_tile_aware_section_rows_and_findings_follow_the_data(tmp_path):  # type: ignore[no-untyped-def]
+    gen = load_generator()
+
+    def corpus(reduction: float, vs_native: float, tiles: int, vs_top=None, equal=None):  # type: ignore[no-untyped-def]
+        c = {
+            "reduction": reduction, "ppl": 60.0, "tiles": {"64": 4 * tiles, "128": 2 * tiles, "256": tiles},
+            "tile_ratio_native": {"64": tiles / 200, "128": tiles / 200, "256": tiles / 200},
+            "vs_native": {"change": vs_native, "se": 0.0015},
+        }  # fmt: skip
+        if vs_top is not None:
+            c["tile_ratio_top_p"] = {t: tiles / 150 for t in ("64", "128", "256")}
+            c["vs_top_p_same_p"] = {"change": vs_top, "se": 0.001}
+        if equal is not None:
+            c["vs_top_p_equal_flops"] = {"change": equal, "se": 0.001, "between": "0.300..0.350"}
+        return c
+
+    points = [
+        {
+            "target": 0.3, "top_p": 0.48, "policy": "top_p",
+            "corpora": {"gutenberg_test": corpus(0.304, 0.0394, 150)},
+        },
+        {
+            "target": 0.3, "top_p": 0.48, "policy": "round",
+            "corpora": {"gutenberg_test": corpus(0.311, 0.032, 105, vs_top=-0.0071, equal=-0.0085)},
+        },
+        {
+            "target": 0.35, "top_p": 0.45, "policy": "round",
+            "corpora": {"gutenberg_test": corpus(0.364, 0.041, 99, vs_top=-0.0075, equal=0.0005)},
+        },
+    ]  # fmt: skip
+    payload = {
+        "benchmark": "tile_aware_eval",
+        "command": "python benchmarks/tile_aware_eval.py --out x.json",
+        "machine": {"cpu": "x86_64", "threads": 2},
+        "torch": "2.13.0",
+        "rows": 256,
+        "batch_windows": 8,
+        "models": [
+            {
+                "model": "ref-test", "num_experts": 32, "native_k": 4, "tokens_per_call": 4096,
+                "native": {"gutenberg_test": {"ppl": 62.0, "tiles": {"256": 200}, "calls": 6}},
+                "points": points,
+            }
+        ],
+    }  # fmt: skip
+    (tmp_path / "tile_aware.json").write_text(json.dumps(payload))
+    section = gen.render(tmp_path).split(f"## {gen.TILE_AWARE_TITLE}")[1].split("\n## ")[0]
+    assert "| 30% | 0.4800 | top_p | gutenberg_test | 30.4% | +3.94% ± 0.15 | - | - | - | 0.750 |" in section
+    assert (
+        "| 30% | 0.4800 | round | gutenberg_test | 31.1% | +3.20% ± 0.15 | -0.71% ± 0.10 | -0.85% ± 0.10 "
+        "| 0.700 | 0.525 |" in section
+    )
+    assert (
+        "ref-test, gutenberg_test, `round` against `TopP` at equal routed FLOPs: -0.85% to +0.05% over 2 "
+        "targets (1 lower by more than 2 SE, 0 higher by more than 2 SE), on 0.660-0.700 of `TopP`'s row "
+        "tiles." in section
+    )
+    assert "skipped" not in gen.render(tmp_path).split("## Summary")[0]

@@ -48,7 +48,8 @@ def test_compiled_static_cache_generate_matches_eager(family: str) -> None:
         assert handle.executed_pairs() - eager_pairs <= eager_pairs  # compiled steps are not counted
     assert torch.equal(static, native)
     assert torch.equal(again, native)
-    for policy in (dmr.TopP(p=0.5), dmr.BatchAware(dmr.TopP(p=0.8), experts=0.5)):
+    tile = dmr.TileAware(dmr.TopP(p=0.5), rows=4)  # 14 prompt tokens x 2 slots: whole tiles move
+    for policy in (dmr.TopP(p=0.5), dmr.BatchAware(dmr.TopP(p=0.8), experts=0.5), tile):
         with dmr.patched(model, policy):
             dynamic_eager = _generate(model, ids, compiled=False)
             dynamic = _generate(model, ids, compiled=True)

@@ -36,6 +36,7 @@ FUSED_CASES: dict[str, list[dmr.RoutingPolicy]] = {
 #: the other registered policies, one instance each: they must run the ordinary routing
 OTHER_CASES: dict[str, dmr.RoutingPolicy] = {
     "batch_aware": dmr.BatchAware(dmr.TopP(p=0.5)),
+    "tile_aware": dmr.TileAware(dmr.TopP(p=0.5)),
 }
 
 

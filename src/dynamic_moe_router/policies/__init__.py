@@ -13,6 +13,7 @@ from ._io import (
     save_policy,
 )
 from ._per_layer import PerLayer
+from ._tile import TileAware
 from .learned import LearnedAllocator
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "RelativeThreshold",
     "RoutingPolicy",
     "StaticTopK",
+    "TileAware",
     "TopP",
     "from_pretrained",
     "load_policy",
