@@ -18,7 +18,9 @@ row tiles of 64, 128 and 256 rows that the experts' row counts round up to.
 
 Tile-aligned variants: the routings of ``dmr.TileAware(TopP(p), rows=ALIGN_ROWS, mode=m)`` for each
 mode (each expert's row count moved to whole tiles of 256 rows: ``round``, ``trim``, ``refill``);
-their pairs, row tiles and whole-layer times are recorded beside the others.
+their pairs, row tiles and whole-layer times are recorded beside the others (the routings computed on
+the CPU), and ``routing_ms`` times ``dmr.route`` on the GPU for ``TopP`` and for each mode (the
+policy's own cost, probabilities in, ids and weights out).
 
 ``--tiles-only`` needs no GPU: it prints those tile counts for the same routings (drawn on the CPU).
 """
@@ -140,7 +142,7 @@ def uniform_gemms(experts, rows_per_expert: int) -> dict[str, float]:  # type: i
         }
 
 
-def run_shape(si: int, shape: dict[str, Any], tokens: int) -> dict[str, Any]:
+def run_shape(si: int, shape: dict[str, Any], tokens: int, uniform: bool = True) -> dict[str, Any]:
     """Stage times of static and dynamic routing, and the uniform-count GEMM sweep, for one shape."""
     from dynamic_moe_router.experts import STANDARD, _gpu, experts_forward
 
@@ -181,10 +183,29 @@ def run_shape(si: int, shape: dict[str, Any], tokens: int) -> dict[str, Any]:
         for m, v in row["variants"].items()
         if m not in ("static", "dynamic")
     }
+    # the routing's own GPU time (softmax probabilities in, ids and weights out), TopP and TileAware
+    probs = torch.softmax(logits.to("cuda"), dim=-1)
+    route_policies = {"dynamic": dmr.TopP(p=p)}
+    route_policies.update(
+        {f"{m}{ALIGN_ROWS}": dmr.TileAware(dmr.TopP(p=p), rows=ALIGN_ROWS, mode=m) for m in ALIGN_MODES}
+    )
+    with torch.no_grad():
+        row["routing_ms"] = {
+            name: graph_ms(
+                lambda pol=pol: dmr.route(
+                    probs, pol, native_k=shape["k"], normalize=shape["normalize"], validate=False
+                )
+            )
+            for name, pol in route_policies.items()
+        }
     row["stage_sum_ms"] = {
         v: sum(t for stage, t in row["variants"][v]["ms"].items() if stage != "layer")
         for v in ("static", "dynamic")
     }
+    if not uniform:
+        print(shape["name"], json.dumps({"ratios": row["ratios"], "aligned": row["aligned"],
+                                         "routing_ms": row["routing_ms"]}), flush=True)  # fmt: skip
+        return row
     mean_static = s["pairs"] / e
     grid = {max(1, round(mean_static * f)) for f in (0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9, 1.0)}
     fine = range(max(16, 16 * (round(mean_static * 0.62) // 16)), round(mean_static * 0.78) + 1, 16)
@@ -199,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", default="4096,16384", help="comma-separated token counts")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--tiles-only", action="store_true", help="print the routings' row tiles (no GPU)")
+    ap.add_argument("--no-uniform", action="store_true", help="skip the uniform-rows GEMM sweep")
     args = ap.parse_args(argv)
     if args.tiles_only:
         for tokens in (int(t) for t in args.tokens.split(",")):
@@ -221,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for tokens in (int(t) for t in args.tokens.split(",")):
         for si, shape in enumerate(SHAPES):
-            out["shapes"].append(run_shape(si, shape, tokens))
+            out["shapes"].append(run_shape(si, shape, tokens, uniform=not args.no_uniform))
             torch.cuda.empty_cache()
             out["wall_s"] = time.perf_counter() - t0
             cpu_bench.write_result(out, args.out)  # after every shape: a later failure keeps these

@@ -15,13 +15,35 @@ from render_gpu import _rel
 TITLE = "Tile-aware routing: quality and GEMM row tiles on the reference models (prefill)"
 
 
+#: the widest bracket of TopP reductions an equal-FLOP comparison may interpolate across (files written
+#: before tile_aware_eval.py recorded ``max_bracket`` are held to the same limit)
+MAX_BRACKET = 0.06
+
+
 def _pm(r: dict[str, Any] | None) -> str:
     return "-" if r is None else f"{r['change']:+.2%} ± {100 * r['se']:.2f}"
+
+
+def _width(between: str) -> float:
+    lo, _, hi = between.partition("..")
+    return float(hi) - float(lo) if hi else 0.0
+
+
+def _equal(c: dict[str, Any], limit: float) -> dict[str, Any] | None:
+    """The equal-FLOP comparison of a row, if its TopP bracket is narrow enough."""
+    eq = c.get("vs_top_p_equal_flops")
+    return eq if eq is not None and _width(eq["between"]) <= limit + 1e-9 else None
+
+
+def _eq_cell(c: dict[str, Any], limit: float) -> str:
+    eq = _equal(c, limit)
+    return "-" if eq is None else f"{_pm(eq)} ({eq['between']})"
 
 
 def render_tile_aware(data: dict[str, Any], path: Path) -> list[str]:
     machine = data.get("machine") or {}
     rows = data["rows"]
+    limit = float(data.get("max_bracket", MAX_BRACKET))
     lines = [
         f"## {TITLE}",
         "",
@@ -31,9 +53,12 @@ def render_tile_aware(data: dict[str, Any], path: Path) -> list[str]:
         f"prefill). `TopP(p)` with `p` bisected on Gutenberg valid for each target; `TileAware(TopP(p), "
         f"rows={rows}, mode)` at the same `p`. *reduction*: routed-FLOP reduction on the corpus (pair "
         "counters); *vs native*, *vs TopP same p*, *vs TopP equal FLOPs*: perplexity change ± paired "
-        "bootstrap SE over windows, the last against `TopP`'s points (native included) interpolated per "
-        f"window to this row's reduction; *tiles*: row tiles of {rows} rows (sum over calls and experts of "
-        f"ceil(rows / {rows})) over `TopP`'s at the same `p` and over native top-k's.",
+        "bootstrap SE over windows, the last against `TopP`'s points (native and the curve-only points "
+        f"included) interpolated per window to this row's reduction between the two `TopP` reductions in "
+        f"brackets, only where they are at most {limit:.2f} apart (perplexity is convex in the reduction, so "
+        "a wider chord would overstate `TopP`'s perplexity); *tiles*: row tiles of "
+        f"{rows} rows (sum over calls and experts of ceil(rows / {rows})) over `TopP`'s at the same `p` and "
+        "over native top-k's.",
         "",
     ]
     for model in data["models"]:
@@ -54,28 +79,37 @@ def render_tile_aware(data: dict[str, Any], path: Path) -> list[str]:
                 lines.append(
                     f"| {point['target']:.0%} | {point['top_p']:.4f} | {point['policy']} | {corpus} "
                     f"| {c['reduction']:.1%} | {_pm(c['vs_native'])} | {_pm(c.get('vs_top_p_same_p'))} "
-                    f"| {_pm(c.get('vs_top_p_equal_flops'))} "
+                    f"| {_eq_cell(c, limit)} "
                     f"| {'-' if over_top is None else f'{over_top:.3f}'} "
                     f"| {c['tile_ratio_native'][str(rows)]:.3f} |"
                 )
         lines.append("")
         for corpus in native:
-            eq = [
-                p["corpora"][corpus]
-                for p in model["points"]
-                if p["policy"] == "round" and "vs_top_p_equal_flops" in p["corpora"][corpus]
-            ]
-            if not eq:
-                continue
-            changes = [c["vs_top_p_equal_flops"] for c in eq]
-            better = sum(c["change"] < -2 * c["se"] for c in changes)
-            worse = sum(c["change"] > 2 * c["se"] for c in changes)
-            tiles = [c["tile_ratio_top_p"][str(rows)] for c in eq]
-            lines.append(
-                f"- {model['model']}, {corpus}, `round` against `TopP` at equal routed FLOPs: "
-                f"{min(c['change'] for c in changes):+.2%} to {max(c['change'] for c in changes):+.2%} over "
-                f"{len(changes)} targets ({better} lower by more than 2 SE, {worse} higher by more than "
-                f"2 SE), on {min(tiles):.3f}-{max(tiles):.3f} of `TopP`'s row tiles."
-            )
+            for mode in ("round", "refill"):
+                lines += _finding(model, corpus, mode, limit, rows)
         lines.append("")
     return lines
+
+
+def _finding(model: dict[str, Any], corpus: str, mode: str, limit: float, tile: int) -> list[str]:
+    """One line: ``mode`` against TopP at equal routed FLOPs on ``corpus``, over the comparable rows."""
+    rows = [p["corpora"][corpus] for p in model["points"] if p["policy"] == mode]
+    if not rows:
+        return []
+    head = f"- {model['model']}, {corpus}, `{mode}` against `TopP` at equal routed FLOPs"
+    eq = [(c, _equal(c, limit)) for c in rows]
+    eq = [(c, e) for c, e in eq if e is not None]
+    if not eq:
+        return [f"{head}: not compared (no two `TopP` points within {limit:.2f} around its reductions)."]
+    changes = [e for _, e in eq]
+    better = sum(e["change"] < -2 * e["se"] for e in changes)
+    worse = sum(e["change"] > 2 * e["se"] for e in changes)
+    tiles = [c["tile_ratio_top_p"][str(tile)] for c, _ in eq]
+    low, high = min(e["change"] for e in changes), max(e["change"] for e in changes)
+    span = f"{low:+.2%}" if low == high else f"{low:+.2%} to {high:+.2%}"
+    rest = "" if len(eq) == len(rows) else "; the others had no two `TopP` points close enough"
+    tile_span = f"{min(tiles):.3f}" if min(tiles) == max(tiles) else f"{min(tiles):.3f}-{max(tiles):.3f}"
+    return [
+        f"{head}: {span} over {len(eq)} of {len(rows)} targets ({better} lower by more than 2 SE, {worse} "
+        f"higher by more than 2 SE{rest}), on {tile_span} of `TopP`'s row tiles."
+    ]

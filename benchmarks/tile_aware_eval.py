@@ -9,10 +9,13 @@ For each reference model:
 * ``TopP(p)`` with ``p`` bisected on Gutenberg valid windows (``dmr.learn.allocator_windows(...,
   "budget")``) for each ``--targets`` routed-FLOP reduction;
 * ``TileAware(TopP(p), rows, mode)`` for each ``--modes`` at the same ``p``;
+* ``TopP`` alone at ``--curve-targets`` too (bisected the same way), so that the equal-FLOP
+  comparisons below find ``TopP`` points near every row's reduction (``refill`` lands at 7-28%);
 * on the first ``--tokens`` tokens of the Gutenberg test split and of WikiText-2 test (the ``dmr
   bench`` windows): perplexity, the routed-FLOP reduction from the patch's pair counters, the
   paired perplexity ratio to ``TopP`` at the same ``p`` and to ``TopP`` interpolated per window to
-  the same reduction (equal routed FLOPs), each with a bootstrap standard error over windows;
+  the same reduction (equal routed FLOPs; only between two ``TopP`` points at most ``MAX_BRACKET``
+  apart, else not compared), each with a bootstrap standard error over windows;
 * the row tiles the routings need: per MoE call, the sum over experts of ``ceil(rows / tile)`` for
   tiles of 64, 128 and 256 rows, summed over calls (what a tiled grouped GEMM computes).
 
@@ -52,6 +55,9 @@ from oracle import corpus_ids, windows_of  # noqa: E402  (the dmr bench windows)
 ROOT = HERE.parent
 CORPORA = {"gutenberg_test": "gutenberg/test.jsonl", "wikitext2_test": "wikitext2/test.txt"}
 TILES = (64, 128, 256)
+#: the widest reduction gap between the two TopP points an equal-FLOP comparison interpolates across
+#: (perplexity is convex in the reduction, so a wide chord overstates TopP's perplexity between them)
+MAX_BRACKET = 0.06
 #: rows per expert of every routing call while a counted policy routes (filled by _Counted)
 _CALLS: list[torch.Tensor] = []
 
@@ -92,6 +98,12 @@ def bisect_p(model: Any, windows: torch.Tensor, target: float, batch: int, steps
     return best[1]
 
 
+def bracket_width(between: str) -> float:
+    """Width of ``interp``'s bracket label (``"0.253"`` or ``"0.253..0.304"``)."""
+    lo, _, hi = between.partition("..")
+    return float(hi) - float(lo) if hi else 0.0
+
+
 def ratio_to(a: torch.Tensor, b: torch.Tensor, draws: int) -> dict[str, float]:
     """``ppl(b) / ppl(a) - 1`` with its paired bootstrap SE over windows."""
     r, se = paired_ratio(b, a, draws=draws)
@@ -118,6 +130,7 @@ def run_model(path: Path, args: argparse.Namespace) -> dict[str, Any]:
             n: {"ppl": float(torch.exp(m["nll"].mean())), "tiles": m["tiles"], "calls": m["calls"]}
             for n, m in native.items()
         },
+        "curve": [],
         "points": [],
     }
     print(
@@ -127,6 +140,18 @@ def run_model(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     curves: dict[str, list[tuple[float, torch.Tensor]]] = {n: [(0.0, m["nll"])] for n, m in native.items()}
     rows: list[tuple[float, str, dict[str, Any]]] = []
     ps: dict[float, float] = {}
+    for target in args.curve_targets:  # TopP alone, for the equal-FLOP curve
+        p = bisect_p(model, budget, target, args.batch, args.bisect_steps)
+        policy = dmr.TileAware(dmr.TopP(p=p), rows=1)
+        for n, w in test.items():
+            m = measure(model, policy, w, args.batch)
+            curves[n].append((m["reduction"], m["nll"]))
+        out["curve"].append(
+            {"target": target, "top_p": p, "reduction": {n: c[-1][0] for n, c in curves.items()}}
+        )
+        print(
+            f"  curve {target:.0%} p={p:.4f}: " + ", ".join(f"{n} {c[-1][0]:.3f}" for n, c in curves.items())
+        )
     for target in args.targets:
         p = bisect_p(model, budget, target, args.batch, args.bisect_steps)
         policies = {"top_p": dmr.TileAware(dmr.TopP(p=p), rows=1)}
@@ -160,7 +185,7 @@ def run_model(path: Path, args: argparse.Namespace) -> dict[str, Any]:
                 e["tile_ratio_top_p"] = {t: m["tiles"][t] / top[n]["tiles"][t] for t in m["tiles"]}
                 e["vs_top_p_same_p"] = ratio_to(top[n]["nll"], m["nll"], args.draws)
                 at = interp(curves[n], m["reduction"])
-                if at is not None:
+                if at is not None and bracket_width(at[1]) <= MAX_BRACKET:
                     e["vs_top_p_equal_flops"] = {**ratio_to(at[0], m["nll"], args.draws), "between": at[1]}
             entry["corpora"][n] = e
         out["points"].append(entry)
@@ -173,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=65536, help="test tokens per corpus")
     ap.add_argument("--batch", type=int, default=8, help="windows of 512 tokens per forward")
     ap.add_argument("--targets", default="0.25,0.3,0.35,0.4", help="comma-separated reductions for TopP")
+    ap.add_argument(
+        "--curve-targets", default="0.05,0.1,0.15,0.2", help="reductions of extra TopP points (curve only)"
+    )
     ap.add_argument("--rows", type=int, default=256, help="row-tile height")
     ap.add_argument("--modes", default="round,trim,refill")
     ap.add_argument("--bisect-steps", type=int, default=12)
@@ -180,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     args.targets = [float(t) for t in args.targets.split(",")]
+    args.curve_targets = [float(t) for t in args.curve_targets.split(",") if t]
     args.modes = [m for m in args.modes.split(",") if m]
     for m in args.modes:
         dmr.TileAware(rows=args.rows, mode=m)  # a typed error before any long work
@@ -191,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "torch": torch.__version__,
         "rows": args.rows,
+        "max_bracket": MAX_BRACKET,
         "batch_windows": args.batch,
         "models": [],
     }

@@ -539,7 +539,7 @@ def test_compiled_step_diagnostic_verdict_and_ceiling_follow_the_data(tmp_path):
 def test_tile_aware_section_rows_and_findings_follow_the_data(tmp_path):  # type: ignore[no-untyped-def]
     gen = load_generator()
 
-    def corpus(reduction: float, vs_native: float, tiles: int, vs_top=None, equal=None):  # type: ignore[no-untyped-def]
+    def corpus(reduction, vs_native, tiles, vs_top=None, equal=None, between="0.300..0.350"):  # type: ignore[no-untyped-def]
         c = {
             "reduction": reduction, "ppl": 60.0, "tiles": {"64": 4 * tiles, "128": 2 * tiles, "256": tiles},
             "tile_ratio_native": {"64": tiles / 200, "128": tiles / 200, "256": tiles / 200},
@@ -549,7 +549,7 @@ def test_tile_aware_section_rows_and_findings_follow_the_data(tmp_path):  # type
             c["tile_ratio_top_p"] = {t: tiles / 150 for t in ("64", "128", "256")}
             c["vs_top_p_same_p"] = {"change": vs_top, "se": 0.001}
         if equal is not None:
-            c["vs_top_p_equal_flops"] = {"change": equal, "se": 0.001, "between": "0.300..0.350"}
+            c["vs_top_p_equal_flops"] = {"change": equal, "se": 0.001, "between": between}
         return c
 
     points = [
@@ -564,6 +564,12 @@ def test_tile_aware_section_rows_and_findings_follow_the_data(tmp_path):  # type
         {
             "target": 0.35, "top_p": 0.45, "policy": "round",
             "corpora": {"gutenberg_test": corpus(0.364, 0.041, 99, vs_top=-0.0075, equal=0.0005)},
+        },
+        {
+            "target": 0.3, "top_p": 0.48, "policy": "refill",
+            "corpora": {
+                "gutenberg_test": corpus(0.1, 0.004, 150, vs_top=-0.03, equal=-0.007, between="0.000..0.250")
+            },
         },
     ]  # fmt: skip
     payload = {
@@ -586,11 +592,17 @@ def test_tile_aware_section_rows_and_findings_follow_the_data(tmp_path):  # type
     assert "| 30% | 0.4800 | top_p | gutenberg_test | 30.4% | +3.94% ± 0.15 | - | - | - | 0.750 |" in section
     assert (
         "| 30% | 0.4800 | round | gutenberg_test | 31.1% | +3.20% ± 0.15 | -0.71% ± 0.10 | -0.85% ± 0.10 "
-        "| 0.700 | 0.525 |" in section
+        "(0.300..0.350) | 0.700 | 0.525 |" in section
+    )
+    # a chord across a wide bracket of TopP reductions is not a comparison
+    assert "| 30% | 0.4800 | refill | gutenberg_test | 10.0% | +0.40% ± 0.15 | -3.00% ± 0.10 | - |" in section
+    assert (
+        "`refill` against `TopP` at equal routed FLOPs: not compared (no two `TopP` points within 0.06"
+        in section
     )
     assert (
-        "ref-test, gutenberg_test, `round` against `TopP` at equal routed FLOPs: -0.85% to +0.05% over 2 "
-        "targets (1 lower by more than 2 SE, 0 higher by more than 2 SE), on 0.660-0.700 of `TopP`'s row "
-        "tiles." in section
+        "ref-test, gutenberg_test, `round` against `TopP` at equal routed FLOPs: -0.85% to +0.05% over 2 of "
+        "2 targets (1 lower by more than 2 SE, 0 higher by more than 2 SE), on 0.660-0.700 of `TopP`'s "
+        "row tiles." in section
     )
     assert "skipped" not in gen.render(tmp_path).split("## Summary")[0]

@@ -22,6 +22,7 @@ GPU_POLICIES = [
     dmr.TopP(p=0.5),
     dmr.BatchAware(experts=0.5),
     dmr.BatchAware(experts=0.5, reroute=True),
+    dmr.TileAware(dmr.TopP(p=0.5), rows=4),  # 4 x 16 prompt tokens: whole tiles move
 ]
 REPLAY_WORKER = Path(__file__).parent / "cuda_workers" / "replay_worker.py"
 SRC = Path(__file__).parent.parent / "src"
@@ -89,10 +90,12 @@ def test_routing_and_cuda_dispatch_do_not_synchronise():  # type: ignore[no-unty
             out = experts_forward(module, hidden, r.ids, r.weights, backend="cuda")
             aware = dmr.BatchAware(experts=0.5, reroute=True)
             rerouted = dmr.route(probs, aware, native_k=4, normalize="sum", validate=False)
+            tiled = dmr.route(probs, dmr.TileAware(dmr.TopP(p=0.6), rows=32), native_k=4, validate=False)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(out).all()
     assert torch.unique(rerouted.ids[rerouted.ids < 16]).numel() <= 8
+    assert tiled.kept_pairs() > 0
 
 
 def _families_of_this_release() -> list[str]:
@@ -353,7 +356,7 @@ def test_compiled_forward_reduce_overhead_matches_eager(policy):  # type: ignore
         return (out - exact).flatten(0, 1).norm(dim=-1) / exact.flatten(0, 1).norm(dim=-1)
 
     assert per_token(compiled).median() <= 1.5 * per_token(eager).median() + 1e-3
-    if not isinstance(policy, dmr.TopP):
+    if not isinstance(policy, (dmr.TopP, dmr.TileAware)):  # TileAware(TopP): TopP's thresholds
         assert rel_err(compiled, exact) <= 1.5 * rel_err(eager, exact) + 1e-3
 
 
@@ -363,8 +366,8 @@ def test_compiled_forward_reduce_overhead_matches_eager(policy):  # type: ignore
 def test_cuda_graphs_replay_equals_eager_generate(family, policy):  # type: ignore[no-untyped-def]
     from dynamic_moe_router.hf.tiny import tiny_model
 
-    if family == "gpt_oss" and isinstance(policy, dmr.BatchAware):
-        pytest.skip("one BatchAware family is enough; gpt_oss runs the StaticTopK and TopP cases")
+    if family == "gpt_oss" and isinstance(policy, (dmr.BatchAware, dmr.TileAware)):
+        pytest.skip("one batch-dependent family is enough; gpt_oss runs the StaticTopK and TopP cases")
     x = torch.randint(3, 96, (3, 10), generator=torch.Generator().manual_seed(2)).cuda()
     model = tiny_model(family, dtype=torch.bfloat16, attn_implementation="eager").cuda()
 

@@ -177,7 +177,8 @@ def parse_policy(text: str) -> RoutingPolicy:
             kwargs[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
             raise PolicyFileError(
-                f"policy spec {text!r}: value {raw!r} of {key!r} is not a number, true/false or null"
+                f"policy spec {text!r}: value {raw!r} of {key!r} is not a number, true/false, null or a "
+                f'double-quoted string (for a string write {key.strip()}="{raw}")'
             ) from None
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(kwargs) - names

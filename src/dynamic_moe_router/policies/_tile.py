@@ -43,6 +43,11 @@ class TileAware(RoutingPolicy):
     already touches. Kept slots need not be a prefix of the token's ranking; the weights follow the
     family's rule over the kept slots.
 
+    Within an expert, candidates of equal class and probability are taken in batch order (the earlier
+    token first). With PhiMoE's ``sparsemixer``, whose weight of a slot depends on the slots ranked
+    above it, a kept slot after a dropped one is weighed over the kept slots in their packed order
+    (as if the dropped one ranked below it).
+
     The outputs depend on the composition of the batch (a token routed with other tokens may keep
     other slots), as with :class:`BatchAware`; for a given batch the result is deterministic. Use it
     for prefill (thousands of tokens per call) on a GPU whose grouped GEMM has fixed row tiles; the
@@ -147,21 +152,22 @@ class TileAware(RoutingPolicy):
         else:  # round: refill from half a tile up, else trim (which leaves < 1 tile as it is)
             target = torch.where(have - down >= (tile + 1) // 2, up, trim)
         # rank of each candidate within its expert: kept first slots, then other kept slots, then
-        # dropped ones, then excluded ones (2, 1, 0, -1), each class by probability (exact: three
-        # stable sorts, no mixed key)
-        cls = flat_kept.to(torch.int8) + (flat_kept & first).to(torch.int8) - (~flat_valid).to(torch.int8)
-        order = torch.sort(ranked_probs.reshape(-1), descending=True, stable=True).indices  # (N,)
-        order = order[torch.sort(cls[order], descending=True, stable=True).indices]
-        by_expert = torch.sort(flat_e[order], stable=True)
-        order = order[by_expert.indices]  # (N,) grouped by expert, class then probability down
+        # dropped ones, then excluded ones (2, 1, 0, -1), each class by probability. One sort of an
+        # exact int64 key (expert, class, probability's float32 bits, which order non-negative floats
+        # as integers); a stable sort keeps batch order among equal keys
+        cls = flat_kept.long() + (flat_kept & first).long() - (~flat_valid).long()  # (N,)
+        bits = ranked_probs.reshape(-1).clamp(min=0.0).contiguous().view(torch.int32).long()  # (N,)
+        key = (flat_e << 33) | ((2 - cls) << 31) | (0x7FFFFFFF - bits)  # (N,) ascending = wanted order
+        sorted_key, order = torch.sort(key, stable=True)  # (N,)
         total = zeros.scatter_add(0, flat_e, torch.ones_like(flat_e))  # (E,) candidates, excluded too
         start = torch.cumsum(total, 0) - total  # (E,) each expert's first position in order
         rank = torch.empty_like(order)
-        rank.scatter_(0, order, torch.arange(order.numel(), device=order.device) - start[by_expert.values])
+        rank.scatter_(0, order, torch.arange(order.numel(), device=order.device) - start[sorted_key >> 33])
         keep = (rank < target[flat_e]).reshape(kept.shape)  # (T, k_max)
-        # kept slots first, in the family's order: a stable sort of "not kept"
-        move = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # (T, k_max)
-        return ranked_ids.gather(1, move), keep.sum(-1)
+        # kept slots first, each group in the family's order: a slot's new position from running counts
+        n_keep = keep.sum(-1, keepdim=True)  # (T, 1)
+        pos = torch.where(keep, keep.cumsum(-1) - 1, n_keep + (~keep).cumsum(-1) - 1)  # (T, k_max)
+        return torch.empty_like(ranked_ids).scatter_(1, pos, ranked_ids), n_keep.squeeze(-1)
 
     def describe(self) -> str:
         return f"tile_aware(inner={self.inner.describe()}, rows={self.rows}, mode={self.mode!r})"
