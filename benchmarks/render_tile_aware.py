@@ -53,10 +53,15 @@ def render_tile_aware(data: dict[str, Any], path: Path) -> list[str]:
         f"prefill). `TopP(p)` with `p` bisected on Gutenberg valid for each target; `TileAware(TopP(p), "
         f"rows={rows}, mode)` at the same `p`. *reduction*: routed-FLOP reduction on the corpus (pair "
         "counters); *vs native*, *vs TopP same p*, *vs TopP equal FLOPs*: perplexity change ± paired "
-        "bootstrap SE over windows, the last against `TopP`'s points (native and the curve-only points "
-        f"included) interpolated per window to this row's reduction between the two `TopP` reductions in "
-        f"brackets, only where they are at most {limit:.2f} apart (perplexity is convex in the reduction, so "
-        "a wider chord would overstate `TopP`'s perplexity); *tiles*: row tiles of "
+        "bootstrap SE over windows, the last against `TopP`'s points (native"
+        + (
+            " and the curve-only points"
+            if data.get("curve") or any(m.get("curve") for m in data["models"])
+            else ""
+        )
+        + " included) interpolated per window to this row's reduction between the two `TopP` reductions "
+        f"in brackets, only where they are at most {limit:.2f} apart (a wider chord can overstate "
+        "`TopP`'s perplexity where it bends upward); *tiles*: row tiles of "
         f"{rows} rows (sum over calls and experts of ceil(rows / {rows})) over `TopP`'s at the same `p` and "
         "over native top-k's.",
         "",
@@ -100,14 +105,20 @@ def _finding(model: dict[str, Any], corpus: str, mode: str, limit: float, tile: 
     eq = [(c, _equal(c, limit)) for c in rows]
     eq = [(c, e) for c, e in eq if e is not None]
     if not eq:
-        return [f"{head}: not compared (no two `TopP` points within {limit:.2f} around its reductions)."]
+        return [
+            f"{head}: not compared (no `TopP` points within {limit:.2f} on both sides of its reductions)."
+        ]
     changes = [e for _, e in eq]
     better = sum(e["change"] < -2 * e["se"] for e in changes)
     worse = sum(e["change"] > 2 * e["se"] for e in changes)
     tiles = [c["tile_ratio_top_p"][str(tile)] for c, _ in eq]
     low, high = min(e["change"] for e in changes), max(e["change"] for e in changes)
-    span = f"{low:+.2%}" if low == high else f"{low:+.2%} to {high:+.2%}"
-    rest = "" if len(eq) == len(rows) else "; the others had no two `TopP` points close enough"
+    fmt = lambda v: f"{v:+.2%}".replace("-0.00%", "+0.00%")  # noqa: E731
+    span = fmt(low) if low == high else f"{fmt(low)} to {fmt(high)}"
+    missing = len(rows) - len(eq)
+    rest = (
+        "" if not missing else f"; {missing} not compared: no `TopP` points within {limit:.2f} on both sides"
+    )
     tile_span = f"{min(tiles):.3f}" if min(tiles) == max(tiles) else f"{min(tiles):.3f}-{max(tiles):.3f}"
     return [
         f"{head}: {span} over {len(eq)} of {len(rows)} targets ({better} lower by more than 2 SE, {worse} "

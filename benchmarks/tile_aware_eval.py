@@ -10,7 +10,7 @@ For each reference model:
   "budget")``) for each ``--targets`` routed-FLOP reduction;
 * ``TileAware(TopP(p), rows, mode)`` for each ``--modes`` at the same ``p``;
 * ``TopP`` alone at ``--curve-targets`` too (bisected the same way), so that the equal-FLOP
-  comparisons below find ``TopP`` points near every row's reduction (``refill`` lands at 7-28%);
+  comparisons below find ``TopP`` points near every row's reduction (``refill`` lands at 7-29%);
 * on the first ``--tokens`` tokens of the Gutenberg test split and of WikiText-2 test (the ``dmr
   bench`` windows): perplexity, the routed-FLOP reduction from the patch's pair counters, the
   paired perplexity ratio to ``TopP`` at the same ``p`` and to ``TopP`` interpolated per window to
@@ -56,7 +56,7 @@ ROOT = HERE.parent
 CORPORA = {"gutenberg_test": "gutenberg/test.jsonl", "wikitext2_test": "wikitext2/test.txt"}
 TILES = (64, 128, 256)
 #: the widest reduction gap between the two TopP points an equal-FLOP comparison interpolates across
-#: (perplexity is convex in the reduction, so a wide chord overstates TopP's perplexity between them)
+#: (from native to 25% TopP's perplexity bends upward, so a wide chord there overstated it)
 MAX_BRACKET = 0.06
 #: rows per expert of every routing call while a counted policy routes (filled by _Counted)
 _CALLS: list[torch.Tensor] = []

@@ -597,7 +597,7 @@ def test_tile_aware_section_rows_and_findings_follow_the_data(tmp_path):  # type
     # a chord across a wide bracket of TopP reductions is not a comparison
     assert "| 30% | 0.4800 | refill | gutenberg_test | 10.0% | +0.40% ± 0.15 | -3.00% ± 0.10 | - |" in section
     assert (
-        "`refill` against `TopP` at equal routed FLOPs: not compared (no two `TopP` points within 0.06"
+        "`refill` against `TopP` at equal routed FLOPs: not compared (no `TopP` points within 0.06 on"
         in section
     )
     assert (

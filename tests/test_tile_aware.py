@@ -111,6 +111,21 @@ def test_excluded_candidates_are_never_refilled() -> None:
     assert sorted(sel.ranked_ids[0, : int(sel.counts[0])].tolist()) == [0, 2]
 
 
+def test_a_negative_zero_probability_is_ranked_as_zero() -> None:
+    # -0.0's float32 bits would spill into the class field of the sort key (a review found both cases)
+    scores = torch.tensor([[0.9, 0.5, float("-inf")], [0.1, 0.9, 0.5], [0.9, float("-inf"), 0.5]])
+    probs = torch.tensor([[0.9, -0.0, 0.1], [0.05, 0.9, 0.05], [0.6, 0.3, 0.1]])
+    policy = dmr.TileAware(dmr.TopP(p=0.5), rows=2, mode="refill")
+    sel = select(TORCH_OPS, scores, policy, native_k=3, probs=probs)
+    assert 1 not in sel.ranked_ids[2, : int(sel.counts[2])].tolist()  # excluded (-inf): never refilled
+    probs = torch.tensor([[-0.0, 0.5]] + [[0.3, 0.4]] * 3 + [[0.2, 0.8]] * 3)  # (7, 2)
+    scores = torch.tensor([[0.6, 0.4]] * 4 + [[0.2, 0.8]] * 3)  # tokens 0-3 rank expert 0 first
+    sel = select(
+        TORCH_OPS, scores, dmr.TileAware(dmr.StaticTopK(), rows=4, mode="trim"), native_k=2, probs=probs
+    )
+    assert sel.counts.tolist()[0] >= 1  # a kept first slot is never trimmed, whatever its probability
+
+
 def test_save_load_and_spec_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
     policy = dmr.TileAware(dmr.TopP(p=0.8, min_k=2), rows=128, mode="trim")
     policy.save(tmp_path / "p.json")
@@ -168,3 +183,12 @@ def test_patched_models_route_through_it(family: str) -> None:
     assert torch.equal(same, base)  # rows=1 is exactly the inner policy
     assert torch.isfinite(out).all() and tokens.shape == (4, 8)
     assert pairs >= base_pairs
+
+
+def test_a_bare_string_in_a_spec_names_the_quoted_form() -> None:
+    with pytest.raises(dmr.PolicyFileError, match=r'a string is double-quoted: mode="trim"'):
+        dmr.parse_policy("tile_aware:mode=trim")
+    with pytest.raises(dmr.PolicyFileError) as err:
+        dmr.parse_policy("top_p:p=abc")  # a number field: no string hint
+    assert "double-quoted" not in str(err.value)
+    assert dmr.parse_policy('tile_aware:mode="trim"') == dmr.TileAware(mode="trim")

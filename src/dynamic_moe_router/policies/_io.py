@@ -176,9 +176,14 @@ def parse_policy(text: str) -> RoutingPolicy:
         try:
             kwargs[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
+            defaults = {f.name: f.default for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+            hint = (
+                f' (a string is double-quoted: {key.strip()}="{raw}")'
+                if isinstance(defaults.get(key.strip()), str)
+                else ""
+            )
             raise PolicyFileError(
-                f"policy spec {text!r}: value {raw!r} of {key!r} is not a number, true/false, null or a "
-                f'double-quoted string (for a string write {key.strip()}="{raw}")'
+                f"policy spec {text!r}: value {raw!r} of {key!r} is not a number, true/false or null{hint}"
             ) from None
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(kwargs) - names

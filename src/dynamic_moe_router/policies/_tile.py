@@ -154,9 +154,12 @@ class TileAware(RoutingPolicy):
         # rank of each candidate within its expert: kept first slots, then other kept slots, then
         # dropped ones, then excluded ones (2, 1, 0, -1), each class by probability. One sort of an
         # exact int64 key (expert, class, probability's float32 bits, which order non-negative floats
-        # as integers); a stable sort keeps batch order among equal keys
+        # as integers; -0.0 would not, so it is mapped to +0.0); a stable sort keeps batch order
+        # among equal keys
         cls = flat_kept.long() + (flat_kept & first).long() - (~flat_valid).long()  # (N,)
-        bits = ranked_probs.reshape(-1).clamp(min=0.0).contiguous().view(torch.int32).long()  # (N,)
+        prob = ranked_probs.reshape(-1).float()  # (N,)
+        prob = torch.where(prob > 0, prob, torch.zeros_like(prob))  # -0.0, NaN (and negatives) -> +0.0
+        bits = prob.view(torch.int32).long()  # (N,) in [0, 2**31): ordered as the probabilities
         key = (flat_e << 33) | ((2 - cls) << 31) | (0x7FFFFFFF - bits)  # (N,) ascending = wanted order
         sorted_key, order = torch.sort(key, stable=True)  # (N,)
         total = zeros.scatter_add(0, flat_e, torch.ones_like(flat_e))  # (E,) candidates, excluded too
